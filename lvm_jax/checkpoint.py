@@ -1,0 +1,65 @@
+"""Orbax checkpoints of the train state and the data iterator, saved together in one step.
+
+Saves are asynchronous: the step loop goes on while arrays are written. A step directory
+becomes visible only once complete (orbax writes to a temporary name and renames), so a
+killed job restarts from the last whole checkpoint.
+"""
+
+import os
+from typing import Any, Optional
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint exists but cannot be restored into this run's state."""
+
+
+class Checkpointer:
+  """Keeps the newest `keep` checkpoints under `directory`, each {state, data}."""
+
+  def __init__(self, directory: str, keep: int, every: int):
+    self.every = every
+    self.manager = ocp.CheckpointManager(
+        os.path.abspath(directory) if "://" not in directory else directory,
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "data": grain.checkpoint.CheckpointHandler()},
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
+                                             create=True),
+    )
+
+  def latest_step(self) -> Optional[int]:
+    return self.manager.latest_step()
+
+  def save(self, step: int, state: Any, data_iter: Any, force: bool = False) -> bool:
+    """Saves if `step` is on the interval (or `force`); returns whether it saved."""
+    if not force and (self.every <= 0 or step % self.every):
+      return False
+    if step in self.manager.all_steps():
+      return False
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)),
+        force=True)
+
+  def restore(self, step: int, abstract_state: Any, data_iter: Any) -> Any:
+    """Restores `state` onto the shardings in `abstract_state`, and the iterator in place."""
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state),
+          data=grain.checkpoint.CheckpointRestore(data_iter)))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise CheckpointError(f"cannot restore step {step} from {self.manager.directory}: {first}") from e
+    return restored.state
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.close()
+
+
+def abstract_like(state: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)

@@ -1,0 +1,107 @@
+"""Shared config defaults for the LVM experiments, and their validation.
+
+Each file in configs/ calls `lvm_config(...)` with its model size and changes what differs; the
+trainer calls `validate(config)` before it builds a mesh or compiles anything, so a wrong config
+fails in one line instead of deep inside XLA.
+"""
+
+from typing import Any
+
+import ml_collections
+
+# Logical axis -> mesh axes. Parameters and activations are annotated with the logical names on
+# the left; these rules are the only place that says how they map onto the mesh. FSDP shards the
+# d_model side of every matrix, tensor parallelism the heads / ffn / vocab side (as in EasyLM).
+DEFAULT_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("norm", None),
+)
+
+
+def lvm_config(d_model: int, ffn: int, layers: int, heads: int) -> ml_collections.ConfigDict:
+  """The LVM training recipe of the official release, at a given transformer size."""
+  c = ml_collections.ConfigDict()
+  c.objective = "lvm"  # next-token cross-entropy over visual sentences
+  c.model_name = "transformer"  # lvm_jax.models.<model_name>
+  c.model = dict(
+      vocab_size=8292,  # 8192 VQGAN codes + 100 reserved ids, as in the release
+      d_model=d_model, ffn=ffn, layers=layers, heads=heads,
+      rope_theta=1e4, norm_eps=1e-6,
+      dtype="bfloat16",  # compute dtype; params and optimizer state stay fp32
+      remat="full",  # none | full | dots (see models/transformer.py)
+      attention="xla",  # kernels/attention.py implementation
+  )
+  c.seq_len = 4096  # 16 images of 16x16 tokens
+  c.tokens_per_image = 256
+  c.global_batch = 128  # sequences per optimizer update (0.52M tokens)
+  c.grad_accum = 1  # micro-batches per update, scanned inside the step
+  c.steps = 100_000  # optimizer updates
+  c.seed = 0
+
+  c.optim = dict(
+      lr=1.5e-4, end_lr=3e-5, warmup=2000, b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=0.1,
+      # substrings of parameter paths that get no weight decay (the release decays everything)
+      no_decay=("norm", "embed"),
+      clip=1.0,
+      z_loss=0.0,  # PaLM-style log(Z)^2 penalty weight, 0 = off
+  )
+
+  # Mesh: ICI sizes within a slice and DCN sizes across slices; -1 takes the remaining devices.
+  c.mesh = dict(
+      ici=dict(data=1, fsdp=-1, tensor=1),
+      dcn=dict(data=1, fsdp=1, tensor=1),
+  )
+  c.rules = DEFAULT_RULES
+
+  c.data = dict(
+      name="synthetic",  # lvm_jax.data.<name>
+      codes=64,  # synthetic: distinct codes in a synthetic image
+      images_per_sentence=(2, 4),  # synthetic: inclusive range of images per sentence
+  )
+
+  c.log_every = 50
+  c.ckpt_every = 1000
+  c.ckpt_keep = 3
+  c.peak_tflops = 0.0  # per device; 0 = look up the TPU generation, or measure on CPU
+  return c
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message names the key and the allowed values."""
+
+
+def _check(ok: bool, msg: str) -> None:
+  if not ok:
+    raise ConfigError(msg)
+
+
+def validate(c: Any) -> None:
+  """One-line errors for configs that would fail later or silently do the wrong thing."""
+  m = c.model
+  _check(c.objective in ("lvm",), f"objective={c.objective!r}: expected 'lvm'")
+  _check(m.d_model % m.heads == 0, f"model.d_model={m.d_model} is not divisible by model.heads={m.heads}")
+  _check((m.d_model // m.heads) % 2 == 0, f"head dim {m.d_model // m.heads} must be even for RoPE")
+  _check(m.remat in ("none", "full", "dots"), f"model.remat={m.remat!r}: expected none|full|dots")
+  _check(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: expected float32|bfloat16")
+  _check(c.seq_len > 1, f"seq_len={c.seq_len} must be > 1")
+  if c.tokens_per_image:
+    _check(c.seq_len % c.tokens_per_image == 0,
+           f"seq_len={c.seq_len} is not a multiple of tokens_per_image={c.tokens_per_image}")
+  _check(c.global_batch > 0 and c.grad_accum > 0,
+         f"global_batch={c.global_batch} and grad_accum={c.grad_accum} must be positive")
+  _check(c.global_batch % c.grad_accum == 0,
+         f"global_batch={c.global_batch} is not divisible by grad_accum={c.grad_accum}")
+  for kind in ("ici", "dcn"):
+    for axis, size in c.mesh[kind].items():
+      _check(axis in ("data", "fsdp", "tensor"), f"mesh.{kind}.{axis}: unknown mesh axis (data|fsdp|tensor)")
+      _check(size == -1 or size >= 1, f"mesh.{kind}.{axis}={size}: expected -1 or a positive size")
+  _check(c.optim.warmup < c.steps or c.steps == 0,
+         f"optim.warmup={c.optim.warmup} must be smaller than steps={c.steps}")

@@ -1,0 +1,82 @@
+"""Training metrics: stdout, metrics.jsonl, TensorBoard, and model FLOPs utilization.
+
+MFU counts model FLOPs only (forward + backward matmuls and causal attention, no remat
+recompute), the convention of MaxText and the PaLM paper, over the devices' peak: a table for
+TPUs and GPUs, a measured matmul rate on CPUs.
+"""
+
+import json
+import os
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+# Dense bf16 peak TFLOP/s per chip, by a substring of `device_kind`.
+PEAK_TFLOPS = (("v6 lite", 918.0), ("v6e", 918.0), ("v5 lite", 197.0), ("v5e", 197.0),
+               ("v5p", 459.0), ("v5", 459.0), ("v4", 275.0), ("v3", 123.0),
+               ("H100", 989.0), ("A100", 312.0))
+
+
+def train_flops_per_token(m: Any, seq_len: int) -> float:
+  """6 x matmul params (fwd + bwd) plus causal attention, per trained token."""
+  d, f, n, v = m.d_model, m.ffn, m.layers, m.vocab_size
+  matmul_params = n * (4 * d * d + 3 * d * f) + d * v  # the embedding gather is no matmul
+  attention = 6 * n * seq_len * d  # 12 L D per layer, halved by the causal mask
+  return 6.0 * matmul_params + attention
+
+
+def measured_peak_flops(dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:
+  """FLOP/s of a large jitted matmul on the first device (on a CPU: all of its cores)."""
+  x = jnp.ones((n, n), dtype)
+  matmul = jax.jit(lambda a, b: a @ b)
+  matmul(x, x).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    matmul(x, x).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n**3 / best
+
+
+def peak_flops_total(peak_tflops_per_device: float, dtype: str) -> float:
+  """Peak FLOP/s of the whole job."""
+  devices = jax.devices()
+  if peak_tflops_per_device > 0:
+    return peak_tflops_per_device * 1e12 * len(devices)
+  kind = devices[0].device_kind
+  for key, tflops in PEAK_TFLOPS:
+    if devices[0].platform != "cpu" and key.lower() in kind.lower():
+      return tflops * 1e12 * len(devices)
+  # Fake CPU devices share one host's cores: the host's matmul rate is the job's peak.
+  return measured_peak_flops(dtype) * jax.process_count()
+
+
+class Writer:
+  """One JSON object per logged step in workdir/metrics.jsonl, plus TensorBoard scalars."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self.tb: Optional[Any] = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    self.jsonl.write(json.dumps(row) + "\n")
+    for k, v in scalars.items():
+      self.tb.add_scalar(k, float(v), int(step))
+    shown = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+    print(f"step {step}: {shown}", flush=True)
+
+  def close(self) -> None:
+    if self.enabled:
+      self.jsonl.close()
+      self.tb.close()

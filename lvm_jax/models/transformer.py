@@ -1,0 +1,175 @@
+"""LLaMA-style decoder-only transformer of the LVM release, in Flax NNX.
+
+Dimension letters: B batch, L length, D d_model, H heads, K head dim, F ffn hidden, V vocab,
+N layers.
+
+As in the release: pre-RMSNorm computed in fp32 (eps 1e-6), RoPE (theta 1e4), SwiGLU, no biases,
+untied embeddings, multi-head attention, every weight drawn from normal(0.02). Parameters are
+fp32; activations run in `dtype` (bf16 on TPU). Layers are stacked along a leading N axis and run
+under `lax.scan`, so compile time does not grow with depth; `remat` picks what the backward pass
+recomputes.
+
+Parameter names map one-to-one onto Hugging Face `LlamaForCausalLM`:
+  embed [V, D]          -> model.embed_tokens.weight
+  layers.attn_norm[i]   -> model.layers.i.input_layernorm.weight
+  layers.wq/wk/wv[i]    -> model.layers.i.self_attn.{q,k,v}_proj.weight  (reshape [D, H*K], transpose)
+  layers.wo[i]          -> model.layers.i.self_attn.o_proj.weight        (reshape [H*K, D], transpose)
+  layers.mlp_norm[i]    -> model.layers.i.post_attention_layernorm.weight
+  layers.w_gate/w_up/w_down[i] -> model.layers.i.mlp.{gate,up,down}_proj.weight  (transpose)
+  final_norm            -> model.norm.weight
+  lm_head [D, V]        -> lm_head.weight (transpose)
+RoPE uses the rotate-half layout of HF, so q/k need no permutation.
+"""
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lvm_jax import sharding
+from lvm_jax.kernels import attention as attention_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  d_model: int
+  ffn: int
+  layers: int
+  heads: int
+  vocab_size: int = 8292
+  rope_theta: float = 1e4
+  norm_eps: float = 1e-6
+  dtype: str = "float32"
+  remat: str = "full"
+  attention: str = "xla"
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.heads
+
+
+def _param(init: nnx.Initializer, key: jax.Array, shape: tuple, axes: tuple) -> nnx.Param:
+  return nnx.Param(init(key, shape, jnp.float32), axes=axes)
+
+
+class Layers(nnx.Module):
+  """All N decoder layers, each weight stacked along a leading N axis."""
+
+  def __init__(self, cfg: Config, rngs: nnx.Rngs):
+    N, D, H, K, F = cfg.layers, cfg.d_model, cfg.heads, cfg.head_dim, cfg.ffn
+    normal, ones = nnx.initializers.normal(0.02), nnx.initializers.ones
+    self.attn_norm = _param(ones, rngs.params(), (N, D), ("layers", "norm"))
+    self.wq = _param(normal, rngs.params(), (N, D, H, K), ("layers", "embed", "heads", "head_dim"))
+    self.wk = _param(normal, rngs.params(), (N, D, H, K), ("layers", "embed", "heads", "head_dim"))
+    self.wv = _param(normal, rngs.params(), (N, D, H, K), ("layers", "embed", "heads", "head_dim"))
+    self.wo = _param(normal, rngs.params(), (N, H, K, D), ("layers", "heads", "head_dim", "embed"))
+    self.mlp_norm = _param(ones, rngs.params(), (N, D), ("layers", "norm"))
+    self.w_gate = _param(normal, rngs.params(), (N, D, F), ("layers", "embed", "mlp"))
+    self.w_up = _param(normal, rngs.params(), (N, D, F), ("layers", "embed", "mlp"))
+    self.w_down = _param(normal, rngs.params(), (N, F, D), ("layers", "mlp", "embed"))
+
+
+class Model(nnx.Module):
+  """tokens [B, L] (+ segment ids and positions for packed sentences) -> logits [B, L, V]."""
+
+  def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    normal = nnx.initializers.normal(0.02)
+    self.embed = _param(normal, rngs.params(), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"))
+    self.layers = Layers(cfg, rngs)
+    self.final_norm = _param(nnx.initializers.ones, rngs.params(), (cfg.d_model,), ("norm",))
+    self.lm_head = _param(normal, rngs.params(), (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+
+  def __call__(
+      self,
+      tokens_BL: jax.Array,
+      segment_ids_BL: Optional[jax.Array] = None,
+      positions_BL: Optional[jax.Array] = None,
+  ) -> jax.Array:
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.dtype)
+    if positions_BL is None:
+      positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+    x_BLD = jnp.take(self.embed[...], tokens_BL, axis=0).astype(dtype)
+    x_BLD = sharding.constrain(x_BLD, ("batch", "length", "embed"))
+    sin_BLK, cos_BLK = rope_tables(positions_BL, cfg.head_dim, cfg.rope_theta)
+
+    def layer(x_BLD: jax.Array, p: dict) -> tuple[jax.Array, None]:
+      return decoder_layer(x_BLD, p, sin_BLK, cos_BLK, segment_ids_BL, cfg), None
+
+    layer = remat(layer, cfg.remat)
+    stacked = {k: v[...] for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)}
+    x_BLD, _ = jax.lax.scan(layer, x_BLD, stacked)
+    x_BLD = rms_norm(x_BLD, self.final_norm[...], cfg.norm_eps)
+    logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, self.lm_head[...].astype(dtype))
+    return sharding.constrain(logits_BLV, ("batch", "length", "vocab"))
+
+
+def decoder_layer(
+    x_BLD: jax.Array,
+    p: dict,
+    sin_BLK: jax.Array,
+    cos_BLK: jax.Array,
+    segment_ids_BL: Optional[jax.Array],
+    cfg: Config,
+) -> jax.Array:
+  """One pre-norm block: x + attn(norm(x)), then x + swiglu(norm(x))."""
+  dtype = x_BLD.dtype
+  w = {k: v.astype(dtype) for k, v in p.items()}
+  h_BLD = rms_norm(x_BLD, p["attn_norm"], cfg.norm_eps)
+  q_BLHK = apply_rope(jnp.einsum("bld,dhk->blhk", h_BLD, w["wq"]), sin_BLK, cos_BLK)
+  k_BLHK = apply_rope(jnp.einsum("bld,dhk->blhk", h_BLD, w["wk"]), sin_BLK, cos_BLK)
+  v_BLHK = jnp.einsum("bld,dhk->blhk", h_BLD, w["wv"])
+  q_BLHK = sharding.constrain(q_BLHK, ("batch", "length", "heads", "head_dim"))
+  out_BLHK = attention_lib.attention(q_BLHK, k_BLHK, v_BLHK, causal=True,
+                                     segment_ids_BL=segment_ids_BL, impl=cfg.attention)
+  x_BLD = x_BLD + jnp.einsum("blhk,hkd->bld", out_BLHK, w["wo"])
+  x_BLD = sharding.constrain(x_BLD, ("batch", "length", "embed"))
+
+  h_BLD = rms_norm(x_BLD, p["mlp_norm"], cfg.norm_eps)
+  gate_BLF = jnp.einsum("bld,df->blf", h_BLD, w["w_gate"])
+  up_BLF = jnp.einsum("bld,df->blf", h_BLD, w["w_up"])
+  h_BLF = sharding.constrain(jax.nn.silu(gate_BLF) * up_BLF, ("batch", "length", "mlp"))
+  x_BLD = x_BLD + jnp.einsum("blf,fd->bld", h_BLF, w["w_down"])
+  return sharding.constrain(x_BLD, ("batch", "length", "embed"))
+
+
+def remat(fn, policy: str):
+  """none: keep every activation; full: keep only layer inputs (least memory, ~1/3 more compute);
+  dots: keep matmul outputs, recompute the cheap elementwise ops."""
+  if policy == "none":
+    return fn
+  policies = {"full": jax.checkpoint_policies.nothing_saveable,
+              "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+  return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
+
+
+def rms_norm(x_BLD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm in fp32 whatever the activation dtype (bf16 squares lose too much), cast back."""
+  x = x_BLD.astype(jnp.float32)
+  x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+  return (x * scale_D.astype(jnp.float32)).astype(x_BLD.dtype)
+
+
+def rope_tables(positions_BL: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+  """sin and cos [B, L, K] for rotate-half RoPE, in fp32."""
+  inv_freq_K2 = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles_BLK2 = positions_BL.astype(jnp.float32)[..., None] * inv_freq_K2
+  angles_BLK = jnp.concatenate([angles_BLK2, angles_BLK2], axis=-1)
+  return jnp.sin(angles_BLK), jnp.cos(angles_BLK)
+
+
+def apply_rope(x_BLHK: jax.Array, sin_BLK: jax.Array, cos_BLK: jax.Array) -> jax.Array:
+  half = x_BLHK.shape[-1] // 2
+  x = x_BLHK.astype(jnp.float32)
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  out = x * cos_BLK[:, :, None] + rotated * sin_BLK[:, :, None]
+  return out.astype(x_BLHK.dtype)
+
+
+def count_params(cfg: Config) -> int:
+  """Parameter count from shapes alone (no memory is allocated)."""
+  abstract = nnx.eval_shape(lambda: Model(cfg, rngs=nnx.Rngs(0)))
+  return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))

@@ -1,0 +1,224 @@
+"""Sharded LVM training: python -m lvm_jax.train --config configs/lvm_tiny.py --workdir W.
+
+Reads top to bottom: config -> processes -> mesh -> model and optimizer shapes -> shardings ->
+jit(init) -> data -> restore -> jit(step) -> loop. Restarting with the same workdir resumes from
+the newest checkpoint, data iterator included; SIGTERM saves a checkpoint and exits cleanly.
+"""
+
+import functools
+import os
+import signal
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from flax import nnx
+from jax.experimental import multihost_utils
+from ml_collections import config_flags
+
+from lvm_jax import checkpoint, config as config_lib, distributed, metrics, optim, sharding
+from lvm_jax.models import transformer
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard go here.")
+
+
+# ---------------------------------------------------------------------------- the step
+
+
+def lvm_loss(params: Any, graphdef: Any, batch: dict, z_loss: float) -> tuple[jax.Array, tuple]:
+  """Summed next-token cross-entropy over target tokens (and its weight), for accumulation.
+
+  Token t is a target if its loss_mask is 1 and token t-1 is in the same sentence: packed
+  sentences never predict across a boundary, and padding (segment 0) is never a target.
+  """
+  model = nnx.merge(graphdef, params)
+  tokens_BL, seg_BL = batch["tokens"], batch["segment_ids"]
+  logits_BLV = model(tokens_BL, seg_BL, batch["positions"])[:, :-1].astype(jnp.float32)
+  targets_BL = tokens_BL[:, 1:]
+  weights_BL = (batch["loss_mask"][:, 1:] * (seg_BL[:, 1:] == seg_BL[:, :-1]) * (seg_BL[:, 1:] > 0))
+  weights_BL = weights_BL.astype(jnp.float32)
+  log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+  target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+  nll = jnp.sum((log_z_BL - target_logit_BL) * weights_BL)
+  z_penalty = z_loss * jnp.sum(jnp.square(log_z_BL) * weights_BL)
+  return nll + z_penalty, (nll, jnp.sum(weights_BL))
+
+
+def train_step(state: dict, batch: dict, *, graphdef: Any, tx: optax.GradientTransformation,
+               grad_accum: int, z_loss: float, lr_schedule: optax.Schedule) -> tuple[dict, dict]:
+  """One optimizer update from `grad_accum` micro-batches scanned in sequence."""
+  params = state["params"]
+  # Strided split: micro-batch g takes rows g, g+G, ..., so each stays spread over the batch shards.
+  micro = jax.tree.map(
+      lambda x: jnp.swapaxes(x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]), 0, 1),
+      batch)
+  grad_fn = jax.value_and_grad(lvm_loss, has_aux=True)
+
+  def accumulate(carry: tuple, mb: dict) -> tuple[tuple, None]:
+    grads, nll, weight = carry
+    (_, (mb_nll, mb_weight)), mb_grads = grad_fn(params, graphdef, mb, z_loss)
+    return (jax.tree.map(jnp.add, grads, mb_grads), nll + mb_nll, weight + mb_weight), None
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  (grads, nll, weight), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), micro)
+  # Normalise once by all target tokens of the update, so the loss is a per-token mean
+  # however the batch was split or packed.
+  grads = jax.tree.map(lambda g: g / jnp.maximum(weight, 1.0), grads)
+  updates, opt_state = tx.update(grads, state["opt_state"], params)
+  new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+               "opt_state": opt_state}
+  loss = nll / jnp.maximum(weight, 1.0)
+  return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads),
+                     "learning_rate": lr_schedule(state["step"]), "target_tokens": weight}
+
+
+# ---------------------------------------------------------------------------- set-up helpers
+
+
+def build(c: Any, mesh: jax.sharding.Mesh) -> dict:
+  """Model graph, optimizer, abstract state and its shardings: everything before any FLOP."""
+  model_cfg = transformer.Config(**c.model)
+  abstract_model = nnx.eval_shape(lambda: transformer.Model(model_cfg, rngs=nnx.Rngs(0)))
+  graphdef, _ = nnx.split(abstract_model)
+  tx = optim.make(c)
+
+  def init(key: jax.Array) -> dict:
+    params = nnx.to_pure_dict(nnx.state(transformer.Model(model_cfg, rngs=nnx.Rngs(key)), nnx.Param))
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+  abstract_state = jax.eval_shape(init, jax.random.key(0))
+  param_specs = sharding.param_specs(abstract_model, c.rules)
+  state_specs = {"step": jax.sharding.PartitionSpec(), "params": param_specs,
+                 "opt_state": sharding.tree_specs_like(abstract_state["opt_state"],
+                                                       abstract_state["params"], param_specs)}
+  state_shardings = sharding.named(mesh, state_specs)
+  return dict(model_cfg=model_cfg, graphdef=graphdef, tx=tx, init=init,
+              abstract_state=checkpoint.abstract_like(abstract_state, state_shardings),
+              state_shardings=state_shardings)
+
+
+def check_workdir(workdir: str) -> None:
+  """Fail in one line, before compiling, if the workdir cannot be written."""
+  if "://" in workdir:
+    return
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise PermissionError(f"workdir {workdir} is not writable: {e.strerror}") from None
+
+
+class Preemption:
+  """SIGTERM -> save and stop. Multi-host jobs agree on the step through the JAX coordinator."""
+
+  def __init__(self):
+    self.requested = False
+    if jax.process_count() == 1:
+      signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, *_: Any) -> None:
+    self.requested = True
+
+  def reached(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
+
+
+def batches(c: Any, data_iter: Iterator[dict], batch_sharding: jax.sharding.Sharding) -> Iterator[dict]:
+  shape = (c.global_batch, c.seq_len)
+  for local in data_iter:
+    yield sharding.global_batch_array(local, batch_sharding, shape)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+
+def train(c: Any, workdir: str) -> dict:
+  """Trains to c.steps (or until SIGTERM); returns the final state."""
+  config_lib.validate(c)
+  check_workdir(workdir)
+  mesh = sharding.make_mesh(c.mesh)
+  sharding.check_batch(c.global_batch, c.grad_accum, mesh, c.rules)
+  b = build(c, mesh)
+  batch_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec(c.rules))
+  data_module = __import__(f"lvm_jax.data.{c.data.name}", fromlist=["make_iterator"])
+  data_iter = data_module.make_iterator(c, sharding.local_rows(batch_sharding, c.global_batch))
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), c.ckpt_keep, c.ckpt_every)
+  with jax.set_mesh(mesh), sharding.axis_rules(c.rules):
+    start = ckpt.latest_step()
+    if start is not None:
+      state = ckpt.restore(start, b["abstract_state"], data_iter)
+      print(f"restored step {start} from {workdir}", flush=True)
+    else:
+      init = jax.jit(b["init"], out_shardings=b["state_shardings"])
+      state, start = init(jax.random.key(c.seed)), 0
+
+    step_fn = jax.jit(
+        functools.partial(train_step, graphdef=b["graphdef"], tx=b["tx"], grad_accum=c.grad_accum,
+                          z_loss=c.optim.z_loss, lr_schedule=optim.schedule(c)),
+        in_shardings=(b["state_shardings"], batch_sharding),
+        out_shardings=(b["state_shardings"], None),
+        donate_argnums=0)
+
+    writer = metrics.Writer(workdir, enabled=jax.process_index() == 0)
+    flops_per_step = metrics.train_flops_per_token(b["model_cfg"], c.seq_len) * c.global_batch * c.seq_len
+    peak = metrics.peak_flops_total(c.peak_tflops, c.model.dtype)
+    preemption = Preemption()
+    pending, t_last, step = None, time.perf_counter(), start
+    for step, batch in zip(range(start + 1, c.steps + 1), batches(c, data_iter, batch_sharding)):
+      state, step_metrics = step_fn(state, batch)
+      # Read the previous step's metrics only now, so the host never waits on the step it
+      # just dispatched.
+      if pending is not None:
+        t_last = _log(writer, *pending, t_last, flops_per_step, peak, c)
+        pending = None
+      if step % c.log_every == 0 or step == c.steps:
+        pending = (step, step_metrics)
+      stop = preemption.reached(step)
+      ckpt.save(step, state, data_iter, force=stop or step == c.steps)
+      if stop:
+        print(f"SIGTERM: saved step {step}, exiting", flush=True)
+        break
+    if pending is not None:
+      _log(writer, *pending, t_last, flops_per_step, peak, c)
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+  return state
+
+
+def _log(writer: metrics.Writer, step: int, m: dict, t_last: float, flops_per_step: float,
+         peak: float, c: Any) -> float:
+  m = jax.device_get(m)
+  now = time.perf_counter()
+  step_time = (now - t_last) / c.log_every
+  loss = float(m["loss"])
+  writer.write(step, {
+      "loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "grad_norm": m["grad_norm"],
+      "learning_rate": m["learning_rate"], "step_time": step_time,
+      "tokens_per_sec": c.global_batch * c.seq_len / step_time,
+      "mfu": flops_per_step / step_time / peak,
+  })
+  return now
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  distributed.initialize()
+  train(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
