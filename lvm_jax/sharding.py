@@ -146,7 +146,7 @@ def check_batch(global_batch: int, grad_accum: int, mesh: Mesh, rules: Rules) ->
   shards = math.prod(mesh.shape[a] for a in batch_axes)
   if global_batch % (shards * grad_accum):
     raise MeshError(
-        f"global_batch={global_batch} is not divisible by {'x'.join(batch_axes)} ({shards}) "
+        f"global_batch={global_batch} is not divisible by {' x '.join(batch_axes)} ({shards}) "
         f"x grad_accum ({grad_accum}) = {shards * grad_accum}")
 
 

@@ -15,16 +15,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags, logging
+from absl import flags
 from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
 
-from lvm_jax import checkpoint, config as config_lib, distributed, metrics, optim, sharding
+from lvm_jax import checkpoint, cli, config as config_lib, metrics, optim, sharding
 from lvm_jax.models import transformer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard go here.")
+_STOP_AT = flags.DEFINE_integer("stop_at", None, "Save and exit after this step (a job's budget).")
 
 
 # ---------------------------------------------------------------------------- the step
@@ -73,7 +74,7 @@ def train_step(state: dict, batch: dict, *, graphdef: Any, tx: optax.GradientTra
   new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
                "opt_state": opt_state}
   loss = nll / jnp.maximum(weight, 1.0)
-  return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads),
+  return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
                      "learning_rate": lr_schedule(state["step"]), "target_tokens": weight}
 
 
@@ -117,10 +118,15 @@ def check_workdir(workdir: str) -> None:
 
 
 class Preemption:
-  """SIGTERM -> save and stop. Multi-host jobs agree on the step through the JAX coordinator."""
+  """SIGTERM -> save and stop. Multi-host jobs agree on the step through the JAX coordinator.
 
-  def __init__(self):
+  `stop_at` ends the run after that step as if preempted: a job with a time budget trains
+  N steps per submission, and the resume test uses it to stop at a known step.
+  """
+
+  def __init__(self, stop_at: int | None = None):
     self.requested = False
+    self.stop_at = stop_at
     if jax.process_count() == 1:
       signal.signal(signal.SIGTERM, self._handle)
 
@@ -128,6 +134,8 @@ class Preemption:
     self.requested = True
 
   def reached(self, step: int) -> bool:
+    if self.stop_at is not None and step >= self.stop_at:
+      return True
     if jax.process_count() > 1:
       return multihost_utils.reached_preemption_sync_point(step)
     return self.requested
@@ -142,8 +150,8 @@ def batches(c: Any, data_iter: Iterator[dict], batch_sharding: jax.sharding.Shar
 # ---------------------------------------------------------------------------- the loop
 
 
-def train(c: Any, workdir: str) -> dict:
-  """Trains to c.steps (or until SIGTERM); returns the final state."""
+def train(c: Any, workdir: str, stop_at: int | None = None) -> dict:
+  """Trains to c.steps (or until SIGTERM, or `stop_at`); returns the final state."""
   config_lib.validate(c)
   check_workdir(workdir)
   mesh = sharding.make_mesh(c.mesh)
@@ -173,7 +181,7 @@ def train(c: Any, workdir: str) -> dict:
     writer = metrics.Writer(workdir, enabled=jax.process_index() == 0)
     flops_per_step = metrics.train_flops_per_token(b["model_cfg"], c.seq_len) * c.global_batch * c.seq_len
     peak = metrics.peak_flops_total(c.peak_tflops, c.model.dtype)
-    preemption = Preemption()
+    preemption = Preemption(stop_at)
     pending, t_last, step = None, time.perf_counter(), start
     for step, batch in zip(range(start + 1, c.steps + 1), batches(c, data_iter, batch_sharding)):
       state, step_metrics = step_fn(state, batch)
@@ -187,7 +195,7 @@ def train(c: Any, workdir: str) -> dict:
       stop = preemption.reached(step)
       ckpt.save(step, state, data_iter, force=stop or step == c.steps)
       if stop:
-        print(f"SIGTERM: saved step {step}, exiting", flush=True)
+        print(f"stopping early: saved step {step} in {workdir}", flush=True)
         break
     if pending is not None:
       _log(writer, *pending, t_last, flops_per_step, peak, c)
@@ -214,11 +222,8 @@ def _log(writer: metrics.Writer, step: int, m: dict, t_last: float, flops_per_st
 
 def main(argv: list[str]) -> None:
   del argv
-  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  distributed.initialize()
-  train(_CONFIG.value, _WORKDIR.value)
+  train(_CONFIG.value, _WORKDIR.value, _STOP_AT.value)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main, required=["config", "workdir"])

@@ -92,7 +92,10 @@ class Model(nnx.Module):
     dtype = jnp.dtype(cfg.dtype)
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
-    x_BLD = jnp.take(self.embed[...], tokens_BL, axis=0).astype(dtype)
+    # Gather the table whole before the lookup, as FSDP does for every weight: a gather from a
+    # vocab/embed-sharded table into a batch-sharded output has no efficient SPMD lowering.
+    table_VD = sharding.constrain(self.embed[...], (None, None))
+    x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(dtype)
     x_BLD = sharding.constrain(x_BLD, ("batch", "length", "embed"))
     sin_BLK, cos_BLK = rope_tables(positions_BL, cfg.head_dim, cfg.rope_theta)
 
@@ -150,13 +153,14 @@ def rms_norm(x_BLD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
   """RMSNorm in fp32 whatever the activation dtype (bf16 squares lose too much), cast back."""
   x = x_BLD.astype(jnp.float32)
   x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
-  return (x * scale_D.astype(jnp.float32)).astype(x_BLD.dtype)
+  scale = scale_D.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+  return (x * scale).astype(x_BLD.dtype)
 
 
 def rope_tables(positions_BL: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
   """sin and cos [B, L, K] for rotate-half RoPE, in fp32."""
   inv_freq_K2 = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  angles_BLK2 = positions_BL.astype(jnp.float32)[..., None] * inv_freq_K2
+  angles_BLK2 = positions_BL.astype(jnp.float32)[..., None] * inv_freq_K2[None, None]
   angles_BLK = jnp.concatenate([angles_BLK2, angles_BLK2], axis=-1)
   return jnp.sin(angles_BLK), jnp.cos(angles_BLK)
 

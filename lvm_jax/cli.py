@@ -1,0 +1,67 @@
+"""What every `python -m lvm_jax.NAME` entry point shares: flag parsing with one-line errors,
+quiet logging, and joining a multi-process job.
+
+  --coordinator_address=host:port --num_processes=N --process_id=i   explicit (local, GPU clusters)
+  --distributed                                                      TPU VMs, SLURM: JAX detects all
+  --cpu_devices=K                                                    K CPU devices per process (tests)
+"""
+
+import os
+import sys
+from typing import Callable
+
+import jax
+from absl import app, flags, logging
+
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_AUTO = flags.DEFINE_bool("distributed", False, "Let JAX detect the cluster (TPU pods, SLURM).")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "CPU devices per process (for testing).")
+
+# Errors that mean "the input is wrong", reported as one line instead of a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, PermissionError, FileNotFoundError)
+
+
+def _fail(prog: str, message: str) -> None:
+  print(f"{os.path.basename(prog)}: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def _parse(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(argv[0], str(e))
+  except (AttributeError, KeyError, ValueError) as e:
+    # ml_collections raises these for --config.<unknown key>, naming only the last key part.
+    key = str(e).strip("\"' ")
+    culprit = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0]]
+    _fail(argv[0], f"unknown config key in {culprit[0] if culprit else key}")
+  return []
+
+
+def initialize() -> None:
+  """Joins the job's processes before any device is touched; single-process runs skip it."""
+  if _CPU_DEVICES.value:
+    jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+  if _COORDINATOR.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  elif _AUTO.value:
+    jax.distributed.initialize()
+
+
+def run(main: Callable[[list[str]], None], required: list[str]) -> None:
+  """app.run with one-line errors for bad flags, bad configs and bad inputs."""
+  flags.mark_flags_as_required(required)
+
+  def wrapped(argv: list[str]) -> None:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    initialize()
+    try:
+      main(argv)
+    except USER_ERRORS as e:
+      _fail(argv[0], str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+
+  app.run(wrapped, flags_parser=_parse)

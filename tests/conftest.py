@@ -1,0 +1,41 @@
+"""Test set-up: 8 fake CPU devices, rank promotion as an error, absl flags parsed (grain reads one)."""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+from absl import flags  # noqa: E402
+
+jax.config.update("jax_numpy_rank_promotion", "raise")
+flags.FLAGS.mark_as_parsed()
+
+import pytest  # noqa: E402
+import ml_collections  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """configs/<name>.py's get_config(arg), as the trainer's --config flag would load it."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture
+def tiny_config() -> ml_collections.ConfigDict:
+  """lvm_tiny shrunk further so a training test takes seconds on 8 fake devices."""
+  c = load_config("lvm_tiny")
+  c.model.d_model, c.model.ffn, c.model.heads = 64, 128, 4
+  c.model.vocab_size = 256
+  c.data.codes = 32
+  c.seq_len, c.tokens_per_image = 64, 8
+  c.global_batch = 8
+  c.steps, c.optim.warmup = 12, 2
+  c.log_every, c.ckpt_every = 1, 4
+  c.peak_tflops = 1.0  # skip the CPU peak measurement in tests
+  return c

@@ -1,0 +1,53 @@
+"""The XLA reference attention against a float64 numpy reference, with every mask."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lvm_jax.kernels import attention
+
+
+def _reference(q, k, v, causal, seg, prefix):
+  """Float64 attention with the mask spelled out element by element."""
+  B, L, H, K = q.shape
+  out = np.zeros((B, L, H, K))
+  for b in range(B):
+    allowed = np.zeros((L, L), bool)
+    for i in range(L):
+      for j in range(L):
+        ok = (j <= i or (prefix is not None and j < prefix[b])) if causal else True
+        allowed[i, j] = ok and (seg is None or seg[b, i] == seg[b, j])
+    for h in range(H):
+      s = q[b, :, h] @ k[b, :, h].T / np.sqrt(K)
+      s = np.where(allowed, s, -np.inf)
+      with np.errstate(invalid="ignore"):
+        p = np.exp(s - s.max(-1, keepdims=True))
+        p = np.nan_to_num(p / p.sum(-1, keepdims=True))
+      out[b, :, h] = p @ v[b, :, h]
+  return out
+
+
+@pytest.mark.parametrize("causal,use_seg,use_prefix", [
+    (True, False, False), (True, True, False), (True, False, True), (True, True, True),
+    (False, True, False)])
+def test_matches_float64_reference(causal, use_seg, use_prefix):
+  rng = np.random.default_rng(0)
+  B, L, H, K = 2, 13, 3, 8
+  q, k, v = (rng.normal(size=(B, L, H, K)) for _ in range(3))
+  seg = np.array([[1] * 5 + [2] * 6 + [0] * 2, [1] * 13]) if use_seg else None
+  prefix = np.array([4, 9]) if use_prefix else None
+  with jax.default_matmul_precision("highest"):
+    out = attention.attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), causal=causal,
+                              segment_ids_BL=None if seg is None else jnp.asarray(seg),
+                              prefix_len_B=None if prefix is None else jnp.asarray(prefix))
+  np.testing.assert_allclose(np.asarray(out), _reference(q, k, v, causal, seg, prefix),
+                             atol=2e-5, rtol=2e-5)
+
+
+def test_bad_inputs_name_the_problem():
+  x = jnp.ones((1, 4, 2, 8))
+  with pytest.raises(ValueError, match="shapes differ"):
+    attention.attention(x, jnp.ones((1, 5, 2, 8)), x)
+  with pytest.raises(ValueError, match="impl='flash'"):
+    attention.attention(x, x, x, impl="flash")

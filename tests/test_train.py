@@ -1,0 +1,97 @@
+"""End-to-end trainer: loss falls, metrics are written, resume is exact, bad input fails early."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from lvm_jax import config as config_lib, sharding, train
+from tests.conftest import REPO
+
+
+def _metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def test_loss_falls_and_metrics_are_logged(tiny_config, tmp_path):
+  c = tiny_config
+  c.steps = 30
+  c.mesh.ici = dict(data=2, fsdp=2, tensor=2)  # every mesh axis in use
+  train.train(c, str(tmp_path))
+  rows = _metrics(tmp_path)
+  assert [r["step"] for r in rows] == list(range(1, 31))
+  for key in ("loss", "perplexity", "grad_norm", "learning_rate", "tokens_per_sec", "step_time", "mfu"):
+    assert all(np.isfinite(r[key]) for r in rows), key
+  first, last = np.mean([r["loss"] for r in rows[:3]]), np.mean([r["loss"] for r in rows[-3:]])
+  assert first > np.log(c.model.vocab_size) - 0.5  # starts near uniform
+  assert last < first - 1.5, (first, last)
+  assert os.listdir(tmp_path / "tensorboard")
+  assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [24, 28, 30]
+
+
+def test_resume_is_exact(tiny_config, tmp_path):
+  """8 steps straight == 4 steps, stop, restart, 4 more: same losses and parameters."""
+  straight = train.train(tiny_config, str(tmp_path / "a"))
+  train.train(tiny_config, str(tmp_path / "b"), stop_at=4)
+  assert [r["step"] for r in _metrics(tmp_path / "b")] == [1, 2, 3, 4]
+  resumed = train.train(tiny_config, str(tmp_path / "b"))
+  a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
+  assert [r["step"] for r in b] == list(range(1, 13))
+  assert [r["loss"] for r in a] == [r["loss"] for r in b]
+  for x, y in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  cmd = [sys.executable, "-m", "lvm_jax.train", "--config", os.path.join(REPO, "configs/lvm_tiny.py"),
+         f"--workdir={tmp_path}", "--config.steps=100000", "--config.log_every=1",
+         "--config.ckpt_every=0", "--config.peak_tflops=1"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for line in proc.stdout:
+    if line.startswith("step 3:"):
+      proc.send_signal(signal.SIGTERM)
+      break
+  out = proc.communicate(timeout=120)[0]
+  assert proc.returncode == 0, out
+  saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
+  assert len(saved) == 1 and saved[0] >= 3, (saved, out)
+  assert f"saved step {saved[0]}" in out
+
+
+@pytest.mark.parametrize("change,error", [
+    (lambda c: c.update(seq_len=100), "seq_len=100 is not a multiple of tokens_per_image=8"),
+    (lambda c: c.mesh.ici.update(data=3), "8 devices are not divisible by 3"),
+    (lambda c: c.update(global_batch=12), "global_batch=12 is not divisible by data x fsdp"),
+    (lambda c: c.model.update(remat="some"), "model.remat='some'"),
+])
+def test_bad_config_fails_in_one_line_before_compiling(tiny_config, tmp_path, change, error):
+  change(tiny_config)
+  with pytest.raises((config_lib.ConfigError, sharding.MeshError), match=error) as e:
+    train.train(tiny_config, str(tmp_path))
+  assert "\n" not in str(e.value)
+  assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_unwritable_workdir_fails_in_one_line(tiny_config, tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(PermissionError, match="is not writable"):
+    train.train(tiny_config, str(blocker / "run"))
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+  cmd = [sys.executable, "-m", "lvm_jax.train", "--config", "configs/lvm_tiny.py",
+         f"--workdir={tmp_path}", "--config.optim.learning_rate=1"]
+  out = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 2
+  assert "error: unknown config key in --config.optim.learning_rate=1" in out.stderr.splitlines()[-1]
+  assert not os.path.exists(tmp_path / "checkpoints")
