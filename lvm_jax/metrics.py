@@ -53,16 +53,31 @@ def peak_flops_total(peak_tflops_per_device: float, dtype: str) -> float:
   return measured_peak_flops(dtype) * jax.process_count()
 
 
+def _drop_rows_after(path: str, step: int) -> None:
+  """Rows logged after the checkpoint a run resumes from belong to steps it will redo."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = f.readlines()
+  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+  if len(kept) != len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
+
+
 class Writer:
   """One JSON object per logged step in workdir/metrics.jsonl, plus TensorBoard scalars."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
     self.enabled = enabled
     self.tb: Optional[Any] = None
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
+    path = os.path.join(workdir, "metrics.jsonl")
+    _drop_rows_after(path, resume_step)
+    self.jsonl = open(path, "a", buffering=1)
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 

@@ -23,9 +23,6 @@ from ml_collections import config_flags
 from lvm_jax import checkpoint, cli, config as config_lib, metrics, optim, sharding
 from lvm_jax.models import transformer
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard go here.")
-_STOP_AT = flags.DEFINE_integer("stop_at", None, "Save and exit after this step (a job's budget).")
 
 
 # ---------------------------------------------------------------------------- the step
@@ -178,7 +175,7 @@ def train(c: Any, workdir: str, stop_at: int | None = None) -> dict:
         out_shardings=(b["state_shardings"], None),
         donate_argnums=0)
 
-    writer = metrics.Writer(workdir, enabled=jax.process_index() == 0)
+    writer = metrics.Writer(workdir, enabled=jax.process_index() == 0, resume_step=start)
     flops_per_step = metrics.train_flops_per_token(b["model_cfg"], c.seq_len) * c.global_batch * c.seq_len
     peak = metrics.peak_flops_total(c.peak_tflops, c.model.dtype)
     preemption = Preemption(stop_at)
@@ -220,10 +217,12 @@ def _log(writer: metrics.Writer, step: int, m: dict, t_last: float, flops_per_st
   return now
 
 
-def main(argv: list[str]) -> None:
-  del argv
-  train(_CONFIG.value, _WORKDIR.value, _STOP_AT.value)
+def cli_main() -> None:
+  config = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  workdir = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard go here.")
+  stop_at = flags.DEFINE_integer("stop_at", None, "Save and exit after this step (a job's budget).")
+  cli.run(lambda _: train(config.value, workdir.value, stop_at.value), required=["config", "workdir"])
 
 
 if __name__ == "__main__":
-  cli.run(main, required=["config", "workdir"])
+  cli_main()

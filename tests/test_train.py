@@ -41,6 +41,8 @@ def test_resume_is_exact(tiny_config, tmp_path):
   straight = train.train(tiny_config, str(tmp_path / "a"))
   train.train(tiny_config, str(tmp_path / "b"), stop_at=4)
   assert [r["step"] for r in _metrics(tmp_path / "b")] == [1, 2, 3, 4]
+  with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # logged after the checkpoint, then killed
+    f.write(json.dumps({"step": 5, "loss": -1.0}) + "\n")
   resumed = train.train(tiny_config, str(tmp_path / "b"))
   a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
   assert [r["step"] for r in b] == list(range(1, 13))
