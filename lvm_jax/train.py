@@ -100,6 +100,16 @@ def build(c: Any, mesh: jax.sharding.Mesh) -> dict:
               state_shardings=state_shardings)
 
 
+def jit_train_step(c: Any, b: dict, batch_sharding: jax.sharding.Sharding) -> Any:
+  """The sharded step: state in and out on its shardings, donated so it is updated in place."""
+  return jax.jit(
+      functools.partial(train_step, graphdef=b["graphdef"], tx=b["tx"], grad_accum=c.grad_accum,
+                        z_loss=c.optim.z_loss, lr_schedule=optim.schedule(c)),
+      in_shardings=(b["state_shardings"], batch_sharding),
+      out_shardings=(b["state_shardings"], None),
+      donate_argnums=0)
+
+
 def check_workdir(workdir: str) -> None:
   """Fail in one line, before compiling, if the workdir cannot be written."""
   if "://" in workdir:
@@ -168,12 +178,7 @@ def train(c: Any, workdir: str, stop_at: int | None = None) -> dict:
       init = jax.jit(b["init"], out_shardings=b["state_shardings"])
       state, start = init(jax.random.key(c.seed)), 0
 
-    step_fn = jax.jit(
-        functools.partial(train_step, graphdef=b["graphdef"], tx=b["tx"], grad_accum=c.grad_accum,
-                          z_loss=c.optim.z_loss, lr_schedule=optim.schedule(c)),
-        in_shardings=(b["state_shardings"], batch_sharding),
-        out_shardings=(b["state_shardings"], None),
-        donate_argnums=0)
+    step_fn = jit_train_step(c, b, batch_sharding)
 
     writer = metrics.Writer(workdir, enabled=jax.process_index() == 0, resume_step=start)
     flops_per_step = metrics.train_flops_per_token(b["model_cfg"], c.seq_len) * c.global_batch * c.seq_len

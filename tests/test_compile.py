@@ -1,0 +1,31 @@
+"""AOT compilation of the sharded train step for TPU topologies (libtpu, no TPU)."""
+
+import importlib.util
+
+import pytest
+
+from lvm_jax import compile as compile_lib
+from tests.conftest import load_config
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("v5p-8", "v5p:2x2x1"), ("v5p-128", "v5p:4x4x4"), ("v4-256", "v4:4x4x8"),
+    ("v5e-16", "v5e:4x4"), ("v6e-128", "v6e:8x16"), ("v5e:2x4", "v5e:2x4")])
+def test_slice_names_map_to_topologies(name, expected):
+  assert compile_lib.topology_name(name)[1] == expected
+
+
+def test_bad_topology_is_one_line():
+  with pytest.raises(ValueError, match="--topology='v9-8'"):
+    compile_lib.topology_name("v9-8")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason="libtpu not installed (pip install -e .[tpu])")
+def test_tiny_train_step_compiles_for_a_tpu_slice():
+  c = load_config("lvm_tiny")
+  c.mesh.ici.update(fsdp=2, tensor=2)
+  r = compile_lib.report(c, "v5e-4")
+  assert r["chips"] == 4 and r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+  assert 0 < r["total_gib"] < r["hbm_gib"]
+  assert r["model_flops_per_chip"] > 0
