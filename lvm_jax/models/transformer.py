@@ -118,25 +118,30 @@ def decoder_layer(
     segment_ids_BL: Optional[jax.Array],
     cfg: Config,
 ) -> jax.Array:
-  """One pre-norm block: x + attn(norm(x)), then x + swiglu(norm(x))."""
-  dtype = x_BLD.dtype
-  w = {k: v.astype(dtype) for k, v in p.items()}
-  h_BLD = rms_norm(x_BLD, p["attn_norm"], cfg.norm_eps)
-  q_BLHK = apply_rope(jnp.einsum("bld,dhk->blhk", h_BLD, w["wq"]), sin_BLK, cos_BLK)
-  k_BLHK = apply_rope(jnp.einsum("bld,dhk->blhk", h_BLD, w["wk"]), sin_BLK, cos_BLK)
-  v_BLHK = jnp.einsum("bld,dhk->blhk", h_BLD, w["wv"])
-  q_BLHK = sharding.constrain(q_BLHK, ("batch", "length", "heads", "head_dim"))
+  """One pre-norm block: x + attn(norm(x)), then x + swiglu(norm(x)).
+
+  Projections run on tokens flattened to T = B*L rows: plain 2D matmuls are what every backend's
+  fastest path takes (XLA:CPU runs 3D einsums fused with elementwise ops ~2x slower), and the
+  flattened rows keep the batch's sharding because B is the major dimension.
+  """
+  B, L, D = x_BLD.shape
+  H, K = cfg.heads, cfg.head_dim
+  w = {k: v.astype(x_BLD.dtype) for k, v in p.items()}
+  x_TD = x_BLD.reshape(B * L, D)
+  h_TD = rms_norm(x_TD, p["attn_norm"], cfg.norm_eps)
+  q_BLHK, k_BLHK, v_BLHK = ((h_TD @ w[n].reshape(D, H * K)).reshape(B, L, H, K)
+                            for n in ("wq", "wk", "wv"))
+  q_BLHK = sharding.constrain(apply_rope(q_BLHK, sin_BLK, cos_BLK), ("batch", "length", "heads", "head_dim"))
+  k_BLHK = apply_rope(k_BLHK, sin_BLK, cos_BLK)
   out_BLHK = attention_lib.attention(q_BLHK, k_BLHK, v_BLHK, causal=True,
                                      segment_ids_BL=segment_ids_BL, impl=cfg.attention)
-  x_BLD = x_BLD + jnp.einsum("blhk,hkd->bld", out_BLHK, w["wo"])
-  x_BLD = sharding.constrain(x_BLD, ("batch", "length", "embed"))
+  x_TD = x_TD + out_BLHK.reshape(B * L, H * K) @ w["wo"].reshape(H * K, D)
+  x_TD = sharding.constrain(x_TD, ("batch", "embed"))
 
-  h_BLD = rms_norm(x_BLD, p["mlp_norm"], cfg.norm_eps)
-  gate_BLF = jnp.einsum("bld,df->blf", h_BLD, w["w_gate"])
-  up_BLF = jnp.einsum("bld,df->blf", h_BLD, w["w_up"])
-  h_BLF = sharding.constrain(jax.nn.silu(gate_BLF) * up_BLF, ("batch", "length", "mlp"))
-  x_BLD = x_BLD + jnp.einsum("blf,fd->bld", h_BLF, w["w_down"])
-  return sharding.constrain(x_BLD, ("batch", "length", "embed"))
+  h_TD = rms_norm(x_TD, p["mlp_norm"], cfg.norm_eps)
+  h_TF = sharding.constrain(jax.nn.silu(h_TD @ w["w_gate"]) * (h_TD @ w["w_up"]), ("batch", "mlp"))
+  x_TD = x_TD + h_TF @ w["w_down"]
+  return sharding.constrain(x_TD, ("batch", "embed")).reshape(B, L, D)
 
 
 def remat(fn, policy: str):

@@ -28,10 +28,11 @@ def _reference(q, k, v, causal, seg, prefix):
   return out
 
 
+@pytest.mark.parametrize("chunk", [256, 4])  # 4: the causal path splits 13 queries into 4 blocks
 @pytest.mark.parametrize("causal,use_seg,use_prefix", [
     (True, False, False), (True, True, False), (True, False, True), (True, True, True),
     (False, True, False)])
-def test_matches_float64_reference(causal, use_seg, use_prefix):
+def test_matches_float64_reference(causal, use_seg, use_prefix, chunk):
   rng = np.random.default_rng(0)
   B, L, H, K = 2, 13, 3, 8
   q, k, v = (rng.normal(size=(B, L, H, K)) for _ in range(3))
@@ -40,9 +41,32 @@ def test_matches_float64_reference(causal, use_seg, use_prefix):
   with jax.default_matmul_precision("highest"):
     out = attention.attention(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), causal=causal,
                               segment_ids_BL=None if seg is None else jnp.asarray(seg),
-                              prefix_len_B=None if prefix is None else jnp.asarray(prefix))
+                              prefix_len_B=None if prefix is None else jnp.asarray(prefix),
+                              chunk=chunk)
   np.testing.assert_allclose(np.asarray(out), _reference(q, k, v, causal, seg, prefix),
                              atol=2e-5, rtol=2e-5)
+
+
+def test_gradients_match_float64_reference_through_chunks():
+  rng = np.random.default_rng(1)
+  q, k, v = (rng.normal(size=(2, 11, 2, 4)) for _ in range(3))
+  seg = np.array([[1] * 6 + [2] * 5, [1] * 11])
+  cot = rng.normal(size=q.shape)
+
+  def loss(q, k, v):
+    out = attention.attention(q, k, v, segment_ids_BL=jnp.asarray(seg), chunk=3)
+    return jnp.sum(out * cot)
+
+  with jax.default_matmul_precision("highest"):
+    grads = jax.grad(loss, argnums=(0, 1, 2))(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)))
+  eps = 1e-6  # central differences of the float64 reference
+  ref = lambda q, k, v: np.sum(_reference(q, k, v, True, seg, None) * cot)
+  for g, x, which in zip(grads, (q, k, v), range(3)):
+    idx = (1, 7, 1, 2)
+    up, down = [a.copy() for a in (q, k, v)], [a.copy() for a in (q, k, v)]
+    up[which][idx] += eps
+    down[which][idx] -= eps
+    np.testing.assert_allclose(float(g[idx]), (ref(*up) - ref(*down)) / (2 * eps), rtol=1e-3, atol=1e-5)
 
 
 def test_bad_inputs_name_the_problem():
