@@ -19,9 +19,9 @@ ssh_all() { "${tpu[@]}" ssh "$name" --zone "$zone" --worker=all --command "$1"; 
 
 ssh_all "set -e; [ -d lvm_jax ] || git clone -q $repo lvm_jax; cd lvm_jax && git pull -q;
   python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu]'"
-# --distributed: JAX reads the worker list from the TPU metadata server. Async collective
+# On TPU VMs the trainer joins all workers by itself (jax.distributed). Async collective
 # fusion lets XLA overlap FSDP all-gathers with compute.
 ssh_all "cd lvm_jax && LIBTPU_INIT_ARGS='--xla_tpu_enable_async_collective_fusion=true \
   --xla_tpu_enable_async_collective_fusion_fuse_all_gather=true' \
-  .venv/bin/python -m lvm_jax.train --distributed --config $config --workdir $workdir $* \
+  .venv/bin/python -m lvm_jax.train --config $config --workdir $workdir $* \
   2>&1 | tee -a train.log"

@@ -1,11 +1,13 @@
 """What every `python -m lvm_jax.NAME` entry point shares: flag parsing with one-line errors,
 quiet logging, and joining a multi-process job.
 
-  --coordinator_address=host:port --num_processes=N --process_id=i   explicit (local, GPU clusters)
-  --distributed                                                      TPU VMs, SLURM: JAX detects all
-  --cpu_devices=K                                                    K CPU devices per process (tests)
+  --coordinator_address=host:port --num_processes=N --process_id=i   explicit (local, GPU clusters);
+      defaults from $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID
+  --distributed          JAX detects the cluster (SLURM, Kubernetes); on by itself on TPU VMs
+  --cpu_devices=K        K CPU devices per process (tests, launch/local.sh)
 """
 
+import glob
 import os
 import sys
 from typing import Callable
@@ -13,10 +15,14 @@ from typing import Callable
 import jax
 from absl import app, flags, logging
 
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes in the job.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
-_AUTO = flags.DEFINE_bool("distributed", False, "Let JAX detect the cluster (TPU pods, SLURM).")
+_env_int = lambda name: int(os.environ[name]) if name in os.environ else None
+_COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+                                   "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", _env_int("JAX_NUM_PROCESSES"),
+                                      "Number of processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", _env_int("JAX_PROCESS_ID"), "This process's index.")
+_AUTO = flags.DEFINE_bool("distributed", None,
+                          "Let JAX detect the cluster (default: on for TPU VMs, off elsewhere).")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "CPU devices per process (for testing).")
 
 # Errors that mean "the input is wrong", reported as one line instead of a traceback.
@@ -48,8 +54,13 @@ def initialize() -> None:
   if _COORDINATOR.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  elif _AUTO.value:
+  elif _AUTO.value or (_AUTO.value is None and _on_tpu_vm()):
     jax.distributed.initialize()
+
+
+def _on_tpu_vm() -> bool:
+  """TPU VMs expose their chips as /dev/accel* (v4, v5p) or /dev/vfio/N (v5e, v6e)."""
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
 def run(main: Callable[[list[str]], None], required: list[str]) -> None:
