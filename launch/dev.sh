@@ -17,6 +17,6 @@ fi
 cmd=${1:-}; shift || true
 case "$cmd" in
   demo) exec "$VENV/bin/python" -m lvm_jax.demo --workdir "${1:-workdir/demo}" ;;
-  test) JAX_PLATFORMS=cpu exec "$VENV/bin/python" -m pytest -q tests "$@" ;;
+  test) JAX_PLATFORMS=cpu exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests "$@" ;;
   *) echo "usage: bash launch/dev.sh demo [WORKDIR] | test [PYTEST ARGS]" >&2; exit 2 ;;
 esac

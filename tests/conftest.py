@@ -14,6 +14,23 @@ flags.FLAGS.mark_as_parsed()
 import pytest  # noqa: E402
 import ml_collections  # noqa: E402
 
+def pytest_addoption(parser):
+  parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: minutes-long checks; run with --runslow (CI does)")
+
+
+def pytest_collection_modifyitems(config, items):
+  if config.getoption("--runslow"):
+    return
+  skip = pytest.mark.skip(reason="slow: run with --runslow")
+  for item in items:
+    if "slow" in item.keywords:
+      item.add_marker(skip)
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -20,8 +20,11 @@ def test_bad_topology_is_one_line():
     compile_lib.topology_name("v9-8")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                    reason="libtpu not installed (pip install -e .[tpu])")
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu not installed (pip install -e .[tpu])")
+
+
+@needs_libtpu
 def test_tiny_train_step_compiles_for_a_tpu_slice():
   c = load_config("lvm_tiny")
   c.mesh.ici.update(fsdp=2, tensor=2)
@@ -29,3 +32,12 @@ def test_tiny_train_step_compiles_for_a_tpu_slice():
   assert r["chips"] == 4 and r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
   assert 0 < r["total_gib"] < r["hbm_gib"]
   assert r["model_flops_per_chip"] > 0
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_7b_at_seq_4096_fits_a_v5p_128():
+  c = load_config("lvm_7b")
+  assert c.seq_len == 4096
+  r = compile_lib.report(c, "v5p-128")
+  assert r["chips"] == 64 and r["total_gib"] < r["hbm_gib"]
