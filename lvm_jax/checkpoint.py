@@ -13,7 +13,7 @@ import jax
 import orbax.checkpoint as ocp
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ValueError):
   """A checkpoint exists but cannot be restored into this run's state."""
 
 
@@ -49,9 +49,14 @@ class Checkpointer:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state),
           data=grain.checkpoint.CheckpointRestore(data_iter)))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise CheckpointError(f"cannot restore step {step} from {self.manager.directory}: {first}") from e
+    except Exception as e:  # pylint: disable=broad-except
+      # Orbax and TensorStore raise plain Exceptions with multi-page specs for unreadable data;
+      # the first line names the problem. Nothing is deleted: the user decides.
+      first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+      raise CheckpointError(
+          f"cannot restore step {step} from {self.manager.directory}: {first} (a config that does not "
+          f"match the checkpoint, or damaged files: move {step}/ away to resume from the one before)"
+      ) from None
     return restored.state
 
   def wait(self) -> None:

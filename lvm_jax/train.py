@@ -6,6 +6,7 @@ the newest checkpoint, data iterator included; SIGTERM saves a checkpoint and ex
 """
 
 import functools
+import importlib
 import os
 import signal
 import time
@@ -165,7 +166,7 @@ def train(c: Any, workdir: str, stop_at: int | None = None) -> dict:
   sharding.check_batch(c.global_batch, c.grad_accum, mesh, c.rules)
   b = build(c, mesh)
   batch_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec(c.rules))
-  data_module = __import__(f"lvm_jax.data.{c.data.name}", fromlist=["make_iterator"])
+  data_module = importlib.import_module(f"lvm_jax.data.{c.data.name}")
   data_iter = data_module.make_iterator(c, sharding.local_rows(batch_sharding, c.global_batch))
 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), c.ckpt_keep, c.ckpt_every)
