@@ -60,5 +60,7 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_config):
   state4, m4 = _one_step(c, batch)
   np.testing.assert_allclose(m1["loss"], m4["loss"], rtol=1e-5)
   np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-4)
+  # Adam's first update is ~lr * sign(g): entries with |g| near eps may differ by summation
+  # order, so params are compared to 0.3% of lr (the grad norm above pins the gradient scale).
   for a, b in zip(jax.tree.leaves(state1["params"]), jax.tree.leaves(state4["params"])):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)
