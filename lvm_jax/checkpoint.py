@@ -65,6 +65,14 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.close()
 
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    # On an error too: a pending async save is finished (or its error surfaces) and orbax's
+    # background threads stop before the process exits.
+    self.close()
+
 
 def abstract_like(state: Any, shardings: Any) -> Any:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)

@@ -170,7 +170,7 @@ def train(c: Any, workdir: str, stop_at: int | None = None) -> dict:
   data_iter = data_module.make_iterator(c, sharding.local_rows(batch_sharding, c.global_batch))
 
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), c.ckpt_keep, c.ckpt_every)
-  with jax.set_mesh(mesh), sharding.axis_rules(c.rules):
+  with ckpt, jax.set_mesh(mesh), sharding.axis_rules(c.rules):
     start = ckpt.latest_step()
     if start is not None:
       state = ckpt.restore(start, b["abstract_state"], data_iter)
@@ -203,7 +203,6 @@ def train(c: Any, workdir: str, stop_at: int | None = None) -> dict:
     if pending is not None:
       _log(writer, *pending, t_last, flops_per_step, peak, c)
     ckpt.wait()
-    ckpt.close()
     writer.close()
   return state
 
