@@ -185,13 +185,17 @@ def train(c: Any, workdir: str, stop_at: int | None = None) -> dict:
     flops_per_step = metrics.train_flops_per_token(b["model_cfg"], c.seq_len) * c.global_batch * c.seq_len
     peak = metrics.peak_flops_total(c.peak_tflops, c.model.dtype)
     preemption = Preemption(stop_at)
-    pending, t_last, step = None, time.perf_counter(), start
+    pending, clock, step = None, (time.perf_counter(), start), start
     for step, batch in zip(range(start + 1, c.steps + 1), batches(c, data_iter, batch_sharding)):
       state, step_metrics = step_fn(state, batch)
+      if step == start + 1:  # keep compilation out of the step times
+        jax.block_until_ready(step_metrics)
+        print(f"compiled and ran step {step} in {time.perf_counter() - clock[0]:.1f}s", flush=True)
+        clock = (time.perf_counter(), step)
       # Read the previous step's metrics only now, so the host never waits on the step it
       # just dispatched.
       if pending is not None:
-        t_last = _log(writer, *pending, t_last, flops_per_step, peak, c)
+        clock = _log(writer, *pending, clock, flops_per_step, peak, c)
         pending = None
       if step % c.log_every == 0 or step == c.steps:
         pending = (step, step_metrics)
@@ -201,17 +205,18 @@ def train(c: Any, workdir: str, stop_at: int | None = None) -> dict:
         print(f"stopping early: saved step {step} in {workdir}", flush=True)
         break
     if pending is not None:
-      _log(writer, *pending, t_last, flops_per_step, peak, c)
+      _log(writer, *pending, clock, flops_per_step, peak, c)
     ckpt.wait()
     writer.close()
   return state
 
 
-def _log(writer: metrics.Writer, step: int, m: dict, t_last: float, flops_per_step: float,
-         peak: float, c: Any) -> float:
+def _log(writer: metrics.Writer, step: int, m: dict, clock: tuple[float, int], flops_per_step: float,
+         peak: float, c: Any) -> tuple[float, int]:
+  """Writes step's metrics; `clock` is (time, step) of the previous log, returned updated."""
   m = jax.device_get(m)
   now = time.perf_counter()
-  step_time = (now - t_last) / c.log_every
+  step_time = (now - clock[0]) / max(step - clock[1], 1)
   loss = float(m["loss"])
   writer.write(step, {
       "loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "grad_norm": m["grad_norm"],
@@ -219,7 +224,7 @@ def _log(writer: metrics.Writer, step: int, m: dict, t_last: float, flops_per_st
       "tokens_per_sec": c.global_batch * c.seq_len / step_time,
       "mfu": flops_per_step / step_time / peak,
   })
-  return now
+  return now, step
 
 
 def cli_main() -> None:
