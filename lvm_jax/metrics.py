@@ -6,12 +6,12 @@ TPUs and GPUs, a measured matmul rate on CPUs.
 """
 
 import json
-import os
 import time
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 # Dense bf16 peak TFLOP/s per chip, by a substring of `device_kind`.
 PEAK_TFLOPS = (("v6 lite", 918.0), ("v6e", 918.0), ("v5 lite", 197.0), ("v5e", 197.0),
@@ -53,45 +53,54 @@ def peak_flops_total(peak_tflops_per_device: float, dtype: str) -> float:
   return measured_peak_flops(dtype) * jax.process_count()
 
 
-def _drop_rows_after(path: str, step: int) -> None:
-  """Rows logged after the checkpoint a run resumes from belong to steps it will redo."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = f.readlines()
-  kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
-  if len(kept) != len(lines):
-    with open(path + ".tmp", "w") as f:
-      f.writelines(kept)
-    os.replace(path + ".tmp", path)
-
-
 class Writer:
-  """One JSON object per logged step in workdir/metrics.jsonl, plus TensorBoard scalars."""
+  """One JSON object per logged step in workdir/metrics.jsonl, plus TensorBoard scalars.
+
+  The workdir may be local or gs://. Rows logged after the checkpoint a run resumes from
+  belong to steps it will redo, so they are dropped on start.
+  """
 
   def __init__(self, workdir: str, enabled: bool = True, resume_step: int = 0):
     self.enabled = enabled
-    self.tb: Optional[Any] = None
     if not enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "metrics.jsonl")
-    _drop_rows_after(path, resume_step)
-    self.jsonl = open(path, "a", buffering=1)
+    self.path = epath.Path(workdir) / "metrics.jsonl"
+    self.local = "://" not in workdir
+    old = self.path.read_text().splitlines() if self.path.exists() else []
+    self.lines = [line for line in old if line.strip() and json.loads(line)["step"] <= resume_step]
+    if len(self.lines) != len(old):
+      self._rewrite()
+    # Local files are appended to; objects in a bucket cannot be, so they are rewritten whole.
+    self.jsonl = open(self.path, "a", buffering=1) if self.local else None
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self.tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"), flush_secs=30)
+
+  def _rewrite(self) -> None:
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    self.path.write_text("".join(line + "\n" for line in self.lines))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
-    row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-    self.jsonl.write(json.dumps(row) + "\n")
+    row = json.dumps({"step": int(step), **{k: float(v) for k, v in scalars.items()}})
+    self.lines.append(row)
+    if self.jsonl is not None:
+      self.jsonl.write(row + "\n")
+    else:
+      self._rewrite()
     for k, v in scalars.items():
       self.tb.add_scalar(k, float(v), int(step))
     shown = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
     print(f"step {step}: {shown}", flush=True)
 
+  def __enter__(self) -> "Writer":
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    self.close()
+
   def close(self) -> None:
     if self.enabled:
-      self.jsonl.close()
+      if self.jsonl is not None:
+        self.jsonl.close()
       self.tb.close()

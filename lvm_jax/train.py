@@ -7,7 +7,6 @@ the newest checkpoint, data iterator included; SIGTERM saves a checkpoint and ex
 
 import functools
 import importlib
-import os
 import signal
 import time
 from typing import Any, Iterator
@@ -17,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import flags
+from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 from ml_collections import config_flags
@@ -112,17 +112,16 @@ def jit_train_step(c: Any, b: dict, batch_sharding: jax.sharding.Sharding) -> An
 
 
 def check_workdir(workdir: str) -> None:
-  """Fail in one line, before compiling, if the workdir cannot be written."""
-  if "://" in workdir:
-    return
+  """Fail in one line, before compiling, if the workdir (local or gs://) cannot be written."""
+  probe = epath.Path(workdir) / f".write_test_{jax.process_index()}"
   try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test_{jax.process_index()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise PermissionError(f"workdir {workdir} is not writable: {e.strerror}") from None
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.write_text("ok")
+    probe.unlink()
+  except Exception as e:  # pylint: disable=broad-except
+    # OSError locally; the gs:// clients raise their own types (no bucket, no permission).
+    reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0][:200]
+    raise PermissionError(f"workdir {workdir} is not writable: {reason}") from None
 
 
 class Preemption:
@@ -169,7 +168,7 @@ def train(c: Any, workdir: str, stop_at: int | None = None) -> dict:
   data_module = importlib.import_module(f"lvm_jax.data.{c.data.name}")
   data_iter = data_module.make_iterator(c, sharding.local_rows(batch_sharding, c.global_batch))
 
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), c.ckpt_keep, c.ckpt_every)
+  ckpt = checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), c.ckpt_keep, c.ckpt_every)
   with ckpt, jax.set_mesh(mesh), sharding.axis_rules(c.rules):
     start = ckpt.latest_step()
     if start is not None:
@@ -181,39 +180,37 @@ def train(c: Any, workdir: str, stop_at: int | None = None) -> dict:
 
     step_fn = jit_train_step(c, b, batch_sharding)
 
-    writer = metrics.Writer(workdir, enabled=jax.process_index() == 0, resume_step=start)
     flops_per_step = metrics.train_flops_per_token(b["model_cfg"], c.seq_len) * c.global_batch * c.seq_len
     peak = metrics.peak_flops_total(c.peak_tflops, c.model.dtype)
     preemption = Preemption(stop_at)
-    pending, clock, step = None, (time.perf_counter(), start), start
-    for step, batch in zip(range(start + 1, c.steps + 1), batches(c, data_iter, batch_sharding)):
-      state, step_metrics = step_fn(state, batch)
-      if step == start + 1:  # keep compilation out of the step times
-        jax.block_until_ready(step_metrics)
-        print(f"compiled and ran step {step} in {time.perf_counter() - clock[0]:.1f}s", flush=True)
-        clock = (time.perf_counter(), step)
-      # Read the previous step's metrics only now, so the host never waits on the step it
-      # just dispatched.
+    with metrics.Writer(workdir, enabled=jax.process_index() == 0, resume_step=start) as writer:
+      pending, clock, step = None, (time.perf_counter(), start), start
+      for step, batch in zip(range(start + 1, c.steps + 1), batches(c, data_iter, batch_sharding)):
+        state, step_metrics = step_fn(state, batch)
+        # Read the previous step's metrics only now, so the host never waits on the step it
+        # just dispatched.
+        if pending is not None:
+          clock = _log(writer, *pending, clock, flops_per_step, peak, c)
+          pending = None
+        if step % c.log_every == 0 or step == c.steps:
+          pending = (step, step_metrics)
+        stop = preemption.reached(step)
+        ckpt.save(step, state, data_iter, force=stop or step == c.steps)
+        if stop:
+          print(f"stopping early: saved step {step} in {workdir}", flush=True)
+          break
       if pending is not None:
-        clock = _log(writer, *pending, clock, flops_per_step, peak, c)
-        pending = None
-      if step % c.log_every == 0 or step == c.steps:
-        pending = (step, step_metrics)
-      stop = preemption.reached(step)
-      ckpt.save(step, state, data_iter, force=stop or step == c.steps)
-      if stop:
-        print(f"stopping early: saved step {step} in {workdir}", flush=True)
-        break
-    if pending is not None:
-      _log(writer, *pending, clock, flops_per_step, peak, c)
-    ckpt.wait()
-    writer.close()
+        _log(writer, *pending, clock, flops_per_step, peak, c)
+      ckpt.wait()
   return state
 
 
 def _log(writer: metrics.Writer, step: int, m: dict, clock: tuple[float, int], flops_per_step: float,
          peak: float, c: Any) -> tuple[float, int]:
-  """Writes step's metrics; `clock` is (time, step) of the previous log, returned updated."""
+  """Writes step's metrics; `clock` is (time, step) of the previous log, returned updated.
+
+  The first row after a (re)start includes compilation in its step time.
+  """
   m = jax.device_get(m)
   now = time.perf_counter()
   step_time = (now - clock[0]) / max(step - clock[1], 1)
