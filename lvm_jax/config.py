@@ -9,6 +9,8 @@ from typing import Any
 
 import ml_collections
 
+from lvm_jax.kernels import attention
+
 # Logical axis -> mesh axes. Parameters and activations are annotated with the logical names on
 # the left; these rules are the only place that says how they map onto the mesh. FSDP shards the
 # d_model side of every matrix, tensor parallelism the heads / ffn / vocab side (as in EasyLM).
@@ -91,6 +93,8 @@ def validate(c: Any) -> None:
   _check((m.d_model // m.heads) % 2 == 0, f"head dim {m.d_model // m.heads} must be even for RoPE")
   _check(m.remat in ("none", "full", "dots"), f"model.remat={m.remat!r}: expected none|full|dots")
   _check(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: expected float32|bfloat16")
+  _check(m.attention in attention.IMPLEMENTATIONS,
+         f"model.attention={m.attention!r}: expected one of {attention.IMPLEMENTATIONS}")
   _check(c.seq_len > 1, f"seq_len={c.seq_len} must be > 1")
   if c.tokens_per_image:
     _check(c.seq_len % c.tokens_per_image == 0,

@@ -7,7 +7,7 @@ TPUs and GPUs, a measured matmul rate on CPUs.
 
 import json
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp

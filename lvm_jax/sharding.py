@@ -105,7 +105,7 @@ def param_specs(abstract_model: nnx.Module, rules: Rules) -> dict:
   state = nnx.state(abstract_model, nnx.Param)
   specs = jax.tree.map(lambda v: logical_to_spec(v.get_metadata()["axes"], rules), state,
                        is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return nnx.to_pure_dict(specs) if hasattr(nnx, "to_pure_dict") else specs.to_pure_dict()
+  return nnx.to_pure_dict(specs)
 
 
 def _path_key(path: tuple) -> tuple:
@@ -117,7 +117,8 @@ def tree_specs_like(tree: Any, params: Any, param_specs_tree: Any) -> Any:
   ends with a parameter's path and has its shape gets that parameter's spec; others replicate."""
   by_path = {}
   for (path, leaf), spec in zip(jax.tree_util.tree_flatten_with_path(params)[0],
-                                jax.tree.leaves(param_specs_tree, is_leaf=lambda x: isinstance(x, P))):
+                                jax.tree.leaves(param_specs_tree, is_leaf=lambda x: isinstance(x, P)),
+                                strict=True):
     by_path[_path_key(path)] = (leaf.shape, spec)
 
   def spec_of(path: tuple, leaf: Any) -> P:

@@ -5,7 +5,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from lvm_jax import optim, sharding, train
 from lvm_jax.data import synthetic
@@ -62,5 +61,5 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_config):
   np.testing.assert_allclose(m1["grad_norm"], m4["grad_norm"], rtol=1e-4)
   # Adam's first update is ~lr * sign(g): entries with |g| near eps may differ by summation
   # order, so params are compared to 0.3% of lr (the grad norm above pins the gradient scale).
-  for a, b in zip(jax.tree.leaves(state1["params"]), jax.tree.leaves(state4["params"])):
+  for a, b in zip(jax.tree.leaves(state1["params"]), jax.tree.leaves(state4["params"]), strict=True):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5)

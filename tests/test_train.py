@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -78,7 +77,7 @@ def test_resume_is_exact(tiny_config, tmp_path):
   a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
   assert [r["step"] for r in b] == list(range(1, 13))
   assert [r["loss"] for r in a] == [r["loss"] for r in b]
-  for x, y in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed)):
+  for x, y in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 

@@ -61,7 +61,7 @@ def test_gradients_match_float64_reference_through_chunks():
     grads = jax.grad(loss, argnums=(0, 1, 2))(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)))
   eps = 1e-6  # central differences of the float64 reference
   ref = lambda q, k, v: np.sum(_reference(q, k, v, True, seg, None) * cot)
-  for g, x, which in zip(grads, (q, k, v), range(3)):
+  for which, g in enumerate(grads):
     idx = (1, 7, 1, 2)
     up, down = [a.copy() for a in (q, k, v)], [a.copy() for a in (q, k, v)]
     up[which][idx] += eps

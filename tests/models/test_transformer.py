@@ -79,10 +79,10 @@ def test_remat_policies_change_memory_not_numbers(policy):
   for p in ("none", policy):
     g, params = nnx.split(_model(dataclasses.replace(SMALL, remat=p)))
     assert nnx.merge(g, params).cfg.remat == p  # the flag really flips
-    loss = lambda prm: nnx.merge(g, prm)(tokens).astype(jnp.float32).var()
+    loss = lambda prm, g=g: nnx.merge(g, prm)(tokens).astype(jnp.float32).var()
     losses[p], grads[p] = jax.jit(jax.value_and_grad(loss))(params)
   np.testing.assert_allclose(losses["none"], losses[policy], rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[policy])):
+  for a, b in zip(jax.tree.leaves(grads["none"]), jax.tree.leaves(grads[policy]), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
@@ -121,5 +121,5 @@ def test_matches_hf_llama_in_float32():
   np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
   # And back: the inverse table restores every array exactly.
   back = hf_llama.from_hf(hf_llama.to_hf(params, cfg), cfg)
-  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back)):
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
     np.testing.assert_array_equal(np.asarray(a), b)
