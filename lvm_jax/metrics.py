@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from etils import epath
 
 # Dense bf16 peak TFLOP/s per chip, by a substring of `device_kind`.
@@ -28,16 +29,24 @@ def train_flops_per_token(m: Any, seq_len: int) -> float:
 
 
 def measured_peak_flops(dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:
-  """FLOP/s of a large jitted matmul on the first device (on a CPU: all of its cores)."""
-  x = jnp.ones((n, n), dtype)
-  matmul = jax.jit(lambda a, b: a @ b)
-  matmul(x, x).block_until_ready()
+  """FLOP/s of large jitted matmuls run on all local devices at once.
+
+  Fake CPU devices share the host's cores, so one matmul per device, concurrently, measures
+  what the host can do however many devices it is split into.
+  """
+  devices = jax.local_devices()
+  n = n if len(devices) == 1 else n // 2
+  mesh = jax.sharding.Mesh(np.asarray(devices), ("d",))
+  x = jax.device_put(jnp.ones((len(devices), n, n), dtype),
+                     jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
+  matmul = jax.jit(lambda a: jnp.einsum("bij,bjk->bik", a, a))
+  matmul(x).block_until_ready()
   best = float("inf")
   for _ in range(reps):
     t0 = time.perf_counter()
-    matmul(x, x).block_until_ready()
+    matmul(x).block_until_ready()
     best = min(best, time.perf_counter() - t0)
-  return 2.0 * n**3 / best
+  return 2.0 * len(devices) * n**3 / best
 
 
 def peak_flops_total(peak_tflops_per_device: float, dtype: str) -> float:
@@ -49,7 +58,7 @@ def peak_flops_total(peak_tflops_per_device: float, dtype: str) -> float:
   for key, tflops in PEAK_TFLOPS:
     if devices[0].platform != "cpu" and key.lower() in kind.lower():
       return tflops * 1e12 * len(devices)
-  # Fake CPU devices share one host's cores: the host's matmul rate is the job's peak.
+  # CPUs: the host's measured matmul rate, times the hosts.
   return measured_peak_flops(dtype) * jax.process_count()
 
 
