@@ -50,6 +50,29 @@ def test_loss_counts_only_targets_within_a_sentence():
                              float(nll), rtol=1e-6)
 
 
+def test_state_is_sharded_as_declared_and_donated(tiny_config):
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from lvm_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  c = tiny_config
+  c.mesh.ici = dict(data=2, fsdp=2, tensor=2)
+  mesh = sharding.make_mesh(c.mesh)
+  b = train.build(c, mesh)
+  batch_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec(c.rules))
+  with jax.set_mesh(mesh), sharding.axis_rules(c.rules):
+    state = jax.jit(b["init"], out_shardings=b["state_shardings"])(jax.random.key(0))
+    wq = state["params"]["layers"]["wq"]
+    assert wq.sharding.spec == P(None, "fsdp", "tensor", None)
+    adam = state["opt_state"][1][0]
+    assert adam.mu["layers"]["wq"].sharding.spec == wq.sharding.spec
+    assert adam.nu["lm_head"].sharding.spec == P("fsdp", "tensor")
+    local = next(synthetic.make_iterator(c, sharding.local_rows(batch_sharding, c.global_batch)))
+    batch = sharding.global_batch_array(local, batch_sharding, (c.global_batch, c.seq_len))
+    assert batch["tokens"].sharding.spec == P(("data", "fsdp"), None)
+    new_state, _ = train.jit_train_step(c, b, batch_sharding)(state, batch)
+  assert wq.is_deleted()  # donated: the step updated the state in place
+  assert new_state["params"]["layers"]["wq"].sharding == wq.sharding
+
+
 def test_loss_falls_and_metrics_are_logged(tiny_config, tmp_path):
   c = tiny_config
   c.steps = 30
