@@ -21,7 +21,6 @@ setup(
         "tensorstore>=0.1.70",
         "grain>=0.2.12",
         "ml_collections>=1.0",
-        "tensorflow-datasets>=4.9.7",
         "numpy>=1.26",
         "absl-py>=2.1",
         "tensorboardX>=2.6",

@@ -35,11 +35,10 @@ def _time(fn, warmup: int, reps: int) -> float:
 def jax_step_time(c, batch: dict, warmup: int, reps: int) -> float:
   mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
   b = train.build(c, mesh)
-  batch_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec(c.rules))
   with jax.set_mesh(mesh), sharding.axis_rules(c.rules):
     state = jax.jit(b["init"], out_shardings=b["state_shardings"])(jax.random.key(0))
-    step = train.jit_train_step(c, b, batch_sharding)
-    batch = {k: jax.device_put(jnp.asarray(v), batch_sharding) for k, v in batch.items()}
+    step = train.jit_train_step(c, b)
+    batch = {k: jax.device_put(jnp.asarray(v), b["batch_sharding"]) for k, v in batch.items()}
     box = [state]
 
     def run():
@@ -96,7 +95,7 @@ def main() -> None:
   t_jax = jax_step_time(c, batch, warmup=2, reps=args.reps)
   t_torch = torch_step_time(c, tokens, warmup=1, reps=args.reps)
   peak = metrics.measured_peak_flops("float32")
-  flops = metrics.train_flops_per_token(c.model, c.seq_len) * args.batch * args.seq
+  flops = metrics.train_flops_per_step(c.model, c.seq_len, args.batch)
   n_tok = args.batch * args.seq
   print(f"config: d_model {args.d_model}, {args.layers} layers, seq {args.seq}, batch {args.batch}, fp32, "
         f"{os.cpu_count()} CPU cores, jax {jax.__version__}")

@@ -9,7 +9,8 @@ STAMP="$VENV/.installed"
 if [ ! -f "$STAMP" ] || [ setup.py -nt "$STAMP" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
-  # The CPU build first: a looser torch requirement would pull a multi-GB CUDA build.
+  # torch first, pinned: 2.13.0 is the CPU build these machines keep on disk; a looser spec
+  # (or the bare `torch` of the extra) would pull a multi-GB CUDA build.
   "$VENV/bin/pip" install -q torch==2.13.0
   "$VENV/bin/pip" install -q -e ".[tpu,torch,dev]"
   touch "$STAMP"

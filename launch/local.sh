@@ -2,15 +2,23 @@
 # N local processes on CPU devices, joined through jax.distributed (gloo on 127.0.0.1): the
 # multi-host code path on one machine.
 #   bash launch/local.sh NPROC DEVICES_PER_PROC -- python -m lvm_jax.train --config C --workdir W
-set -euo pipefail
+# Ctrl-C or SIGTERM reaches every process (SIGTERM: each saves a checkpoint and exits); if one
+# process fails, the others are stopped instead of waiting forever for it in a collective.
+set -uo pipefail
 nproc=$1; devices=$2; shift 2; [ "${1:-}" = "--" ] && shift
 port=${PORT:-$((20000 + RANDOM % 20000))}
 pids=()
+stop() { kill -TERM "${pids[@]}" 2>/dev/null; }
+trap 'stop; wait; exit 143' INT TERM
 for ((i = 0; i < nproc; i++)); do
   JAX_PLATFORMS=cpu "$@" --coordinator_address="127.0.0.1:$port" --num_processes="$nproc" \
     --process_id="$i" --cpu_devices="$devices" &
   pids+=($!)
 done
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+while [ ${#pids[@]} -gt 0 ]; do
+  wait -n -p done_pid "${pids[@]}"; rc=$?
+  left=(); for p in "${pids[@]}"; do [ "$p" != "$done_pid" ] && left+=("$p"); done; pids=("${left[@]}")
+  if [ $rc -ne 0 ] && [ $status -eq 0 ]; then status=$rc; stop; fi
+done
 exit $status

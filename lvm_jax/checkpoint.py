@@ -1,8 +1,8 @@
 """Orbax checkpoints of the train state and the data iterator, saved together in one step.
 
-Saves are asynchronous: the step loop goes on while arrays are written. A step directory
-becomes visible only once complete (orbax writes to a temporary name and renames), so a
-killed job restarts from the last whole checkpoint.
+Saves are asynchronous: the step loop goes on while arrays are written. A step counts only
+once complete (orbax writes to a temporary name and renames on local disks, and marks the step
+committed on gs://), so a killed job restarts from the last whole checkpoint.
 """
 
 import os

@@ -15,6 +15,8 @@ from typing import Callable
 import jax
 from absl import app, flags, logging
 
+from lvm_jax import checkpoint, config, sharding
+
 _env_int = lambda name: int(os.environ[name]) if name in os.environ else None
 _COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
                                    "host:port of process 0.")
@@ -25,8 +27,10 @@ _AUTO = flags.DEFINE_bool("distributed", None,
                           "Let JAX detect the cluster (default: on for TPU VMs, off elsewhere).")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "CPU devices per process (for testing).")
 
-# Errors that mean "the input is wrong", reported as one line instead of a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, PermissionError, FileNotFoundError)
+# Errors that mean "the input is wrong", reported as one line instead of a traceback; anything
+# else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (config.ConfigError, sharding.MeshError,
+                                                checkpoint.CheckpointError, PermissionError)
 
 
 def _fail(prog: str, message: str) -> None:

@@ -30,7 +30,8 @@ def topology_name(topology: str) -> tuple[str, str]:
     return topology.split(":")[0], topology
   gen, _, size = topology.partition("-")
   if gen not in HBM_GIB or not size.isdigit():
-    raise ValueError(f"--topology={topology!r}: expected e.g. v5p-128, v5e-16, v4-8, v6e-64 or v5p:4x4x4")
+    raise config_lib.ConfigError(
+        f"--topology={topology!r}: expected e.g. v5p-128, v5e-16, v4-8, v6e-64 or v5p:4x4x4")
   chips = int(size) // 2 if gen in _THREE_D else int(size)
   dims = [2, 2, 1] if gen in _THREE_D else [1, 1]  # the smallest 3D slice is one 2x2x1 host
   while math.prod(dims) < chips:
@@ -38,7 +39,7 @@ def topology_name(topology: str) -> tuple[str, str]:
     last = max(i for i, d in enumerate(dims) if d == smallest)
     dims[last] *= 2
   if math.prod(dims) != chips:
-    raise ValueError(f"--topology={topology!r}: {chips} chips is not a power of two")
+    raise config_lib.ConfigError(f"--topology={topology!r}: {chips} chips is not a power of two")
   return gen, f"{gen}:{'x'.join(map(str, dims))}"
 
 
@@ -51,16 +52,15 @@ def compile_train_step(c: Any, topology: str, num_slices: int = 1) -> Any:
     devices = topologies.get_topology_desc(topology_name=name, platform="tpu",
                                            num_slices=num_slices).devices
   except Exception as e:  # pylint: disable=broad-except
-    raise RuntimeError(f"cannot get TPU topology {name} (is libtpu installed? pip install -e .[tpu]): "
-                       f"{str(e).splitlines()[0]}") from None
+    raise config_lib.ConfigError(f"cannot get TPU topology {name} (is libtpu installed? pip install "
+                                 f"-e .[tpu]): {str(e).splitlines()[0]}") from None
   mesh = sharding.make_mesh(c.mesh, devices)
   sharding.check_batch(c.global_batch, c.grad_accum, mesh, c.rules)
   b = train.build(c, mesh)
-  batch_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec(c.rules))
-  batch = {k: jax.ShapeDtypeStruct((c.global_batch, c.seq_len), jnp.int32, sharding=batch_sharding)
+  batch = {k: jax.ShapeDtypeStruct((c.global_batch, c.seq_len), jnp.int32, sharding=b["batch_sharding"])
            for k in ("tokens", "segment_ids", "positions", "loss_mask")}
   with jax.set_mesh(mesh), sharding.axis_rules(c.rules):
-    lowered = train.jit_train_step(c, b, batch_sharding).lower(b["abstract_state"], batch)
+    lowered = train.jit_train_step(c, b).lower(b["abstract_state"], batch)
     return lowered.compile(), mesh, b
 
 
@@ -73,7 +73,7 @@ def report(c: Any, topology: str, num_slices: int = 1) -> dict:
   args, out, temp = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes
   total = args + out + temp - mem.alias_size_in_bytes  # donated state is counted once
   chips = mesh.devices.size
-  model_flops = metrics.train_flops_per_token(b["model_cfg"], c.seq_len) * c.global_batch * c.seq_len
+  model_flops = metrics.train_flops_per_step(b["model_cfg"], c.seq_len, c.global_batch)
   r = dict(topology=name, chips=chips, mesh=dict(mesh.shape), arguments_gib=args / gib,
            temporaries_gib=temp / gib, total_gib=total / gib, hbm_gib=HBM_GIB[gen],
            model_flops_per_chip=model_flops / chips)

@@ -96,6 +96,8 @@ def validate(c: Any) -> None:
   _check(m.attention in attention.IMPLEMENTATIONS,
          f"model.attention={m.attention!r}: expected one of {attention.IMPLEMENTATIONS}")
   _check(c.seq_len > 1, f"seq_len={c.seq_len} must be > 1")
+  _check(c.tokens_per_image >= 0, f"tokens_per_image={c.tokens_per_image} must be >= 0 (0: no image grid)")
+  _check(c.log_every >= 1, f"log_every={c.log_every} must be >= 1")
   if c.tokens_per_image:
     _check(c.seq_len % c.tokens_per_image == 0,
            f"seq_len={c.seq_len} is not a multiple of tokens_per_image={c.tokens_per_image}")

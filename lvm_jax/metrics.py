@@ -1,8 +1,8 @@
 """Training metrics: stdout, metrics.jsonl, TensorBoard, and model FLOPs utilization.
 
-MFU counts model FLOPs only (forward + backward matmuls and causal attention, no remat
-recompute), the convention of MaxText and the PaLM paper, over the devices' peak: a table for
-TPUs and GPUs, a measured matmul rate on CPUs.
+MFU counts model FLOPs only (forward + backward matmuls, no remat recompute, as in the PaLM
+paper) with causal attention counted at half the full product (MaxText's convention), over the
+devices' peak: a table for TPUs and GPUs, a measured matmul rate on CPUs.
 """
 
 import json
@@ -26,6 +26,10 @@ def train_flops_per_token(m: Any, seq_len: int) -> float:
   matmul_params = n * (4 * d * d + 3 * d * f) + d * v  # the embedding gather is no matmul
   attention = 6 * n * seq_len * d  # 12 L D per layer, halved by the causal mask
   return 6.0 * matmul_params + attention
+
+
+def train_flops_per_step(m: Any, seq_len: int, global_batch: int) -> float:
+  return train_flops_per_token(m, seq_len) * seq_len * global_batch
 
 
 def measured_peak_flops(dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:
@@ -62,6 +66,14 @@ def peak_flops_total(peak_tflops_per_device: float, dtype: str) -> float:
   return measured_peak_flops(dtype) * jax.process_count()
 
 
+def _step_of(line: str) -> float:
+  """A row's step; a line torn by a kill mid-write counts as past every checkpoint."""
+  try:
+    return json.loads(line)["step"]
+  except (ValueError, KeyError, TypeError):
+    return float("inf")
+
+
 class Writer:
   """One JSON object per logged step in workdir/metrics.jsonl, plus TensorBoard scalars.
 
@@ -76,7 +88,7 @@ class Writer:
     self.path = epath.Path(workdir) / "metrics.jsonl"
     self.local = "://" not in workdir
     old = self.path.read_text().splitlines() if self.path.exists() else []
-    self.lines = [line for line in old if line.strip() and json.loads(line)["step"] <= resume_step]
+    self.lines = [line for line in old if _step_of(line) <= resume_step]
     if len(self.lines) != len(old):
       self._rewrite()
     # Local files are appended to; objects in a bucket cannot be, so they are rewritten whole.

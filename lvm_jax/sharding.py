@@ -75,7 +75,8 @@ def axis_rules(rules: Rules) -> Iterator[None]:
 
 
 def logical_to_spec(axes: Sequence[Optional[str]], rules: Rules) -> P:
-  """('batch', 'length', 'embed') -> P(('data', 'fsdp'), None, 'fsdp'), each mesh axis used once."""
+  """Logical names -> PartitionSpec, each mesh axis used at most once per array: with the default
+  rules ('batch', 'length', 'embed') -> P(('data', 'fsdp'), None, None), since batch took fsdp."""
   table = dict(rules)
   used: set[str] = set()
   spec = []

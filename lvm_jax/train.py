@@ -98,15 +98,16 @@ def build(c: Any, mesh: jax.sharding.Mesh) -> dict:
   state_shardings = sharding.named(mesh, state_specs)
   return dict(model_cfg=model_cfg, graphdef=graphdef, tx=tx, init=init,
               abstract_state=checkpoint.abstract_like(abstract_state, state_shardings),
-              state_shardings=state_shardings)
+              state_shardings=state_shardings,
+              batch_sharding=jax.sharding.NamedSharding(mesh, sharding.batch_spec(c.rules)))
 
 
-def jit_train_step(c: Any, b: dict, batch_sharding: jax.sharding.Sharding) -> Any:
+def jit_train_step(c: Any, b: dict) -> Any:
   """The sharded step: state in and out on its shardings, donated so it is updated in place."""
   return jax.jit(
       functools.partial(train_step, graphdef=b["graphdef"], tx=b["tx"], grad_accum=c.grad_accum,
                         z_loss=c.optim.z_loss, lr_schedule=optim.schedule(c)),
-      in_shardings=(b["state_shardings"], batch_sharding),
+      in_shardings=(b["state_shardings"], b["batch_sharding"]),
       out_shardings=(b["state_shardings"], None),
       donate_argnums=0)
 
@@ -134,8 +135,16 @@ class Preemption:
   def __init__(self, stop_at: int | None = None):
     self.requested = False
     self.stop_at = stop_at
+    self.previous = None
+
+  def __enter__(self) -> "Preemption":
     if jax.process_count() == 1:
-      signal.signal(signal.SIGTERM, self._handle)
+      self.previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    if self.previous is not None:
+      signal.signal(signal.SIGTERM, self.previous)
 
   def _handle(self, *_: Any) -> None:
     self.requested = True
@@ -164,7 +173,7 @@ def train(c: Any, workdir: str, stop_at: int | None = None) -> dict:
   mesh = sharding.make_mesh(c.mesh)
   sharding.check_batch(c.global_batch, c.grad_accum, mesh, c.rules)
   b = build(c, mesh)
-  batch_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec(c.rules))
+  batch_sharding = b["batch_sharding"]
   data_module = importlib.import_module(f"lvm_jax.data.{c.data.name}")
   data_iter = data_module.make_iterator(c, sharding.local_rows(batch_sharding, c.global_batch))
 
@@ -178,12 +187,15 @@ def train(c: Any, workdir: str, stop_at: int | None = None) -> dict:
       init = jax.jit(b["init"], out_shardings=b["state_shardings"])
       state, start = init(jax.random.key(c.seed)), 0
 
-    step_fn = jit_train_step(c, b, batch_sharding)
+    step_fn = jit_train_step(c, b)
 
-    flops_per_step = metrics.train_flops_per_token(b["model_cfg"], c.seq_len) * c.global_batch * c.seq_len
+    if stop_at is not None and start >= stop_at:
+      print(f"step {start} already reaches --stop_at={stop_at}: nothing to do", flush=True)
+      return state
+    flops_per_step = metrics.train_flops_per_step(b["model_cfg"], c.seq_len, c.global_batch)
     peak = metrics.peak_flops_total(c.peak_tflops, c.model.dtype)
-    preemption = Preemption(stop_at)
-    with metrics.Writer(workdir, enabled=jax.process_index() == 0, resume_step=start) as writer:
+    with metrics.Writer(workdir, enabled=jax.process_index() == 0, resume_step=start) as writer, \
+        Preemption(stop_at) as preemption:
       pending, clock, step = None, (time.perf_counter(), start), start
       for step, batch in zip(range(start + 1, c.steps + 1), batches(c, data_iter, batch_sharding)):
         state, step_metrics = step_fn(state, batch)

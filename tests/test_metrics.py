@@ -15,10 +15,6 @@ def test_train_flops_are_six_per_matmul_param_plus_causal_attention():
   assert metrics.train_flops_per_token(cfg, c.seq_len) == expected
 
 
-def test_measured_peak_is_positive_on_all_devices():
-  assert metrics.measured_peak_flops(n=256, reps=1) > 1e8
-
-
 def test_writer_drops_rows_past_the_resumed_step(tmp_path):
   with metrics.Writer(str(tmp_path)) as w:
     for step in (1, 2, 3):

@@ -57,7 +57,7 @@ def test_state_is_sharded_as_declared_and_donated(tiny_config):
   c.mesh.ici = dict(data=2, fsdp=2, tensor=2)
   mesh = sharding.make_mesh(c.mesh)
   b = train.build(c, mesh)
-  batch_sharding = jax.sharding.NamedSharding(mesh, sharding.batch_spec(c.rules))
+  batch_sharding = b["batch_sharding"]
   with jax.set_mesh(mesh), sharding.axis_rules(c.rules):
     state = jax.jit(b["init"], out_shardings=b["state_shardings"])(jax.random.key(0))
     wq = state["params"]["layers"]["wq"]
@@ -68,7 +68,7 @@ def test_state_is_sharded_as_declared_and_donated(tiny_config):
     local = next(synthetic.make_iterator(c, sharding.local_rows(batch_sharding, c.global_batch)))
     batch = sharding.global_batch_array(local, batch_sharding, (c.global_batch, c.seq_len))
     assert batch["tokens"].sharding.spec == P(("data", "fsdp"), None)
-    new_state, _ = train.jit_train_step(c, b, batch_sharding)(state, batch)
+    new_state, _ = train.jit_train_step(c, b)(state, batch)
   assert wq.is_deleted()  # donated: the step updated the state in place
   assert new_state["params"]["layers"]["wq"].sharding == wq.sharding
 
@@ -77,6 +77,7 @@ def test_loss_falls_and_metrics_are_logged(tiny_config, tmp_path):
   c = tiny_config
   c.steps = 30
   c.mesh.ici = dict(data=2, fsdp=2, tensor=2)  # every mesh axis in use
+  c.peak_tflops = 0.0  # measure the host's peak, as a CPU run does
   train.train(c, str(tmp_path))
   rows = _metrics(tmp_path)
   assert [r["step"] for r in rows] == list(range(1, 31))
@@ -85,17 +86,22 @@ def test_loss_falls_and_metrics_are_logged(tiny_config, tmp_path):
   first, last = np.mean([r["loss"] for r in rows[:3]]), np.mean([r["loss"] for r in rows[-3:]])
   assert first > np.log(c.model.vocab_size) - 0.5  # starts near uniform
   assert last < first - 1.5, (first, last)
+  # MFU is a fraction of a measured peak (all 8 fake devices share the host's cores).
+  assert all(0 < r["mfu"] < 1 for r in rows[1:]), [r["mfu"] for r in rows]
   assert os.listdir(tmp_path / "tensorboard")
   assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()) == [24, 28, 30]
 
 
 def test_resume_is_exact(tiny_config, tmp_path):
-  """8 steps straight == 4 steps, stop, restart, 4 more: same losses and parameters."""
+  """12 steps straight == 4 steps, stop, restart, 8 more: same losses and parameters."""
   straight = train.train(tiny_config, str(tmp_path / "a"))
   train.train(tiny_config, str(tmp_path / "b"), stop_at=4)
   assert [r["step"] for r in _metrics(tmp_path / "b")] == [1, 2, 3, 4]
   with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # logged after the checkpoint, then killed
     f.write(json.dumps({"step": 5, "loss": -1.0}) + "\n")
+  again = train.train(tiny_config, str(tmp_path / "b"), stop_at=4)  # a rerun of a finished budget
+  assert int(again["step"]) == 4 and [r["step"] for r in _metrics(tmp_path / "b")][-1] == 5
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the trainer put it back
   resumed = train.train(tiny_config, str(tmp_path / "b"))
   a, b = _metrics(tmp_path / "a"), _metrics(tmp_path / "b")
   assert [r["step"] for r in b] == list(range(1, 13))

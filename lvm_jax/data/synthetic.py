@@ -15,6 +15,8 @@ from typing import Any, Iterator
 import grain
 import numpy as np
 
+from lvm_jax import config as config_lib
+
 
 def make_row(index: int, seq_len: int, tokens_per_image: int, codes: int,
              images: tuple[int, int], seed: int) -> dict[str, np.ndarray]:
@@ -45,6 +47,8 @@ def make_iterator(c: Any, rows: np.ndarray) -> Iterator[dict]:
 
   Its state (get_state/set_state) is checkpointed with the train state.
   """
+  if c.tokens_per_image <= 0:
+    raise config_lib.ConfigError(f"tokens_per_image={c.tokens_per_image}: synthetic images need > 0 tokens")
   d = c.data
   global_batch = c.global_batch
   local = len(rows)

@@ -106,7 +106,9 @@ class Model(nnx.Module):
     stacked = {k: v[...] for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)}
     x_BLD, _ = jax.lax.scan(layer, x_BLD, stacked)
     x_BLD = rms_norm(x_BLD, self.final_norm[...], cfg.norm_eps)
-    logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, self.lm_head[...].astype(dtype))
+    # fp32 logits even from bf16 activations: the cross-entropy must not see rounded logits.
+    logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, self.lm_head[...].astype(dtype),
+                            preferred_element_type=jnp.float32)
     return sharding.constrain(logits_BLV, ("batch", "length", "vocab"))
 
 
@@ -146,7 +148,8 @@ def decoder_layer(
 
 def remat(fn, policy: str):
   """none: keep every activation; full: keep only layer inputs (least memory, ~1/3 more compute);
-  dots: keep matmul outputs, recompute the cheap elementwise ops."""
+  dots: keep the outputs of matmuls without batch dimensions (the projections), recompute the
+  attention scores and the elementwise ops."""
   if policy == "none":
     return fn
   policies = {"full": jax.checkpoint_policies.nothing_saveable,

@@ -20,9 +20,13 @@ def test_rows_are_packed_sentences_with_the_shift_structure(tiny_config):
 
 def test_rows_depend_only_on_their_global_index(tiny_config):
   c = tiny_config
-  whole = next(synthetic.make_iterator(c, np.arange(8)))
-  half = next(synthetic.make_iterator(c, np.arange(4, 8)))  # the second process's rows
-  np.testing.assert_array_equal(whole["tokens"][4:], half["tokens"])
+  whole, half = synthetic.make_iterator(c, np.arange(8)), synthetic.make_iterator(c, np.arange(4, 8))
+  for step in range(3):  # the second process's rows, step after step
+    w, h = next(whole), next(half)
+    np.testing.assert_array_equal(w["tokens"][4:], h["tokens"])
+    expected = synthetic.make_row(step * c.global_batch + 5, c.seq_len, c.tokens_per_image, c.data.codes,
+                                  tuple(c.data.images_per_sentence), c.seed)
+    np.testing.assert_array_equal(h["tokens"][1], expected["tokens"])
 
 
 def test_iterator_state_restores_exactly(tiny_config):

@@ -61,12 +61,13 @@ def test_gradients_match_float64_reference_through_chunks():
     grads = jax.grad(loss, argnums=(0, 1, 2))(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)))
   eps = 1e-6  # central differences of the float64 reference
   ref = lambda q, k, v: np.sum(_reference(q, k, v, True, seg, None) * cot)
-  for which, g in enumerate(grads):
-    idx = (1, 7, 1, 2)
-    up, down = [a.copy() for a in (q, k, v)], [a.copy() for a in (q, k, v)]
-    up[which][idx] += eps
-    down[which][idx] -= eps
-    np.testing.assert_allclose(float(g[idx]), (ref(*up) - ref(*down)) / (2 * eps), rtol=1e-3, atol=1e-5)
+  # Both rows, both sentences of row 0, and both sides of its boundary (positions 5 and 6).
+  for idx in ((0, 2, 0, 1), (0, 5, 1, 3), (0, 6, 0, 0), (0, 10, 1, 2), (1, 7, 1, 2), (1, 0, 0, 3)):
+    for which, g in enumerate(grads):
+      up, down = [a.copy() for a in (q, k, v)], [a.copy() for a in (q, k, v)]
+      up[which][idx] += eps
+      down[which][idx] -= eps
+      np.testing.assert_allclose(float(g[idx]), (ref(*up) - ref(*down)) / (2 * eps), rtol=1e-3, atol=1e-5)
 
 
 def test_bad_inputs_name_the_problem():
