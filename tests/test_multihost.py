@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -30,3 +31,22 @@ def test_two_processes_match_one(tmp_path):
   # Each process wrote its own data-iterator state next to the shared arrays.
   data_dir = tmp_path / "two" / "checkpoints" / "6" / "data"
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(data_dir))
+
+
+def test_sigterm_stops_both_processes_at_one_checkpoint(tmp_path):
+  """The JAX coordinator makes both processes agree on the step they save at."""
+  cmd = ["bash", os.path.join(REPO, "launch/local.sh"), "2", "2", "--", sys.executable, "-m",
+         "lvm_jax.train", "--config", "configs/lvm_tiny.py:test", f"--workdir={tmp_path}",
+         "--config.steps=100000", "--config.log_every=1", "--config.ckpt_every=0"]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, XLA_FLAGS=""), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  lines = []
+  for line in proc.stdout:
+    lines.append(line)
+    if line.startswith("step 3:"):
+      proc.send_signal(signal.SIGTERM)  # the launcher forwards it to both processes
+      break
+  lines += proc.communicate(timeout=120)[0].splitlines()
+  saved = [line.split("saved step ")[1].split()[0] for line in lines if "saved step" in line]
+  assert len(saved) == 2 and saved[0] == saved[1], lines[-20:]
+  assert os.listdir(tmp_path / "checkpoints") == [saved[0]]
