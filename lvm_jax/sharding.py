@@ -115,7 +115,8 @@ def _path_key(path: tuple) -> tuple:
 
 def tree_specs_like(tree: Any, params: Any, param_specs_tree: Any) -> Any:
   """Specs for a tree that embeds copies of the params (optimizer moments): a leaf whose path
-  ends with a parameter's path and has its shape gets that parameter's spec; others replicate."""
+  ends with a parameter's path and has its shape gets that parameter's spec; scalars (step
+  counts) replicate. Any other array is an error rather than a silently replicated state."""
   by_path = {}
   for (path, leaf), spec in zip(jax.tree_util.tree_flatten_with_path(params)[0],
                                 jax.tree.leaves(param_specs_tree, is_leaf=lambda x: isinstance(x, P)),
@@ -128,6 +129,9 @@ def tree_specs_like(tree: Any, params: Any, param_specs_tree: Any) -> Any:
       hit = by_path.get(key[start:])
       if hit is not None and hit[0] == leaf.shape:
         return hit[1]
+    if leaf.ndim:
+      raise ValueError(f"optimizer state {'/'.join(key)} {leaf.shape} matches no parameter: "
+                       "give it a sharding rule in sharding.tree_specs_like")
     return P()
 
   return jax.tree_util.tree_map_with_path(spec_of, tree)

@@ -49,6 +49,9 @@ def test_param_and_optimizer_specs_follow_the_params():
   mu = opt_specs[0].mu
   assert mu["layers"]["wq"] == specs["layers"]["wq"] and mu["lm_head"] == specs["lm_head"]
   assert opt_specs[0].count == P()
+  stray = {"moments": params, "factored_row": jax.ShapeDtypeStruct((7,), np.float32)}
+  with pytest.raises(ValueError, match="factored_row .* matches no parameter"):
+    sharding.tree_specs_like(stray, params, specs)
 
 
 def test_batch_divisibility_error_names_the_numbers():
