@@ -41,3 +41,13 @@ def test_7b_at_seq_4096_fits_a_v5p_128():
   assert c.seq_len == 4096
   r = compile_lib.report(c, "v5p-128")
   assert r["chips"] == 64 and r["total_gib"] < r["hbm_gib"]
+
+
+@needs_libtpu
+def test_two_slices_put_the_dcn_axis_across_slices():
+  c = load_config("lvm_tiny")
+  c.mesh.dcn.data = 2
+  _, mesh, _ = compile_lib.compile_train_step(c, "v5e-4", num_slices=2)
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  for i in range(2):  # each index of the data axis is one whole slice
+    assert {d.slice_index for d in mesh.devices[i].flat} == {i}
