@@ -14,6 +14,7 @@ from typing import Callable
 
 import jax
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from lvm_jax import checkpoint, config, sharding
 
@@ -38,16 +39,41 @@ def _fail(prog: str, message: str) -> None:
   sys.exit(2)
 
 
+def _config_error(argv: list[str], e: Exception) -> None:
+  """One line for a config that does not load or an override that does not apply."""
+  if isinstance(e, OSError):
+    _fail(argv[0], f"cannot load --config: {' '.join(str(e).split())}")
+  # ml_collections names only the last part of an unknown key: find the override it came from.
+  key = str(e).strip("\"' ")
+  culprit = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0]]
+  _fail(argv[0], f"unknown config key in {culprit[0]}" if culprit else f"bad --config: {key}")
+
+
+_CONFIG_ERRORS = (AttributeError, KeyError, ValueError, OSError)
+
+
+def define_config(default: str | None = None) -> flags.FlagHolder:
+  """--config=FILE[:ARG] (a get_config(arg) file) with --config.key=value overrides; unknown
+  keys are errors. With a default, ml_collections applies the overrides right here."""
+  try:
+    return config_flags.DEFINE_config_file("config", default, "Experiment config file.", lock_config=True)
+  except _CONFIG_ERRORS as e:
+    _config_error(sys.argv, e)
+    raise
+
+
 def _parse(argv: list[str]) -> list[str]:
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
+    if "config" in flags.FLAGS and flags.FLAGS.config is not None:
+      flags.FLAGS.config.keys()  # a config that failed to load raises only when used: use it here
+    return rest
   except flags.Error as e:
-    _fail(argv[0], str(e))
-  except (AttributeError, KeyError, ValueError) as e:
-    # ml_collections raises these for --config.<unknown key>, naming only the last key part.
-    key = str(e).strip("\"' ")
-    culprit = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0]]
-    _fail(argv[0], f"unknown config key in {culprit[0] if culprit else key}")
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    # A config file that raised arrives with its traceback: keep the flag and the error.
+    _fail(argv[0], lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}")
+  except _CONFIG_ERRORS as e:
+    _config_error(argv, e)
   return []
 
 

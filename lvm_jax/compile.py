@@ -13,7 +13,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from absl import flags
-from ml_collections import config_flags
 
 from lvm_jax import cli, config as config_lib, metrics, sharding, train
 
@@ -89,7 +88,7 @@ def report(c: Any, topology: str, num_slices: int = 1) -> dict:
 
 
 def cli_main() -> None:
-  config = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  config = cli.define_config()
   topology = flags.DEFINE_string("topology", None, "TPU slice, e.g. v5p-128, v5e-16, v5p:4x4x4.")
   slices = flags.DEFINE_integer("num_slices", 1, "Slices joined over DCN (config.mesh.dcn).")
   cli.run(lambda _: report(config.value, topology.value, slices.value), required=["config", "topology"])

@@ -11,7 +11,6 @@ import math
 import os
 
 from absl import flags
-from ml_collections import config_flags
 
 from lvm_jax import cli, train
 
@@ -41,8 +40,7 @@ def demo(c, workdir: str) -> None:
 
 
 def cli_main() -> None:
-  config = config_flags.DEFINE_config_file("config", os.path.join(_CONFIGS, "lvm_tiny.py"),
-                                           "Experiment config file.", lock_config=True)
+  config = cli.define_config(os.path.join(_CONFIGS, "lvm_tiny.py"))
   workdir = flags.DEFINE_string("workdir", "workdir/demo", "Where the demo writes everything.")
   cli.run(lambda _: demo(config.value, workdir.value), required=[])
 

@@ -19,7 +19,6 @@ from absl import flags
 from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
-from ml_collections import config_flags
 
 from lvm_jax import checkpoint, cli, config as config_lib, metrics, optim, sharding
 from lvm_jax.models import transformer
@@ -237,7 +236,7 @@ def _log(writer: metrics.Writer, step: int, m: dict, clock: tuple[float, int], f
 
 
 def cli_main() -> None:
-  config = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+  config = cli.define_config()
   workdir = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard go here.")
   stop_at = flags.DEFINE_integer("stop_at", None, "Save and exit after this step (a job's budget).")
   cli.run(lambda _: train(config.value, workdir.value, stop_at.value), required=["config", "workdir"])
