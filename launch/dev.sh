@@ -15,9 +15,11 @@ if [ ! -f "$STAMP" ] || [ setup.py -nt "$STAMP" ]; then
   "$VENV/bin/pip" install -q -e ".[tpu,torch,dev]"
   touch "$STAMP"
 fi
+# libtpu (the tpu extra, for AOT compiles) probes noisily for TPUs on machines that have none.
+if ! ls /dev/accel* /dev/vfio/[0-9]* >/dev/null 2>&1; then export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}; fi
 cmd=${1:-}; shift || true
 case "$cmd" in
   demo) exec "$VENV/bin/python" -m lvm_jax.demo --workdir "${1:-workdir/demo}" ;;
-  test) JAX_PLATFORMS=cpu exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests "$@" ;;
+  test) exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests "$@" ;;
   *) echo "usage: bash launch/dev.sh demo [WORKDIR] | test [PYTEST ARGS]" >&2; exit 2 ;;
 esac
