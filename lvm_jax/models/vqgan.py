@@ -1,0 +1,235 @@
+"""VQGAN image tokenizer in Flax NNX, by default the f16 / 8192-code amused (open-muse) network.
+
+Dimension letters: B batch, H W image size, h w token grid, C channels, D code dim, K codes.
+
+The default `Config` is the tokenizer the released LVM checkpoints were trained on (open-muse
+`VQGANModel`, = diffusers `VQModel` of amused): hidden 128, channel_mult (1, 2, 2, 4, 6), 2 res
+blocks per encoder level and 3 per decoder level, no attention, z/code dim 64, 8192 codes,
+GroupNorm(32, eps 1e-6) + SiLU, pad (0,1,0,1) + 3x3 stride-2 VALID downsampling, nearest x2 +
+3x3 upsampling, inputs in [0, 1], outputs clamped to [0, 1]. Module and parameter names follow
+diffusers' `VQModel` (encoder.down_blocks.0.resnets.1.conv1, ...), so convert/vqgan_torch.py is a
+rename and transpose table.
+
+The quantizer measures distances and takes the argmin in fp32 whatever the backbone's dtype:
+with 8192 codes, bf16 distances flip a visible share of the tokens.
+"""
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  hidden: int = 128
+  channel_mult: tuple[int, ...] = (1, 2, 2, 4, 6)
+  encoder_blocks: int = 2  # res blocks per encoder level; the decoder has one more
+  z_channels: int = 64  # = code dim (amused has no separate quantized_embed_dim)
+  codes: int = 8192
+  groups: int = 32  # GroupNorm groups
+  beta: float = 0.25  # commitment weight, on the encoder term (taming's "legacy" placement is a bug)
+  l2_codes: bool = False  # l2-normalise latents and codes before the lookup (ViT-VQGAN)
+  dtype: str = "float32"  # backbone compute dtype; params and the quantizer stay fp32
+
+  @property
+  def channels(self) -> tuple[int, ...]:
+    return tuple(self.hidden * m for m in self.channel_mult)
+
+  @property
+  def factor(self) -> int:
+    """Downsampling factor: one halving between consecutive levels."""
+    return 2 ** (len(self.channel_mult) - 1)
+
+
+def _conv(cin: int, cout: int, k: int, rngs: nnx.Rngs, dtype: str, stride: int = 1,
+          padding: str | tuple = "SAME") -> nnx.Conv:
+  pad = ((k // 2, k // 2),) * 2 if padding == "SAME" else padding
+  return nnx.Conv(cin, cout, (k, k), strides=(stride, stride), padding=pad, dtype=jnp.dtype(dtype),
+                  rngs=rngs)
+
+
+class ResnetBlock(nnx.Module):
+  """GN -> SiLU -> conv3x3 -> GN -> SiLU -> conv3x3, plus x (1x1 conv when channels change)."""
+
+  def __init__(self, cin: int, cout: int, cfg: Config, rngs: nnx.Rngs):
+    self.norm1 = nnx.GroupNorm(cin, num_groups=cfg.groups, epsilon=1e-6, rngs=rngs)
+    self.conv1 = _conv(cin, cout, 3, rngs, cfg.dtype)
+    self.norm2 = nnx.GroupNorm(cout, num_groups=cfg.groups, epsilon=1e-6, rngs=rngs)
+    self.conv2 = _conv(cout, cout, 3, rngs, cfg.dtype)
+    self.conv_shortcut = _conv(cin, cout, 1, rngs, cfg.dtype) if cin != cout else None
+
+  def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+    h = self.conv1(jax.nn.silu(_norm(self.norm1, x_BHWC)))
+    h = self.conv2(jax.nn.silu(_norm(self.norm2, h)))
+    skip = x_BHWC if self.conv_shortcut is None else self.conv_shortcut(x_BHWC)
+    return skip + h
+
+
+def _norm(norm: nnx.GroupNorm, x: jax.Array) -> jax.Array:
+  """GroupNorm statistics in fp32 (bf16 variances lose too much), output in the input dtype."""
+  return norm(x.astype(jnp.float32)).astype(x.dtype)
+
+
+class Resample(nnx.Module):
+  """Downsample: pad right/bottom by one, 3x3 stride 2 VALID. Upsample: nearest x2, 3x3."""
+
+  def __init__(self, ch: int, down: bool, cfg: Config, rngs: nnx.Rngs):
+    self.down = down
+    self.conv = _conv(ch, ch, 3, rngs, cfg.dtype, stride=2 if down else 1,
+                      padding="VALID" if down else "SAME")
+
+  def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+    if self.down:
+      return self.conv(jnp.pad(x_BHWC, ((0, 0), (0, 1), (0, 1), (0, 0))))
+    return self.conv(jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2))
+
+
+class Level(nnx.Module):
+  """One resolution: res blocks, then (except at the end) a resampler."""
+
+  def __init__(self, cin: int, cout: int, blocks: int, resample: Optional[str], cfg: Config,
+               rngs: nnx.Rngs):
+    self.resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, cfg, rngs) for i in range(blocks)])
+    # Named as in diffusers: {down,up}samplers.0.conv; the last level has none.
+    if resample == "down":
+      self.downsamplers = nnx.List([Resample(cout, True, cfg, rngs)])
+    elif resample == "up":
+      self.upsamplers = nnx.List([Resample(cout, False, cfg, rngs)])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for block in self.resnets:
+      x = block(x)
+    for sampler in getattr(self, "downsamplers", getattr(self, "upsamplers", [])):
+      x = sampler(x)
+    return x
+
+
+class MidBlock(nnx.Module):
+  def __init__(self, ch: int, cfg: Config, rngs: nnx.Rngs):
+    self.resnets = nnx.List([ResnetBlock(ch, ch, cfg, rngs) for _ in range(2)])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for block in self.resnets:
+      x = block(x)
+    return x
+
+
+class Encoder(nnx.Module):
+  def __init__(self, cfg: Config, rngs: nnx.Rngs):
+    ch = cfg.channels
+    self.conv_in = _conv(3, ch[0], 3, rngs, cfg.dtype)
+    self.down_blocks = nnx.List([
+        Level(ch[max(i - 1, 0)], ch[i], cfg.encoder_blocks, "down" if i < len(ch) - 1 else None, cfg, rngs)
+        for i in range(len(ch))])
+    self.mid_block = MidBlock(ch[-1], cfg, rngs)
+    self.conv_norm_out = nnx.GroupNorm(ch[-1], num_groups=cfg.groups, epsilon=1e-6, rngs=rngs)
+    self.conv_out = _conv(ch[-1], cfg.z_channels, 3, rngs, cfg.dtype)
+
+  def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+    x = self.conv_in(x_BHWC)
+    for level in self.down_blocks:
+      x = level(x)
+    x = self.mid_block(x)
+    return self.conv_out(jax.nn.silu(_norm(self.conv_norm_out, x)))
+
+
+class Decoder(nnx.Module):
+  def __init__(self, cfg: Config, rngs: nnx.Rngs):
+    ch = cfg.channels[::-1]  # deepest level first, as diffusers orders up_blocks
+    self.conv_in = _conv(cfg.z_channels, ch[0], 3, rngs, cfg.dtype)
+    self.mid_block = MidBlock(ch[0], cfg, rngs)
+    self.up_blocks = nnx.List([
+        Level(ch[max(i - 1, 0)], ch[i], cfg.encoder_blocks + 1, "up" if i < len(ch) - 1 else None, cfg, rngs)
+        for i in range(len(ch))])
+    self.conv_norm_out = nnx.GroupNorm(ch[-1], num_groups=cfg.groups, epsilon=1e-6, rngs=rngs)
+    self.conv_out = _conv(ch[-1], 3, 3, rngs, cfg.dtype)
+
+  def __call__(self, z_BhwD: jax.Array) -> jax.Array:
+    x = self.mid_block(self.conv_in(z_BhwD))
+    for level in self.up_blocks:
+      x = level(x)
+    return self.conv_out(jax.nn.silu(_norm(self.conv_norm_out, x)))
+
+
+class Model(nnx.Module):
+  """images [B, H, W, 3] in [0, 1] -> codes [B, h, w] -> images; see `__call__` for training."""
+
+  def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.encoder = Encoder(cfg, rngs)
+    self.quant_conv = _conv(cfg.z_channels, cfg.z_channels, 1, rngs, cfg.dtype)
+    limit = 1.0 / cfg.codes  # taming's codebook init: U(-1/K, 1/K)
+    self.codebook = nnx.Param(jax.random.uniform(rngs.params(), (cfg.codes, cfg.z_channels),
+                                                 jnp.float32, -limit, limit))
+    self.post_quant_conv = _conv(cfg.z_channels, cfg.z_channels, 1, rngs, cfg.dtype)
+    self.decoder = Decoder(cfg, rngs)
+
+  def latents(self, images_BHWC: jax.Array) -> jax.Array:
+    """Pre-quantization latents [B, h, w, D] in fp32."""
+    x = images_BHWC.astype(jnp.dtype(self.cfg.dtype))
+    return self.quant_conv(self.encoder(x)).astype(jnp.float32)
+
+  def encode(self, images_BHWC: jax.Array) -> jax.Array:
+    """Images in [0, 1] -> code ids [B, h, w] (int32)."""
+    return quantize(self.latents(images_BHWC), self.codebook[...], self.cfg.l2_codes)[0]
+
+  def decode(self, ids_Bhw: jax.Array) -> jax.Array:
+    """Code ids [B, h, w] -> images in [0, 1] (fp32)."""
+    z = lookup(ids_Bhw, self.codebook[...], self.cfg.l2_codes)
+    return self._decode_latents(z)
+
+  def _decode_latents(self, z_BhwD: jax.Array) -> jax.Array:
+    x = self.post_quant_conv(z_BhwD.astype(jnp.dtype(self.cfg.dtype)))
+    return jnp.clip(self.decoder(x).astype(jnp.float32), 0.0, 1.0)
+
+  def __call__(self, images_BHWC: jax.Array) -> tuple[jax.Array, dict]:
+    """Training pass: reconstruction (unclamped) and the quantizer's losses and ids."""
+    z = self.latents(images_BHWC)
+    ids, zq, aux = quantize(z, self.codebook[...], self.cfg.l2_codes, self.cfg.beta)
+    x = self.post_quant_conv(zq.astype(jnp.dtype(self.cfg.dtype)))
+    return self.decoder(x).astype(jnp.float32), {**aux, "ids": ids}
+
+
+def _l2(x: jax.Array) -> jax.Array:
+  return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+
+
+def quantize(z_BhwD: jax.Array, codebook_KD: jax.Array, l2_codes: bool = False,
+             beta: float = 0.25) -> tuple[jax.Array, jax.Array, dict]:
+  """Nearest code by squared L2 in fp32; straight-through quantized latents and the VQ losses.
+
+  codebook loss = |sg(z) - q|^2 (moves codes), commitment = beta |z - sg(q)|^2 (moves encoder).
+  """
+  z = z_BhwD.astype(jnp.float32)
+  cb = codebook_KD.astype(jnp.float32)
+  if l2_codes:
+    z, cb = _l2(z), _l2(cb)
+  # |z|^2 is the same for every code, so the argmin needs only |e|^2 - 2 z.e.
+  scores = jnp.einsum("bhwd,kd->bhwk", z, cb, precision=jax.lax.Precision.HIGHEST)
+  dist = jnp.sum(cb * cb, axis=-1)[None, None, None] - 2.0 * scores
+  ids = jnp.argmin(dist, axis=-1).astype(jnp.int32)
+  q = jnp.take(cb, ids, axis=0)
+  aux = {"codebook_loss": jnp.mean(jnp.square(jax.lax.stop_gradient(z) - q)),
+         "commitment_loss": beta * jnp.mean(jnp.square(z - jax.lax.stop_gradient(q)))}
+  return ids, z + jax.lax.stop_gradient(q - z), aux
+
+
+def lookup(ids_Bhw: jax.Array, codebook_KD: jax.Array, l2_codes: bool = False) -> jax.Array:
+  cb = codebook_KD.astype(jnp.float32)
+  return jnp.take(_l2(cb) if l2_codes else cb, ids_Bhw, axis=0)
+
+
+def codebook_stats(ids: jax.Array, codes: int) -> dict:
+  """Share of codes used in `ids` and the perplexity of their histogram."""
+  counts = jnp.bincount(ids.reshape(-1), length=codes)
+  p = counts / jnp.maximum(counts.sum(), 1)
+  entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(p), 0.0))
+  return {"codebook_usage": jnp.mean(counts > 0), "codebook_perplexity": jnp.exp(entropy)}
+
+
+def count_params(cfg: Config) -> int:
+  abstract = nnx.eval_shape(lambda: Model(cfg, rngs=nnx.Rngs(0)))
+  return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
