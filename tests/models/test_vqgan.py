@@ -70,3 +70,29 @@ def test_codebook_stats():
   stats = vqgan.codebook_stats(jnp.array([0, 0, 1, 1, 2, 2, 3, 3]), codes=8)
   np.testing.assert_allclose(float(stats["codebook_usage"]), 0.5)
   np.testing.assert_allclose(float(stats["codebook_perplexity"]), 4.0, rtol=1e-6)
+
+
+def test_tokenizer_is_sharded_padded_and_compiled_once():
+  import pytest  # pylint: disable=g-import-not-at-top
+  model = vqgan.Model(TINY, rngs=nnx.Rngs(0))
+  tok = vqgan.Tokenizer(model, image_size=32, batch_size=8)  # 8 fake devices, one image each
+  images = np.random.default_rng(0).integers(0, 256, (11, 32, 32, 3), dtype=np.uint8)
+  ids = tok.encode(images)  # 11 = a full batch and a padded one
+  assert ids.shape == (11, 64) and ids.dtype == np.int32
+  expected = model.encode(jnp.asarray(images, jnp.float32) / 255.0).reshape(11, 64)
+  np.testing.assert_array_equal(ids, np.asarray(expected))
+  np.testing.assert_array_equal(tok.encode(images[:3]), ids[:3])
+  out = tok.decode(ids)
+  assert out.shape == (11, 32, 32, 3) and out.dtype == np.uint8
+  ref = np.round(np.asarray(model.decode(jnp.asarray(ids.reshape(11, 8, 8)))) * 255)
+  assert np.abs(out.astype(int) - ref).max() <= 1
+  assert tok.encode(images[:0]).shape == (0, 64) and tok.decode(ids[:0]).shape == (0, 32, 32, 3)
+  assert tok._encode._cache_size() == 1 and tok._decode._cache_size() == 1  # no recompiles
+  with pytest.raises(vqgan.TokenizerError, match=r"shape \(2, 16, 16, 3\), expected \[N, 32, 32, 3\]"):
+    tok.encode(images[:2, :16, :16])
+  with pytest.raises(vqgan.TokenizerError, match="dtype float32, expected uint8"):
+    tok.encode(images.astype(np.float32))
+  with pytest.raises(vqgan.TokenizerError, match=r"outside the codebook \[0, 256\)"):
+    tok.decode(np.full((1, 64), 256))
+  with pytest.raises(vqgan.TokenizerError, match="not divisible by the mesh's 8 devices"):
+    vqgan.Tokenizer(model, image_size=32, batch_size=6)
