@@ -1,10 +1,14 @@
-"""lvm_jax VQGAN params <-> diffusers `VQModel` state dicts (the amused layout), as numpy arrays.
+"""lvm_jax VQGAN params <-> PyTorch state dicts, as numpy arrays: diffusers `VQModel` (amused)
+and open-muse `VQGANModel` (the tokenizer the LVM release calls through `muse`).
 
-Module names already match diffusers (models/vqgan.py), so the table is short: dotted paths,
+Module names already match diffusers (models/vqgan.py), so that table is short: dotted paths,
 conv kernels HWIO <-> OIHW, GroupNorm `scale` <-> `weight`, the codebook under
-`quantize.embedding`. Files are read and written as safetensors, never pickles.
+`quantize.embedding`. open-muse differs only in names (the renames of diffusers'
+scripts/convert_amused.py), its decoder levels numbered from the output side. Files are read
+and written as safetensors, never pickles.
 """
 
+import re
 from typing import Any
 
 import numpy as np
@@ -85,11 +89,47 @@ def from_diffusers(state: dict[str, Any], cfg: vqgan.Config) -> dict:
   return _unflatten(flat)
 
 
-def load_safetensors(path: str, cfg: vqgan.Config) -> dict:
+def muse_name(name: str, levels: int) -> str:
+  """diffusers VQModel name -> open-muse VQGANModel name (decoder levels counted from the output)."""
+  rules = (  # mid-block resnets first, before the general resnets rule
+      (r"^(encoder|decoder)\.mid_block\.resnets\.(\d)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
+      (r"^(encoder|decoder)\.conv_norm_out\.", lambda m: f"{m[1]}.norm_out."),
+      (r"^encoder\.down_blocks\.(\d+)\.", lambda m: f"encoder.down.{m[1]}."),
+      (r"^decoder\.up_blocks\.(\d+)\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}."),
+      (r"\.resnets\.(\d+)\.", lambda m: f".block.{m[1]}."),
+      (r"\.conv_shortcut\.", lambda m: ".nin_shortcut."),
+      (r"\.(down|up)samplers\.0\.", lambda m: f".{m[1]}sample."),
+  )
+  for pattern, repl in rules:
+    name = re.sub(pattern, repl, name)
+  return name
+
+
+def from_muse(state: dict[str, Any], cfg: vqgan.Config) -> dict:
+  """open-muse VQGANModel state dict -> pure-dict params (via the diffusers names)."""
+  levels = len(cfg.channel_mult)
+  abstract_names = {muse_name(n, levels): n for n in _diffusers_names(cfg)}
+  return from_diffusers({abstract_names.get(k, k): v for k, v in state.items()}, cfg)
+
+
+def to_muse(params: dict, cfg: vqgan.Config) -> dict[str, np.ndarray]:
+  levels = len(cfg.channel_mult)
+  return {muse_name(k, levels): v for k, v in to_diffusers(params).items()}
+
+
+def _diffusers_names(cfg: vqgan.Config) -> list[str]:
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  abstract = nnx.eval_shape(lambda: vqgan.Model(cfg, rngs=nnx.Rngs(0)))
+  return [diffusers_name(k) for k in _flatten(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))]
+
+
+def load_safetensors(path: str, cfg: vqgan.Config, layout: str = "diffusers") -> dict:
+  """Params from a safetensors file in the `diffusers` or `muse` layout."""
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  return from_diffusers(load_file(path), cfg)
+  state = load_file(path)
+  return from_muse(state, cfg) if layout == "muse" else from_diffusers(state, cfg)
 
 
-def save_safetensors(params: dict, path: str) -> None:
+def save_safetensors(params: dict, path: str, cfg: vqgan.Config, layout: str = "diffusers") -> None:
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  save_file(to_diffusers(params), path)
+  save_file(to_muse(params, cfg) if layout == "muse" else to_diffusers(params), path)

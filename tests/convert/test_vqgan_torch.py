@@ -85,3 +85,47 @@ def test_wrong_architecture_is_one_line():
   fewer = dataclasses.replace(NARROW, channel_mult=(1, 2, 2, 4))
   with pytest.raises(vqgan_torch.WeightsError, match="unexpected tensor"):
     vqgan_torch.from_diffusers(state, fewer)
+
+
+@pytest.mark.slow
+def test_full_size_amused_matches_diffusers():
+  cfg = vqgan.Config(dtype="float32")
+  theirs = diffusers_vq(cfg)
+  ours = vqgan.Model(cfg, rngs=nnx.Rngs(0))
+  nnx.update(ours, vqgan_torch.from_diffusers({k: v.numpy() for k, v in theirs.state_dict().items()}, cfg))
+  images = _images(n=1, size=256)
+  with torch.no_grad():
+    latents = theirs.encode(torch.from_numpy(images).permute(0, 3, 1, 2)).latents
+    quant, _, (_, _, ids_ref) = theirs.quantize(latents)
+    decoded_ref = theirs.decoder(theirs.post_quant_conv(quant)).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+  ids_ref = ids_ref.reshape(1, 16, 16).numpy()
+  with jax.default_matmul_precision("highest"):
+    ids = np.asarray(ours.encode(jnp.asarray(images)))
+    decoded = np.asarray(ours.decode(jnp.asarray(ids_ref)))
+  assert np.mean(ids == ids_ref) >= 0.999
+  assert np.abs(decoded - decoded_ref).max() < 1e-3
+
+
+def test_muse_layout_names_and_round_trip(tmp_path):
+  """open-muse names as diffusers' convert_amused.py pairs them, and a lossless round trip."""
+  state = {k: v.numpy() for k, v in diffusers_vq(NARROW, seed=2).state_dict().items()}
+  params = vqgan_torch.from_diffusers(state, NARROW)
+  muse = vqgan_torch.to_muse(params, NARROW)
+  pairs = {  # diffusers name -> open-muse name
+      "encoder.down_blocks.1.resnets.0.conv_shortcut.weight": "encoder.down.1.block.0.nin_shortcut.weight",
+      "encoder.down_blocks.0.downsamplers.0.conv.bias": "encoder.down.0.downsample.conv.bias",
+      "encoder.mid_block.resnets.1.norm1.weight": "encoder.mid.block_2.norm1.weight",
+      "encoder.conv_norm_out.weight": "encoder.norm_out.weight",
+      "decoder.up_blocks.4.resnets.2.conv2.bias": "decoder.up.0.block.2.conv2.bias",
+      "decoder.up_blocks.0.upsamplers.0.conv.weight": "decoder.up.4.upsample.conv.weight",
+      "decoder.mid_block.resnets.0.conv1.weight": "decoder.mid.block_1.conv1.weight",
+      "quantize.embedding.weight": "quantize.embedding.weight",
+  }
+  for theirs, expected in pairs.items():
+    np.testing.assert_array_equal(muse[expected], state[theirs])
+  assert len(muse) == len(state)
+  path = str(tmp_path / "muse.safetensors")
+  vqgan_torch.save_safetensors(params, path, NARROW, layout="muse")
+  back = vqgan_torch.load_safetensors(path, NARROW, layout="muse")
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
+    np.testing.assert_array_equal(a, b)
