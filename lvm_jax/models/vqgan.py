@@ -149,10 +149,14 @@ class Decoder(nnx.Module):
     self.conv_out = _conv(ch[-1], 3, 3, rngs, cfg.dtype)
 
   def __call__(self, z_BhwD: jax.Array) -> jax.Array:
+    return self.conv_out(self.trunk(z_BhwD))
+
+  def trunk(self, z_BhwD: jax.Array) -> jax.Array:
+    """Everything before conv_out: the GAN's adaptive weight differentiates through conv_out only."""
     x = self.mid_block(self.conv_in(z_BhwD))
     for level in self.up_blocks:
       x = level(x)
-    return self.conv_out(jax.nn.silu(_norm(self.conv_norm_out, x)))
+    return jax.nn.silu(_norm(self.conv_norm_out, x))
 
 
 class Model(nnx.Module):
@@ -187,11 +191,12 @@ class Model(nnx.Module):
     return jnp.clip(self.decoder(x).astype(jnp.float32), 0.0, 1.0)
 
   def __call__(self, images_BHWC: jax.Array) -> tuple[jax.Array, dict]:
-    """Training pass: reconstruction (unclamped) and the quantizer's losses and ids."""
+    """Training pass: the decoder's features before conv_out (see Decoder.trunk), and the
+    quantizer's losses and ids. Reconstruction = self.decoder.conv_out(features)."""
     z = self.latents(images_BHWC)
     ids, zq, aux = quantize(z, self.codebook[...], self.cfg.l2_codes, self.cfg.beta)
     x = self.post_quant_conv(zq.astype(jnp.dtype(self.cfg.dtype)))
-    return self.decoder(x).astype(jnp.float32), {**aux, "ids": ids}
+    return self.decoder.trunk(x), {**aux, "ids": ids}
 
 
 def _l2(x: jax.Array) -> jax.Array:

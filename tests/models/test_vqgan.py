@@ -19,8 +19,11 @@ def test_tiny_config_round_trips_shapes_and_range():
   assert int(ids.min()) >= 0 and int(ids.max()) < TINY.codes
   out = model.decode(ids)
   assert out.shape == (2, 32, 32, 3) and float(out.min()) >= 0 and float(out.max()) <= 1
-  recon, aux = model(images)
+  feats, aux = model(images)
+  recon = model.decoder.conv_out(feats)
   assert recon.shape == images.shape and aux["ids"].shape == (2, 8, 8)
+  # Same codes as decode(ids); z + sg(q - z) differs from q by float rounding only.
+  np.testing.assert_allclose(np.clip(np.asarray(recon), 0, 1), np.asarray(model.decode(aux["ids"])), atol=1e-4)
 
 
 def test_quantizer_picks_the_nearest_code_in_fp32():
