@@ -2,7 +2,7 @@
 
 from setuptools import find_packages, setup
 
-ENTRY_POINTS = ("train", "compile", "demo")
+ENTRY_POINTS = ("train", "train_vqgan", "compile", "demo")
 
 setup(
     name="lvm_jax",
@@ -29,6 +29,8 @@ setup(
         # TensorFlow); tensorboardX uploads event files with google-cloud-storage.
         "gcsfs>=2024.2",
         "google-cloud-storage>=2.14",
+        # Built-in training pictures that ship inside the package (no downloads).
+        "scikit-image>=0.22",
     ],
     extras_require={
         # libtpu: AOT compilation against TPU topologies (python -m lvm_jax.compile), no TPU needed.

@@ -1,17 +1,17 @@
 """The LVM tokenizer: amused / open-muse VQGAN, f16, 8192 codes of dim 64, 256x256 -> 16x16 tokens.
 
-146.2M parameters; the released weights (diffusers VQModel layout, e.g. amused's `vae/`) load
-with lvm_jax.convert.vqgan_torch.load_safetensors(path, vqgan.Config(**config.model)).
+146.2M parameters. The released weights (diffusers VQModel or open-muse layout) load with
+lvm_jax.convert.vqgan_torch.load_safetensors(path, vqgan.Config(**config.model)). Training a new
+one (needs an LPIPS weights file, see lvm_jax/convert/lpips_weights.py):
+
+  python -m lvm_jax.train_vqgan --config configs/vqgan_f16_8192.py --workdir gs://BUCKET/vqgan \\
+      --config.lpips_weights=/path/lpips_vgg16.safetensors
 """
 
-import ml_collections
+from lvm_jax.config import vqgan_config
 
 
 def get_config(arg=None):
   del arg
-  c = ml_collections.ConfigDict()
-  c.model_name = "vqgan"
-  c.model = dict(hidden=128, channel_mult=(1, 2, 2, 4, 6), encoder_blocks=2, z_channels=64,
-                 codes=8192, groups=32, beta=0.25, l2_codes=False, dtype="bfloat16")
-  c.image_size = 256
-  return c
+  return vqgan_config(dict(hidden=128, channel_mult=(1, 2, 2, 4, 6), encoder_blocks=2, z_channels=64,
+                           codes=8192, groups=32, beta=0.25, l2_codes=False, dtype="bfloat16"), 256)

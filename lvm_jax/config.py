@@ -76,6 +76,28 @@ def lvm_config(d_model: int, ffn: int, layers: int, heads: int) -> ml_collection
   return c
 
 
+def vqgan_config(model: dict, image_size: int) -> ml_collections.ConfigDict:
+  """VQGAN training recipe (train_vqgan.py) around a tokenizer architecture (models/vqgan.py)."""
+  c = ml_collections.ConfigDict()
+  c.model_name = "vqgan"
+  c.model = model
+  c.image_size = image_size
+  c.global_batch = 256
+  c.steps = 500_000
+  c.seed = 0
+  c.lr, c.b1, c.b2, c.clip = 1e-4, 0.5, 0.9, 1.0  # Adam as taming (beta1 0.5 keeps the GAN stable)
+  c.ema = 0.999  # generator EMA; evaluation and export use it
+  c.perceptual_weight = 1.0
+  c.lpips_weights = ""  # local safetensors from lvm_jax.convert.lpips_weights; empty: weight 0
+  c.gan = dict(start=20_000, weight=0.5, lr=1e-4, width=64, layers=3)
+  c.data = dict(name="images", shrink=2)  # built-in pictures, shrunk by this factor before cropping
+  c.mesh = dict(ici=dict(data=-1, fsdp=1, tensor=1), dcn=dict(data=1, fsdp=1, tensor=1))
+  c.rules = DEFAULT_RULES
+  c.log_every, c.eval_every = 100, 2000
+  c.ckpt_every, c.ckpt_keep = 5000, 3
+  return c
+
+
 class ConfigError(ValueError):
   """A config that cannot run; the message names the key and the allowed values."""
 

@@ -1,0 +1,59 @@
+"""Image crops for tokenizer training, from pictures that ship inside scikit-image (no downloads).
+
+Training crops are random (position, horizontal flip) and depend only on (seed, index), served
+through a checkpointable grain iterator; the held-out set is a fixed grid of crops of pictures
+that training never sees.
+"""
+
+from typing import Any, Iterator
+
+import grain
+import numpy as np
+
+TRAIN = ("chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "colorwheel")
+HELD_OUT = ("astronaut",)
+
+
+def pictures(names: tuple[str, ...], shrink: int) -> list[np.ndarray]:
+  """uint8 RGB pictures, each shrunk by an integer factor (box filter) so crops hold scenes."""
+  import skimage.data  # pylint: disable=g-import-not-at-top
+  out = []
+  for name in names:
+    im = np.asarray(getattr(skimage.data, name)())[..., :3].astype(np.float32)
+    h, w = (im.shape[0] // shrink) * shrink, (im.shape[1] // shrink) * shrink
+    im = im[:h, :w].reshape(h // shrink, shrink, w // shrink, shrink, 3).mean((1, 3))
+    out.append(np.round(im).astype(np.uint8))
+  return out
+
+
+def random_crop(pics: list[np.ndarray], index: int, size: int, seed: int) -> np.ndarray:
+  rng = np.random.default_rng([seed, index])
+  pic = pics[index % len(pics)]
+  y, x = rng.integers(0, pic.shape[0] - size + 1), rng.integers(0, pic.shape[1] - size + 1)
+  crop = pic[y:y + size, x:x + size]
+  return crop[:, ::-1] if rng.random() < 0.5 else crop
+
+
+def make_iterator(c: Any, rows: np.ndarray) -> Iterator[dict]:
+  """This process's rows of every global batch: {"images": uint8 [local, S, S, 3]}."""
+  pics = pictures(TRAIN, c.data.shrink)
+  local, size = len(rows), c.image_size
+
+  def row_at(i: int) -> dict:
+    step, j = divmod(i, local)
+    return {"images": random_crop(pics, step * c.global_batch + int(rows[j]), size, c.seed)}
+
+  ds = grain.MapDataset.range(np.iinfo(np.int64).max).map(row_at)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * local))
+  return iter(ds.batch(local, drop_remainder=True))
+
+
+def held_out(size: int, shrink: int, per_picture: int = 16) -> np.ndarray:
+  """A fixed grid of crops of the held-out pictures: uint8 [N, size, size, 3]."""
+  crops = []
+  for pic in pictures(HELD_OUT, shrink):
+    side = int(np.ceil(np.sqrt(per_picture)))
+    ys = np.linspace(0, pic.shape[0] - size, side).astype(int)
+    xs = np.linspace(0, pic.shape[1] - size, side).astype(int)
+    crops += [pic[y:y + size, x:x + size] for y in ys for x in xs][:per_picture]
+  return np.stack(crops)
