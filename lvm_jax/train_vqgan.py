@@ -57,7 +57,7 @@ def generator_loss(gparams: Any, dparams: Any, images: jax.Array, gan_on: jax.Ar
   g_gan = jax.grad(lambda k: nll_and_gan(k, fixed)[1])(kernel)
   weight = jnp.clip(optax.tree.norm(g_nll) / (optax.tree.norm(g_gan) + 1e-4), 0.0, 1e4)
   weight = jax.lax.stop_gradient(weight * c.gan.weight * gan_on)
-  total = nll + weight * gan + aux["codebook_loss"] + aux["commitment_loss"]
+  total = nll + weight * gan + aux["codebook_loss"] + aux["commitment_loss"] + aux.get("entropy_loss", 0.0)
   return total, {"nll": nll, "gan_g": gan, "gan_weight": weight, "recon": recon, **aux}
 
 

@@ -33,6 +33,8 @@ class Config:
   groups: int = 32  # GroupNorm groups
   beta: float = 0.25  # commitment weight, on the encoder term (taming's "legacy" placement is a bug)
   l2_codes: bool = False  # l2-normalise latents and codes before the lookup (ViT-VQGAN)
+  entropy_weight: float = 0.0  # MaskGIT's codebook entropy loss (0.1 there), 0 = off
+  entropy_temperature: float = 0.01
   dtype: str = "float32"  # backbone compute dtype; params and the quantizer stay fp32
 
   @property
@@ -194,7 +196,10 @@ class Model(nnx.Module):
     """Training pass: the decoder's features before conv_out (see Decoder.trunk), and the
     quantizer's losses and ids. Reconstruction = self.decoder.conv_out(features)."""
     z = self.latents(images_BHWC)
-    ids, zq, aux = quantize(z, self.codebook[...], self.cfg.l2_codes, self.cfg.beta)
+    ids, zq, aux = quantize(z, self.codebook[...], self.cfg.l2_codes, self.cfg.beta,
+                            self.cfg.entropy_temperature if self.cfg.entropy_weight else 0.0)
+    if self.cfg.entropy_weight:
+      aux["entropy_loss"] = self.cfg.entropy_weight * aux["entropy_loss"]
     x = self.post_quant_conv(zq.astype(jnp.dtype(self.cfg.dtype)))
     return self.decoder.trunk(x), {**aux, "ids": ids}
 
@@ -204,10 +209,13 @@ def _l2(x: jax.Array) -> jax.Array:
 
 
 def quantize(z_BhwD: jax.Array, codebook_KD: jax.Array, l2_codes: bool = False,
-             beta: float = 0.25) -> tuple[jax.Array, jax.Array, dict]:
+             beta: float = 0.25, entropy_temperature: float = 0.0) -> tuple[jax.Array, jax.Array, dict]:
   """Nearest code by squared L2 in fp32; straight-through quantized latents and the VQ losses.
 
   codebook loss = |sg(z) - q|^2 (moves codes), commitment = beta |z - sg(q)|^2 (moves encoder).
+  With entropy_temperature > 0 also MaskGIT's entropy loss on softmax(-distance / T): the mean
+  per-latent entropy (each latent should pick one code) minus the entropy of the mean
+  distribution (the batch should use many codes).
   """
   z = z_BhwD.astype(jnp.float32)
   cb = codebook_KD.astype(jnp.float32)
@@ -220,7 +228,18 @@ def quantize(z_BhwD: jax.Array, codebook_KD: jax.Array, l2_codes: bool = False,
   q = jnp.take(cb, ids, axis=0)
   aux = {"codebook_loss": jnp.mean(jnp.square(jax.lax.stop_gradient(z) - q)),
          "commitment_loss": beta * jnp.mean(jnp.square(z - jax.lax.stop_gradient(q)))}
+  if entropy_temperature:
+    aux["entropy_loss"] = codebook_entropy_loss(-dist.reshape(-1, cb.shape[0]), entropy_temperature)
   return ids, z + jax.lax.stop_gradient(q - z), aux
+
+
+def codebook_entropy_loss(logits_NK: jax.Array, temperature: float) -> jax.Array:
+  probs = jax.nn.softmax(logits_NK / temperature, axis=-1)
+  log_probs = jax.nn.log_softmax(logits_NK / temperature, axis=-1)
+  per_latent = -jnp.mean(jnp.sum(probs * log_probs, axis=-1))
+  mean_probs = jnp.mean(probs, axis=0)
+  of_mean = -jnp.sum(mean_probs * jnp.log(mean_probs + 1e-12))
+  return per_latent - of_mean
 
 
 def lookup(ids_Bhw: jax.Array, codebook_KD: jax.Array, l2_codes: bool = False) -> jax.Array:

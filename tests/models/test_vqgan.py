@@ -1,5 +1,7 @@
 """VQGAN contracts: shapes and ranges, the fp32 quantizer, straight-through and VQ-loss gradients."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,3 +101,16 @@ def test_tokenizer_is_sharded_padded_and_compiled_once():
     tok.decode(np.full((1, 64), 256))
   with pytest.raises(vqgan.TokenizerError, match="not divisible by the mesh's 8 devices"):
     vqgan.Tokenizer(model, image_size=32, batch_size=6)
+
+
+def test_entropy_loss_rewards_confident_latents_spread_over_codes():
+  confident_spread = jnp.eye(8) * 50.0  # each latent sure of its own code
+  confident_collapsed = jnp.zeros((8, 8)).at[:, 0].set(50.0)  # all sure of code 0
+  unsure = jnp.zeros((8, 8))  # every latent spread over all codes
+  loss = lambda logits: float(vqgan.codebook_entropy_loss(logits, temperature=1.0))
+  np.testing.assert_allclose(loss(confident_spread), -np.log(8), atol=1e-4)  # the minimum
+  np.testing.assert_allclose(loss(unsure), 0.0, atol=1e-6)
+  np.testing.assert_allclose(loss(confident_collapsed), 0.0, atol=1e-4)
+  cfg = dataclasses.replace(TINY, entropy_weight=0.1)
+  _, aux = vqgan.Model(cfg, rngs=nnx.Rngs(0))(jax.random.uniform(jax.random.key(0), (2, 32, 32, 3)))
+  assert "entropy_loss" in aux and np.isfinite(float(aux["entropy_loss"]))
