@@ -10,26 +10,15 @@ Targets (issue 2): ratio >= 1.5 and MFU >= 60% at the default size.
 
 import argparse
 import os
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from timing import median_seconds  # noqa: E402
 
 from lvm_jax import config as config_lib, metrics, sharding, train  # noqa: E402
-
-
-def _time(fn, warmup: int, reps: int) -> float:
-  for _ in range(warmup):
-    fn()
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
 
 
 def jax_step_time(c, batch: dict, warmup: int, reps: int) -> float:
@@ -45,7 +34,7 @@ def jax_step_time(c, batch: dict, warmup: int, reps: int) -> float:
       box[0], m = step(box[0], batch)
       jax.block_until_ready(m["loss"])
 
-    return _time(run, warmup, reps)
+    return median_seconds(run, reps, warmup)
 
 
 def torch_step_time(c, tokens: np.ndarray, warmup: int, reps: int) -> float:
@@ -67,7 +56,7 @@ def torch_step_time(c, tokens: np.ndarray, warmup: int, reps: int) -> float:
     opt.step()
     opt.zero_grad(set_to_none=True)
 
-  return _time(run, warmup, reps)
+  return median_seconds(run, reps, warmup)
 
 
 def main() -> None:

@@ -10,26 +10,16 @@ Targets (issue 3): >= 1.2x for both.
 
 import argparse
 import os
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+from timing import median_seconds  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from lvm_jax.convert import vqgan_torch  # noqa: E402
 from lvm_jax.models import vqgan  # noqa: E402
-
-
-def _time(fn, reps: int) -> float:
-  fn()  # warm-up (and compilation)
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
 
 
 def main() -> None:
@@ -72,7 +62,7 @@ def main() -> None:
   print(f"amused f16-8192 VQGAN ({vqgan.count_params(cfg) / 1e6:.1f}M params), {args.size}x{args.size}, "
         f"batch {args.batch}, fp32, {os.cpu_count()} CPU cores, jax {jax.__version__}, torch {torch.__version__}")
   for name, ours_fn, theirs_fn in rows:
-    t_ours, t_theirs = _time(ours_fn, args.reps), _time(theirs_fn, args.reps)
+    t_ours, t_theirs = median_seconds(ours_fn, args.reps), median_seconds(theirs_fn, args.reps)
     print(f"{name}: lvm_jax {args.batch / t_ours:6.2f} img/s, diffusers {args.batch / t_theirs:6.2f} img/s, "
           f"ratio {t_theirs / t_ours:.2f}x (target >= 1.2x)")
 
