@@ -117,11 +117,10 @@ def build(c: Any, mesh: jax.sharding.Mesh) -> dict:
               batch_sharding=NamedSharding(mesh, P(sharding.batch_spec(c.rules)[0])))
 
 
-def evaluate(gdef: Any, ema: Any, held_out: np.ndarray) -> tuple[float, np.ndarray]:
+def evaluate(reconstruct: Any, ema: Any, held_out: np.ndarray) -> tuple[float, np.ndarray]:
   """PSNR (dB) of the EMA model's reconstructions of the held-out crops, and a comparison grid."""
-  model = nnx.merge(gdef, ema)
   x = jnp.asarray(held_out, jnp.float32) / 255.0
-  recon = np.asarray(jax.jit(lambda x: model.decode(model.encode(x)))(x))
+  recon = np.asarray(reconstruct(ema, x))
   psnr = float(-10.0 * np.log10(np.mean(np.square(recon - np.asarray(x)))))
   pairs = np.concatenate([np.asarray(x), recon], axis=2)[:8]  # original | reconstruction
   return psnr, np.concatenate(list(pairs), axis=0)
@@ -136,6 +135,7 @@ def train_vqgan(c: Any, workdir: str) -> dict:
   data_iter = images_lib.make_iterator(c, sharding.local_rows(b["batch_sharding"], c.global_batch))
   held_out = images_lib.held_out(c.image_size, c.data.shrink)
   perceptual = load_perceptual(c)
+  reconstruct = jax.jit(lambda ema, x: (lambda m: m.decode(m.encode(x)))(nnx.merge(b["gdef"], ema)))
   step_fn = jax.jit(functools.partial(train_step, c=c, gdef=b["gdef"], ddef=b["ddef"], perceptual=perceptual,
                                       g_tx=b["g_tx"], d_tx=b["d_tx"]),
                     in_shardings=(b["state_shardings"], b["batch_sharding"]),
@@ -156,7 +156,7 @@ def train_vqgan(c: Any, workdir: str) -> dict:
         if step % c.log_every == 0 or step == c.steps:
           scalars = {k: float(v) for k, v in jax.device_get(m).items()}
         if step % c.eval_every == 0 or step == c.steps:
-          scalars["psnr"], grid = evaluate(b["gdef"], state["ema"], held_out)
+          scalars["psnr"], grid = evaluate(reconstruct, state["ema"], held_out)
           if writer.tb is not None:
             writer.tb.add_image("held_out/original|reconstruction", grid, step, dataformats="HWC")
         if scalars:
