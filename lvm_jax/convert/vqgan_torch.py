@@ -53,7 +53,16 @@ def diffusers_name(key: str) -> str:
 
 
 def _to_torch(key: str, value: np.ndarray) -> np.ndarray:
-  return value.transpose(3, 2, 0, 1) if key.endswith(".kernel") else value  # HWIO -> OIHW
+  """Conv HWIO -> OIHW, dense (in, out) -> (out, in); everything else as is."""
+  if key.endswith(".kernel"):
+    return value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+  return value
+
+
+def _from_torch(key: str, value: np.ndarray) -> np.ndarray:
+  if key.endswith(".kernel"):
+    return value.transpose(2, 3, 1, 0) if value.ndim == 4 else value.T
+  return value
 
 
 def to_diffusers(params: dict) -> dict[str, np.ndarray]:
@@ -85,7 +94,7 @@ def from_diffusers(state: dict[str, Any], cfg: vqgan.Config) -> dict:
     if value.shape != want:
       raise WeightsError(f"weights do not fit the VQGAN config: {name} has shape {value.shape}, "
                          f"expected {want}")
-    flat[key] = value.transpose(2, 3, 1, 0) if key.endswith(".kernel") else value  # OIHW -> HWIO
+    flat[key] = _from_torch(key, value)
   return _unflatten(flat)
 
 

@@ -31,6 +31,7 @@ class Config:
   z_channels: int = 64  # = code dim (amused has no separate quantized_embed_dim)
   codes: int = 8192
   groups: int = 32  # GroupNorm groups
+  mid_attention: bool = False  # a self-attention block inside each mid block (taming; amused has none)
   beta: float = 0.25  # commitment weight, on the encoder term (taming's "legacy" placement is a bug)
   l2_codes: bool = False  # l2-normalise latents and codes before the lookup (ViT-VQGAN)
   entropy_weight: float = 0.0  # MaskGIT's codebook entropy loss (0.1 there), 0 = off
@@ -110,14 +111,37 @@ class Level(nnx.Module):
     return x
 
 
+class AttnBlock(nnx.Module):
+  """Single-head self-attention over the h*w positions, pre-GroupNorm, residual (diffusers names)."""
+
+  def __init__(self, ch: int, cfg: Config, rngs: nnx.Rngs):
+    self.group_norm = nnx.GroupNorm(ch, num_groups=cfg.groups, epsilon=1e-6, rngs=rngs)
+    dense = lambda: nnx.Linear(ch, ch, dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+    self.to_q, self.to_k, self.to_v = dense(), dense(), dense()
+    self.to_out = nnx.List([dense()])
+
+  def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+    B, H, W, C = x_BHWC.shape
+    h_BLC = _norm(self.group_norm, x_BHWC).reshape(B, H * W, C)
+    q, k, v = self.to_q(h_BLC), self.to_k(h_BLC), self.to_v(h_BLC)
+    logits_BLL = jnp.einsum("blc,bmc->blm", q, k, preferred_element_type=jnp.float32) * C**-0.5
+    out_BLC = jnp.einsum("blm,bmc->blc", jax.nn.softmax(logits_BLL, axis=-1).astype(v.dtype), v)
+    return x_BHWC + self.to_out[0](out_BLC).reshape(B, H, W, C)
+
+
 class MidBlock(nnx.Module):
+  """resnet -> (attention) -> resnet."""
+
   def __init__(self, ch: int, cfg: Config, rngs: nnx.Rngs):
     self.resnets = nnx.List([ResnetBlock(ch, ch, cfg, rngs) for _ in range(2)])
+    if cfg.mid_attention:
+      self.attentions = nnx.List([AttnBlock(ch, cfg, rngs)])
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    for block in self.resnets:
-      x = block(x)
-    return x
+    x = self.resnets[0](x)
+    if hasattr(self, "attentions"):
+      x = self.attentions[0](x)
+    return self.resnets[1](x)
 
 
 class Encoder(nnx.Module):

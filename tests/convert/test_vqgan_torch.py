@@ -129,3 +129,30 @@ def test_muse_layout_names_and_round_trip(tmp_path):
   back = vqgan_torch.load_safetensors(path, NARROW, layout="muse")
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
     np.testing.assert_array_equal(a, b)
+
+
+def test_mid_block_attention_matches_diffusers():
+  """The taming-style self-attention in the mid blocks (diffusers' mid_block_add_attention)."""
+  cfg = dataclasses.replace(NARROW, channel_mult=(1, 2, 2), mid_attention=True)
+  levels = len(cfg.channel_mult)
+  torch.manual_seed(0)
+  theirs = diffusers.VQModel(
+      down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+      block_out_channels=cfg.channels, layers_per_block=cfg.encoder_blocks, latent_channels=cfg.z_channels,
+      num_vq_embeddings=cfg.codes, vq_embed_dim=cfg.z_channels, norm_num_groups=cfg.groups,
+      mid_block_add_attention=True, lookup_from_codebook=True).eval()
+  state = {k: v.numpy() for k, v in theirs.state_dict().items()}
+  assert any(".attentions.0.to_q." in k for k in state)
+  ours = vqgan.Model(cfg, rngs=nnx.Rngs(0))
+  nnx.update(ours, vqgan_torch.from_diffusers(state, cfg))
+  images = _images(size=32)
+  with torch.no_grad():
+    z_ref = theirs.encode(torch.from_numpy(images).permute(0, 3, 1, 2)).latents.permute(0, 2, 3, 1).numpy()
+    out_ref = theirs.decoder(theirs.post_quant_conv(torch.from_numpy(z_ref).permute(0, 3, 1, 2)))
+  with jax.default_matmul_precision("highest"):
+    z = np.asarray(ours.latents(jnp.asarray(images)))
+    out = np.asarray(ours.decoder(ours.post_quant_conv(jnp.asarray(z_ref))))
+  np.testing.assert_allclose(z, z_ref, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(out, out_ref.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-4)
+  back = vqgan_torch.to_diffusers(vqgan_torch.from_diffusers(state, cfg))
+  assert all(np.array_equal(back[k], v) for k, v in state.items()) and set(back) == set(state)
