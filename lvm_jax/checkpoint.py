@@ -6,7 +6,7 @@ committed on gs://), so a killed job restarts from the last whole checkpoint.
 """
 
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import grain
 import jax
@@ -58,6 +58,13 @@ class Checkpointer:
           f"match the checkpoint, or damaged files: move {step}/ away to resume from the one before)"
       ) from None
     return restored.state
+
+  def restore_or_init(self, abstract_state: Any, data_iter: Any, init: Callable[[], Any]) -> tuple[Any, int]:
+    """(state, step) from the newest checkpoint, or (init(), 0) when there is none."""
+    start = self.latest_step()
+    if start is None:
+      return init(), 0
+    return self.restore(start, abstract_state, data_iter), start
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

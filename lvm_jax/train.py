@@ -178,13 +178,10 @@ def train(c: Any, workdir: str, stop_at: int | None = None) -> dict:
 
   ckpt = checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), c.ckpt_keep, c.ckpt_every)
   with ckpt, jax.set_mesh(mesh), sharding.axis_rules(c.rules):
-    start = ckpt.latest_step()
-    if start is not None:
-      state = ckpt.restore(start, b["abstract_state"], data_iter)
+    init = jax.jit(b["init"], out_shardings=b["state_shardings"])
+    state, start = ckpt.restore_or_init(b["abstract_state"], data_iter, lambda: init(jax.random.key(c.seed)))
+    if start:
       print(f"restored step {start} from {workdir}", flush=True)
-    else:
-      init = jax.jit(b["init"], out_shardings=b["state_shardings"])
-      state, start = init(jax.random.key(c.seed)), 0
 
     step_fn = jit_train_step(c, b)
 

@@ -142,11 +142,8 @@ def train_vqgan(c: Any, workdir: str) -> dict:
                     out_shardings=(b["state_shardings"], None), donate_argnums=0)
   ckpt = checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), c.ckpt_keep, c.ckpt_every)
   with ckpt, jax.set_mesh(mesh):
-    start = ckpt.latest_step()
-    if start is not None:
-      state = ckpt.restore(start, b["abstract_state"], data_iter)
-    else:
-      state, start = jax.jit(b["init"], out_shardings=b["state_shardings"])(jax.random.key(c.seed)), 0
+    init = jax.jit(b["init"], out_shardings=b["state_shardings"])
+    state, start = ckpt.restore_or_init(b["abstract_state"], data_iter, lambda: init(jax.random.key(c.seed)))
     with metrics.Writer(workdir, enabled=jax.process_index() == 0, resume_step=start) as writer:
       for step in range(start + 1, c.steps + 1):
         local = next(data_iter)

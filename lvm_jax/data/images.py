@@ -7,8 +7,9 @@ that training never sees.
 
 from typing import Any, Iterator
 
-import grain
 import numpy as np
+
+from lvm_jax.data import rows as rows_lib
 
 TRAIN = ("chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina", "colorwheel")
 HELD_OUT = ("astronaut",)
@@ -37,15 +38,8 @@ def random_crop(pics: list[np.ndarray], index: int, size: int, seed: int) -> np.
 def make_iterator(c: Any, rows: np.ndarray) -> Iterator[dict]:
   """This process's rows of every global batch: {"images": uint8 [local, S, S, 3]}."""
   pics = pictures(TRAIN, c.data.shrink)
-  local, size = len(rows), c.image_size
-
-  def row_at(i: int) -> dict:
-    step, j = divmod(i, local)
-    return {"images": random_crop(pics, step * c.global_batch + int(rows[j]), size, c.seed)}
-
-  ds = grain.MapDataset.range(np.iinfo(np.int64).max).map(row_at)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * local))
-  return iter(ds.batch(local, drop_remainder=True))
+  return rows_lib.iterate(rows, c.global_batch,
+                          lambda index: {"images": random_crop(pics, index, c.image_size, c.seed)})
 
 
 def held_out(size: int, shrink: int, per_picture: int = 16) -> np.ndarray:

@@ -12,10 +12,10 @@ restart per sentence, and a loss mask. Row r of the global batch at step s depen
 
 from typing import Any, Iterator
 
-import grain
 import numpy as np
 
 from lvm_jax import config as config_lib
+from lvm_jax.data import rows as rows_lib
 
 
 def make_row(index: int, seq_len: int, tokens_per_image: int, codes: int,
@@ -50,14 +50,5 @@ def make_iterator(c: Any, rows: np.ndarray) -> Iterator[dict]:
   if c.tokens_per_image <= 0:
     raise config_lib.ConfigError(f"tokens_per_image={c.tokens_per_image}: synthetic images need > 0 tokens")
   d = c.data
-  global_batch = c.global_batch
-  local = len(rows)
-
-  def row_at(i: int) -> dict:
-    step, j = divmod(i, local)
-    return make_row(step * global_batch + int(rows[j]), c.seq_len, c.tokens_per_image, d.codes,
-                    tuple(d.images_per_sentence), c.seed)
-
-  ds = grain.MapDataset.range(np.iinfo(np.int64).max).map(row_at)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * local))
-  return iter(ds.batch(local, drop_remainder=True))
+  return rows_lib.iterate(rows, c.global_batch, lambda index: make_row(
+      index, c.seq_len, c.tokens_per_image, d.codes, tuple(d.images_per_sentence), c.seed))

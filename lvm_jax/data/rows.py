@@ -1,0 +1,24 @@
+"""The one way data modules serve batches: a grain iterator over this process's rows of every
+global batch, each example a function of its global index alone.
+
+Row r of global batch s is example s * global_batch + r, so any process count sees the same
+global batch, and the iterator state (checkpointed with the train state) is one index.
+"""
+
+from typing import Callable, Iterator
+
+import grain
+import numpy as np
+
+
+def iterate(rows: np.ndarray, global_batch: int, example_at: Callable[[int], dict]) -> Iterator[dict]:
+  """`rows` from sharding.local_rows; yields dicts of arrays with a leading [len(rows)] axis."""
+  local = len(rows)
+
+  def row_at(i: int) -> dict:
+    step, j = divmod(i, local)
+    return example_at(step * global_batch + int(rows[j]))
+
+  ds = grain.MapDataset.range(np.iinfo(np.int64).max).map(row_at)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * local))
+  return iter(ds.batch(local, drop_remainder=True))
