@@ -32,12 +32,7 @@ def main() -> None:
   import torch  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(os.cpu_count())
   cfg = vqgan.Config(dtype="float32")
-  levels = len(cfg.channel_mult)
-  theirs = diffusers.VQModel(
-      down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-      block_out_channels=cfg.channels, layers_per_block=cfg.encoder_blocks, latent_channels=cfg.z_channels,
-      num_vq_embeddings=cfg.codes, vq_embed_dim=cfg.z_channels, norm_num_groups=cfg.groups,
-      mid_block_add_attention=False, lookup_from_codebook=True).eval()
+  theirs = diffusers.VQModel(**vqgan_torch.diffusers_kwargs(cfg)).eval()
   ours = vqgan.Model(cfg, rngs=nnx.Rngs(0))
   nnx.update(ours, vqgan_torch.from_diffusers({k: v.numpy() for k, v in theirs.state_dict().items()}, cfg))
   tok = vqgan.Tokenizer(ours, args.size, args.batch, jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",)))

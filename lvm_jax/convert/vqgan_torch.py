@@ -22,6 +22,15 @@ class WeightsError(ValueError):
   """A weights file that does not fit the configured VQGAN."""
 
 
+def diffusers_kwargs(cfg: vqgan.Config) -> dict[str, Any]:
+  """Arguments of diffusers.VQModel for the same network as vqgan.Model(cfg)."""
+  levels = len(cfg.channel_mult)
+  return dict(down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+              block_out_channels=cfg.channels, layers_per_block=cfg.encoder_blocks, act_fn="silu",
+              latent_channels=cfg.z_channels, num_vq_embeddings=cfg.codes, vq_embed_dim=cfg.z_channels,
+              norm_num_groups=cfg.groups, mid_block_add_attention=cfg.mid_attention, lookup_from_codebook=True)
+
+
 def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
   out = {}
   for k, v in tree.items():

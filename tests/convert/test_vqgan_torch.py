@@ -20,12 +20,7 @@ NARROW = vqgan.Config(hidden=32, channel_mult=(1, 2, 2, 4, 6), z_channels=16, co
 
 def diffusers_vq(cfg: vqgan.Config, seed: int = 0):
   torch.manual_seed(seed)
-  levels = len(cfg.channel_mult)
-  model = diffusers.VQModel(
-      down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-      block_out_channels=cfg.channels, layers_per_block=cfg.encoder_blocks, act_fn="silu",
-      latent_channels=cfg.z_channels, num_vq_embeddings=cfg.codes, vq_embed_dim=cfg.z_channels,
-      norm_num_groups=cfg.groups, mid_block_add_attention=False, lookup_from_codebook=True)
+  model = diffusers.VQModel(**vqgan_torch.diffusers_kwargs(cfg))
   # Random weights of a realistic scale: spread the codebook like encoder outputs so that many
   # codes compete for each latent (the default init leaves a handful in play).
   with torch.no_grad():
@@ -134,13 +129,7 @@ def test_muse_layout_names_and_round_trip(tmp_path):
 def test_mid_block_attention_matches_diffusers():
   """The taming-style self-attention in the mid blocks (diffusers' mid_block_add_attention)."""
   cfg = dataclasses.replace(NARROW, channel_mult=(1, 2, 2), mid_attention=True)
-  levels = len(cfg.channel_mult)
-  torch.manual_seed(0)
-  theirs = diffusers.VQModel(
-      down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-      block_out_channels=cfg.channels, layers_per_block=cfg.encoder_blocks, latent_channels=cfg.z_channels,
-      num_vq_embeddings=cfg.codes, vq_embed_dim=cfg.z_channels, norm_num_groups=cfg.groups,
-      mid_block_add_attention=True, lookup_from_codebook=True).eval()
+  theirs = diffusers_vq(cfg)
   state = {k: v.numpy() for k, v in theirs.state_dict().items()}
   assert any(".attentions.0.to_q." in k for k in state)
   ours = vqgan.Model(cfg, rngs=nnx.Rngs(0))
