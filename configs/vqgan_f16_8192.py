@@ -14,5 +14,5 @@ from lvm_jax.config import vqgan_config
 def get_config(arg=None):
   del arg
   return vqgan_config(dict(hidden=128, channel_mult=(1, 2, 2, 4, 6), encoder_blocks=2, z_channels=64,
-                           codes=8192, groups=32, mid_attention=False, beta=0.25, l2_codes=False, entropy_weight=0.0,
+                           codes=8192, groups=32, mid_attention=False, attn_levels=(), downsample="conv", beta=0.25, l2_codes=False, entropy_weight=0.0,
                            entropy_temperature=0.01, dtype="bfloat16"), 256)

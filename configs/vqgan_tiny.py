@@ -14,7 +14,7 @@ from lvm_jax.config import vqgan_config
 def get_config(arg=None):
   # 8-dim l2-normalised codes (LlamaGen) use more of the codebook than 16-dim raw ones here.
   c = vqgan_config(dict(hidden=32, channel_mult=(1, 2, 2), encoder_blocks=2, z_channels=8,
-                        codes=256, groups=8, mid_attention=False, beta=0.25, l2_codes=True, entropy_weight=0.0,
+                        codes=256, groups=8, mid_attention=False, attn_levels=(), downsample="conv", beta=0.25, l2_codes=True, entropy_weight=0.0,
                         entropy_temperature=0.01, dtype="float32"), 32)
   c.global_batch = 16
   c.steps = 400

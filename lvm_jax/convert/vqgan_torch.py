@@ -24,8 +24,12 @@ class WeightsError(ValueError):
 
 def diffusers_kwargs(cfg: vqgan.Config) -> dict[str, Any]:
   """Arguments of diffusers.VQModel for the same network as vqgan.Model(cfg)."""
-  levels = len(cfg.channel_mult)
-  return dict(down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+  if cfg.downsample != "conv":
+    raise WeightsError(f"diffusers' VQModel has no {cfg.downsample!r} downsampling (only strided convs)")
+  levels = range(len(cfg.channel_mult))
+  down = tuple("AttnDownEncoderBlock2D" if i in cfg.attn_levels else "DownEncoderBlock2D" for i in levels)
+  up = tuple("AttnUpDecoderBlock2D" if i in cfg.attn_levels else "UpDecoderBlock2D" for i in reversed(levels))
+  return dict(down_block_types=down, up_block_types=up,
               block_out_channels=cfg.channels, layers_per_block=cfg.encoder_blocks, act_fn="silu",
               latent_channels=cfg.z_channels, num_vq_embeddings=cfg.codes, vq_embed_dim=cfg.z_channels,
               norm_num_groups=cfg.groups, mid_block_add_attention=cfg.mid_attention, lookup_from_codebook=True)
@@ -123,14 +127,22 @@ def muse_name(name: str, levels: int) -> str:
   return name
 
 
+def _check_muse(cfg: vqgan.Config) -> None:
+  if cfg.mid_attention or cfg.attn_levels or cfg.downsample != "conv":
+    raise WeightsError("the muse layout covers the amused architecture only (no attention, conv "
+                       "downsampling); use the diffusers layout")
+
+
 def from_muse(state: dict[str, Any], cfg: vqgan.Config) -> dict:
   """open-muse VQGANModel state dict -> pure-dict params (via the diffusers names)."""
+  _check_muse(cfg)
   levels = len(cfg.channel_mult)
   abstract_names = {muse_name(n, levels): n for n in _diffusers_names(cfg)}
   return from_diffusers({abstract_names.get(k, k): v for k, v in state.items()}, cfg)
 
 
 def to_muse(params: dict, cfg: vqgan.Config) -> dict[str, np.ndarray]:
+  _check_muse(cfg)
   levels = len(cfg.channel_mult)
   return {muse_name(k, levels): v for k, v in to_diffusers(params).items()}
 

@@ -8,7 +8,8 @@ blocks per encoder level and 3 per decoder level, no attention, z/code dim 64, 8
 GroupNorm(32, eps 1e-6) + SiLU, pad (0,1,0,1) + 3x3 stride-2 VALID downsampling, nearest x2 +
 3x3 upsampling, inputs in [0, 1], outputs clamped to [0, 1]. Module and parameter names follow
 diffusers' `VQModel` (encoder.down_blocks.0.resnets.1.conv1, ...), so convert/vqgan_torch.py is a
-rename and transpose table.
+rename and transpose table. Taming's shape (attention inside chosen levels and the mid blocks)
+and MaskGIT's parameter-free average-pool downsampling are options of the same `Config`.
 
 The quantizer measures distances and takes the argmin in fp32 whatever the backbone's dtype:
 with 8192 codes, bf16 distances flip a visible share of the tokens.
@@ -22,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lvm_jax.config import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -32,11 +35,25 @@ class Config:
   codes: int = 8192
   groups: int = 32  # GroupNorm groups
   mid_attention: bool = False  # a self-attention block inside each mid block (taming; amused has none)
+  # Levels (0 = full resolution) whose res blocks are each followed by self-attention; taming's
+  # f16 ImageNet model has attn_resolutions=[16] at 256px, i.e. attn_levels=(4,).
+  attn_levels: tuple[int, ...] = ()
+  downsample: str = "conv"  # "conv": pad (0,1,0,1) + 3x3 stride 2 (taming); "avgpool": 2x2 (MaskGIT)
   beta: float = 0.25  # commitment weight, on the encoder term (taming's "legacy" placement is a bug)
   l2_codes: bool = False  # l2-normalise latents and codes before the lookup (ViT-VQGAN)
   entropy_weight: float = 0.0  # MaskGIT's codebook entropy loss (0.1 there), 0 = off
   entropy_temperature: float = 0.01
   dtype: str = "float32"  # backbone compute dtype; params and the quantizer stay fp32
+
+  def __post_init__(self):
+    levels = len(self.channel_mult)
+    if not set(self.attn_levels) <= set(range(levels)):
+      raise ConfigError(f"model.attn_levels={self.attn_levels}: levels are 0..{levels - 1}")
+    if self.downsample not in ("conv", "avgpool"):
+      raise ConfigError(f"model.downsample={self.downsample!r}: expected conv|avgpool")
+    if self.hidden % self.groups or self.z_channels < 1 or self.codes < 2:
+      raise ConfigError(f"model: hidden={self.hidden} must be a multiple of groups={self.groups}, "
+                        f"z_channels >= 1 (got {self.z_channels}), codes >= 2 (got {self.codes})")
 
   @property
   def channels(self) -> tuple[int, ...]:
@@ -78,25 +95,35 @@ def _norm(norm: nnx.GroupNorm, x: jax.Array) -> jax.Array:
 
 
 class Resample(nnx.Module):
-  """Downsample: pad right/bottom by one, 3x3 stride 2 VALID. Upsample: nearest x2, 3x3."""
+  """Downsample: pad right/bottom by one, 3x3 stride 2 VALID (or a parameter-free 2x2 average).
+  Upsample: nearest x2, 3x3."""
 
   def __init__(self, ch: int, down: bool, cfg: Config, rngs: nnx.Rngs):
     self.down = down
-    self.conv = _conv(ch, ch, 3, rngs, cfg.dtype, stride=2 if down else 1,
-                      padding="VALID" if down else "SAME")
+    if down and cfg.downsample == "avgpool":
+      self.conv = None
+    else:
+      self.conv = _conv(ch, ch, 3, rngs, cfg.dtype, stride=2 if down else 1,
+                        padding="VALID" if down else "SAME")
 
   def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+    if self.down and self.conv is None:
+      B, H, W, C = x_BHWC.shape
+      return x_BHWC.reshape(B, H // 2, 2, W // 2, 2, C).mean(axis=(2, 4))
     if self.down:
       return self.conv(jnp.pad(x_BHWC, ((0, 0), (0, 1), (0, 1), (0, 0))))
     return self.conv(jnp.repeat(jnp.repeat(x_BHWC, 2, axis=1), 2, axis=2))
 
 
 class Level(nnx.Module):
-  """One resolution: res blocks, then (except at the end) a resampler."""
+  """One resolution: res blocks (each followed by self-attention if `attend`), then (except at
+  the end) a resampler."""
 
-  def __init__(self, cin: int, cout: int, blocks: int, resample: Optional[str], cfg: Config,
+  def __init__(self, cin: int, cout: int, blocks: int, resample: Optional[str], attend: bool, cfg: Config,
                rngs: nnx.Rngs):
     self.resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, cfg, rngs) for i in range(blocks)])
+    if attend:  # diffusers' Attn{Down,Up}*Block2D
+      self.attentions = nnx.List([AttnBlock(cout, cfg, rngs) for _ in range(blocks)])
     # Named as in diffusers: {down,up}samplers.0.conv; the last level has none.
     if resample == "down":
       self.downsamplers = nnx.List([Resample(cout, True, cfg, rngs)])
@@ -104,8 +131,10 @@ class Level(nnx.Module):
       self.upsamplers = nnx.List([Resample(cout, False, cfg, rngs)])
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    for block in self.resnets:
+    for i, block in enumerate(self.resnets):
       x = block(x)
+      if hasattr(self, "attentions"):
+        x = self.attentions[i](x)
     for sampler in getattr(self, "downsamplers", getattr(self, "upsamplers", [])):
       x = sampler(x)
     return x
@@ -149,7 +178,8 @@ class Encoder(nnx.Module):
     ch = cfg.channels
     self.conv_in = _conv(3, ch[0], 3, rngs, cfg.dtype)
     self.down_blocks = nnx.List([
-        Level(ch[max(i - 1, 0)], ch[i], cfg.encoder_blocks, "down" if i < len(ch) - 1 else None, cfg, rngs)
+        Level(ch[max(i - 1, 0)], ch[i], cfg.encoder_blocks, "down" if i < len(ch) - 1 else None,
+              i in cfg.attn_levels, cfg, rngs)
         for i in range(len(ch))])
     self.mid_block = MidBlock(ch[-1], cfg, rngs)
     self.conv_norm_out = nnx.GroupNorm(ch[-1], num_groups=cfg.groups, epsilon=1e-6, rngs=rngs)
@@ -169,7 +199,8 @@ class Decoder(nnx.Module):
     self.conv_in = _conv(cfg.z_channels, ch[0], 3, rngs, cfg.dtype)
     self.mid_block = MidBlock(ch[0], cfg, rngs)
     self.up_blocks = nnx.List([
-        Level(ch[max(i - 1, 0)], ch[i], cfg.encoder_blocks + 1, "up" if i < len(ch) - 1 else None, cfg, rngs)
+        Level(ch[max(i - 1, 0)], ch[i], cfg.encoder_blocks + 1, "up" if i < len(ch) - 1 else None,
+              len(ch) - 1 - i in cfg.attn_levels, cfg, rngs)
         for i in range(len(ch))])
     self.conv_norm_out = nnx.GroupNorm(ch[-1], num_groups=cfg.groups, epsilon=1e-6, rngs=rngs)
     self.conv_out = _conv(ch[-1], 3, 3, rngs, cfg.dtype)

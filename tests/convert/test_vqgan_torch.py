@@ -80,6 +80,10 @@ def test_wrong_architecture_is_one_line():
   fewer = dataclasses.replace(NARROW, channel_mult=(1, 2, 2, 4))
   with pytest.raises(vqgan_torch.WeightsError, match="unexpected tensor"):
     vqgan_torch.from_diffusers(state, fewer)
+  with pytest.raises(vqgan_torch.WeightsError, match="no 'avgpool' downsampling"):
+    vqgan_torch.diffusers_kwargs(dataclasses.replace(NARROW, downsample="avgpool"))
+  with pytest.raises(vqgan_torch.WeightsError, match="muse layout covers the amused architecture only"):
+    vqgan_torch.from_muse(state, dataclasses.replace(NARROW, attn_levels=(4,)))
 
 
 @pytest.mark.slow
@@ -126,15 +130,17 @@ def test_muse_layout_names_and_round_trip(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
-def test_mid_block_attention_matches_diffusers():
-  """The taming-style self-attention in the mid blocks (diffusers' mid_block_add_attention)."""
-  cfg = dataclasses.replace(NARROW, channel_mult=(1, 2, 2), mid_attention=True)
+def test_taming_attention_matches_diffusers():
+  """Taming-style self-attention in the mid blocks and inside one level (diffusers'
+  mid_block_add_attention and Attn{Down,Up}*Block2D); level 1 of 4 is up_blocks.2 in the decoder."""
+  cfg = dataclasses.replace(NARROW, channel_mult=(1, 2, 2, 4), mid_attention=True, attn_levels=(1,))
   theirs = diffusers_vq(cfg)
   state = {k: v.numpy() for k, v in theirs.state_dict().items()}
-  assert any(".attentions.0.to_q." in k for k in state)
+  assert {"encoder.mid_block.attentions.0.to_q.weight", "encoder.down_blocks.1.attentions.1.to_q.weight",
+          "decoder.up_blocks.2.attentions.2.to_q.weight"} <= set(state)
   ours = vqgan.Model(cfg, rngs=nnx.Rngs(0))
   nnx.update(ours, vqgan_torch.from_diffusers(state, cfg))
-  images = _images(size=32)
+  images = _images(size=16)
   with torch.no_grad():
     z_ref = theirs.encode(torch.from_numpy(images).permute(0, 3, 1, 2)).latents.permute(0, 2, 3, 1).numpy()
     out_ref = theirs.decoder(theirs.post_quant_conv(torch.from_numpy(z_ref).permute(0, 3, 1, 2)))

@@ -114,3 +114,30 @@ def test_entropy_loss_rewards_confident_latents_spread_over_codes():
   cfg = dataclasses.replace(TINY, entropy_weight=0.1)
   _, aux = vqgan.Model(cfg, rngs=nnx.Rngs(0))(jax.random.uniform(jax.random.key(0), (2, 32, 32, 3)))
   assert "entropy_loss" in aux and np.isfinite(float(aux["entropy_loss"]))
+
+
+def test_taming_imagenet_f16_parameter_count():
+  """taming's vqgan_imagenet_f16_16384: ch 128, mult (1,1,2,2,4), attention at 16x16 and in the mid
+  blocks, z = embed = 256; 76.07M parameters (its 304 MB fp32 checkpoint)."""
+  cfg = vqgan.Config(hidden=128, channel_mult=(1, 1, 2, 2, 4), z_channels=256, codes=16384,
+                     mid_attention=True, attn_levels=(4,))
+  assert vqgan.count_params(cfg) == 76_073_859
+
+
+def test_avgpool_downsampling_is_a_parameter_free_mean():
+  cfg = dataclasses.replace(TINY, downsample="avgpool")
+  model = vqgan.Model(cfg, rngs=nnx.Rngs(0))
+  sampler = model.encoder.down_blocks[0].downsamplers[0]
+  assert sampler.conv is None and vqgan.count_params(cfg) < vqgan.count_params(TINY)
+  x = jax.random.normal(jax.random.key(1), (1, 4, 6, 2))
+  np.testing.assert_allclose(np.asarray(sampler(x)), np.asarray(x).reshape(1, 2, 2, 3, 2, 2).mean((2, 4)), rtol=1e-6)
+  assert model.encode(jnp.zeros((1, 32, 32, 3))).shape == (1, 8, 8)
+
+
+def test_bad_architecture_is_one_line():
+  import pytest  # pylint: disable=g-import-not-at-top
+  from lvm_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ConfigError, match=r"attn_levels=\(3,\): levels are 0..2"):
+    dataclasses.replace(TINY, attn_levels=(3,))
+  with pytest.raises(ConfigError, match="downsample='pool': expected conv|avgpool"):
+    dataclasses.replace(TINY, downsample="pool")
