@@ -1,0 +1,279 @@
+"""Built-in demo data: visual sentences of several tasks from pictures and digits that ship inside
+scikit-image and scikit-learn (no downloads).
+
+Tasks, each a name in TASKS:
+  video-like    moving_crop, rotating_crop, zooming_crop (a window over a picture moves, turns or
+                zooms from frame to frame); moving_digit (a digit drifting across a dark canvas)
+  in-context    edges, segmentation, flip, invert: [x1, y1, x2, y2, ...] pairs through
+                sentences.kshot_pairs, y = Sobel magnitude / colour clusters through a fixed palette /
+                horizontal flip / 255 - x
+  restoration   colorization, inpainting (sentences.colorization / sentences.inpainting)
+  reasoning     counting: digits d, d+1, d+2, ... (mod 10), each a random sample of that digit
+
+The held-out split draws on source pictures and digit samples that train never uses; its pictures
+are also outside data/images.py's TRAIN, so the demo tokenizer has not seen them either.
+Everything is a function of (task, split, seed, count, size, images).
+"""
+
+import functools
+from typing import Callable
+
+import numpy as np
+
+from lvm_jax.data import sentences as sentences_lib
+
+SPLITS = ("train", "held_out")
+# skimage.data names (the TRAIN / HELD_OUT of data/images.py) and sklearn sample images (*.jpg).
+PICTURES = {
+    "train": ("chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+              "colorwheel", "china.jpg"),
+    "held_out": ("astronaut", "flower.jpg"),
+}
+DIGITS_HELD_OUT_EVERY = 5  # load_digits sample i is held out when i % 5 == 4: every digit in both splits
+# Colours of the segmentation classes (colour clusters sorted dark to light), like the release's
+# fixed class -> colour map (map_color.py).
+PALETTE = np.array([[128, 0, 0], [0, 128, 0], [0, 0, 192], [230, 190, 0], [0, 200, 200],
+                    [200, 0, 200], [255, 128, 64], [160, 255, 160]], np.uint8)
+EDGE_GAIN = 0.5  # Sobel magnitude -> grey level; a 128-level step saturates at 255
+
+Rng = np.random.Generator
+
+
+def _picture(name: str) -> np.ndarray:
+  if name.endswith(".jpg"):
+    from sklearn.datasets import load_sample_image  # pylint: disable=g-import-not-at-top
+    return load_sample_image(name)
+  import skimage.data  # pylint: disable=g-import-not-at-top
+  return np.asarray(getattr(skimage.data, name)())[..., :3]
+
+
+@functools.cache
+def pictures(split: str, size: int) -> np.ndarray:
+  """The split's pictures squashed to [P, 4S, 4S, 3] (the release squashes to a square too)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  side = 4 * size  # a crop of S sees a sixteenth of the picture: scenes, not texture
+  return np.stack([np.asarray(Image.fromarray(_picture(n)).resize((side, side), Image.Resampling.LANCZOS))
+                   for n in PICTURES[_split(split)]])
+
+
+def digit_samples(split: str) -> np.ndarray:
+  """Indices into sklearn's load_digits of the split's samples."""
+  index = np.arange(1797)
+  held_out = index % DIGITS_HELD_OUT_EVERY == DIGITS_HELD_OUT_EVERY - 1
+  return index[held_out if _split(split) == "held_out" else ~held_out]
+
+
+@functools.cache
+def _digits(split: str, side: int) -> tuple[np.ndarray, np.ndarray]:
+  """The split's digits as grey uint8 [N, side, side] (bilinear upsampling of the 8x8 originals) and labels."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  digits = load_digits()
+  which = digit_samples(split)
+  big = [np.asarray(Image.fromarray((d * (255 / 16)).astype(np.float32)).resize(
+      (side, side), Image.Resampling.BILINEAR)) for d in digits.images[which]]
+  return np.clip(np.round(np.stack(big)), 0, 255).astype(np.uint8), digits.target[which].astype(np.int32)
+
+
+def digit_images(split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
+  """The split's digits, white on black: uint8 [N, size, size, 3] and int32 labels [N]."""
+  grey, labels = _digits(split, size)
+  return np.repeat(grey[..., None], 3, axis=-1), labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Video-like tasks: every frame is a window over a picture, sampled bilinearly.
+
+def _sample(pics: np.ndarray, which: np.ndarray, cy: np.ndarray, cx: np.ndarray, side: np.ndarray,
+            angle: np.ndarray, size: int) -> np.ndarray:
+  """Windows [N, S, S, 3]: centre (cy, cx), side and rotation (radians) per window, in picture pixels."""
+  cy, cx, side, angle = (np.asarray(a, np.float32) for a in (cy, cx, side, angle))  # float32: twice as fast
+  g = (np.arange(size, dtype=np.float32) + 0.5) / size - 0.5
+  v, u = g[:, None], g[None, :]
+  cos, sin, side = (a[:, None, None] for a in (np.cos(angle), np.sin(angle), side))
+  x = cx[:, None, None] + side * (cos * u - sin * v) - 0.5
+  y = cy[:, None, None] + side * (sin * u + cos * v) - 0.5
+  x0, y0 = np.floor(x), np.floor(y)
+  wx, wy = (x - x0)[..., None], (y - y0)[..., None]
+  last = pics.shape[1] - 1
+  x0, y0 = np.clip(x0.astype(int), 0, last), np.clip(y0.astype(int), 0, last)
+  x1, y1 = np.minimum(x0 + 1, last), np.minimum(y0 + 1, last)
+  p = which[:, None, None]
+
+  def at(yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
+    return pics[p, yy, xx].astype(np.float32)
+
+  out = (at(y0, x0) * (1 - wx) + at(y0, x1) * wx) * (1 - wy) + (at(y1, x0) * (1 - wx) + at(y1, x1) * wx) * wy
+  return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def _video(pics: np.ndarray, rng: Rng, count: int, n: int, size: int, cy: np.ndarray, cx: np.ndarray,
+           side: np.ndarray, angle: np.ndarray) -> np.ndarray:
+  """Frames of per-sentence random pictures; cy, cx, side, angle are [count, n] trajectories."""
+  which = np.repeat(rng.integers(0, len(pics), count), n)
+  frames = _sample(pics, which, *(a.reshape(-1) for a in (cy, cx, side, angle)), size)
+  return frames.reshape(count, n, size, size, 3)
+
+
+def _moving_crop(split: str, count: int, n: int, size: int, rng: Rng) -> np.ndarray:
+  pics = pictures(split, size)
+  room = pics.shape[1] - size  # the centre's range
+  speed = np.minimum(rng.uniform(1, 3, count) * size / 32, room / max(n - 1, 1) / np.sqrt(2))
+  heading = rng.uniform(0, 2 * np.pi, count)
+  t = np.arange(n)
+  dy, dx = (speed * np.sin(heading))[:, None] * t, (speed * np.cos(heading))[:, None] * t
+  start = [size / 2 - d.min(1) + rng.random(count) * (room - np.ptp(d, 1)) for d in (dy, dx)]
+  ones = np.ones((count, n))
+  return _video(pics, rng, count, n, size, start[0][:, None] + dy, start[1][:, None] + dx, size * ones, 0 * ones)
+
+
+def _rotating_crop(split: str, count: int, n: int, size: int, rng: Rng) -> np.ndarray:
+  pics = pictures(split, size)
+  reach = size / np.sqrt(2) + 1  # the turning window's corners stay inside the picture
+  cy, cx = (rng.uniform(reach, pics.shape[1] - reach, (count, 1)) * np.ones(n) for _ in range(2))
+  spin = rng.choice([-1, 1], count) * np.radians(rng.uniform(10, 25, count))
+  angle = rng.uniform(0, 2 * np.pi, count)[:, None] + spin[:, None] * np.arange(n)
+  return _video(pics, rng, count, n, size, cy, cx, size * np.ones((count, n)), angle)
+
+
+def _zooming_crop(split: str, count: int, n: int, size: int, rng: Rng) -> np.ndarray:
+  pics = pictures(split, size)
+  near, far = rng.uniform(1, 1.2, count) * size, rng.uniform(1.8, 2, count) * size  # at most 2x down: little aliasing
+  zoom_in = rng.random(count) < 0.5
+  first, last = np.where(zoom_in, far, near), np.where(zoom_in, near, far)
+  side = first[:, None] * (last / first)[:, None] ** np.linspace(0, 1, n)  # geometric: a steady zoom speed
+  cy, cx = (rng.uniform(far / 2, pics.shape[1] - far / 2)[:, None] * np.ones(n) for _ in range(2))
+  return _video(pics, rng, count, n, size, cy, cx, side, np.zeros((count, n)))
+
+
+def _moving_digit(split: str, count: int, n: int, size: int, rng: Rng) -> np.ndarray:
+  """A half-size digit drifting in a straight line; it crosses at least half the canvas horizontally."""
+  grey, _ = _digits(split, size // 2)
+  d, room = grey.shape[1], size - grey.shape[1]
+  x0, x1 = rng.integers(0, room // 4 + 1, count), room - rng.integers(0, room // 4 + 1, count)
+  x0, x1 = np.where(rng.random(count) < 0.5, (x0, x1), (x1, x0))
+  y0, y1 = rng.integers(0, room + 1, (2, count))
+  t = np.linspace(0, 1, n)
+  ys, xs = (np.round(a[:, None] + (b - a)[:, None] * t).astype(int) for a, b in ((y0, y1), (x0, x1)))
+  digit = grey[rng.integers(0, len(grey), count)]
+  canvas = np.zeros((count, n, size, size), np.uint8)
+  rows = ys[..., None, None] + np.arange(d)[:, None]
+  cols = xs[..., None, None] + np.arange(d)[None, :]
+  canvas[np.arange(count)[:, None, None, None], np.arange(n)[:, None, None], rows, cols] = digit[:, None]
+  return np.repeat(canvas[..., None], 3, axis=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Still-image tasks: exact windows of the pictures (integer positions, no resampling).
+
+def _crops(split: str, count: int, size: int, rng: Rng) -> np.ndarray:
+  pics = pictures(split, size)
+  which = rng.integers(0, len(pics), count)
+  y0, x0 = rng.integers(0, pics.shape[1] - size + 1, (2, count))
+  i = np.arange(size)
+  return pics[which[:, None, None], (y0[:, None] + i)[:, :, None], (x0[:, None] + i)[:, None, :]]
+
+
+def edges(images: np.ndarray) -> np.ndarray:
+  """uint8 [..., S, S, 3] -> Sobel gradient magnitude of the grey image, as grey uint8 [..., S, S, 3]."""
+  y = sentences_lib.gray(images)[..., 0].astype(np.float32)
+  p = np.pad(y, [(0, 0)] * (y.ndim - 2) + [(1, 1), (1, 1)], mode="edge")
+  dx = p[..., :, 2:] - p[..., :, :-2]
+  dy = p[..., 2:, :] - p[..., :-2, :]
+  gx = dx[..., :-2, :] + 2 * dx[..., 1:-1, :] + dx[..., 2:, :]
+  gy = dy[..., :-2] + 2 * dy[..., 1:-1] + dy[..., 2:]
+  mag = np.clip(np.round(np.hypot(gx, gy) * EDGE_GAIN), 0, 255).astype(np.uint8)
+  return np.repeat(mag[..., None], 3, axis=-1)
+
+
+@functools.cache
+def colour_centres() -> np.ndarray:
+  """len(PALETTE) k-means colour centres of the train pictures, dark to light: the segmentation classes."""
+  from sklearn.cluster import KMeans  # pylint: disable=g-import-not-at-top
+  pixels = pictures("train", 32).reshape(-1, 3).astype(np.float32)
+  pixels = pixels[np.random.default_rng(0).choice(len(pixels), 20000, replace=False)]
+  centres = KMeans(len(PALETTE), n_init=4, random_state=0).fit(pixels).cluster_centers_
+  return centres[np.argsort(centres @ np.array([0.2989, 0.587, 0.114]))].astype(np.float32)
+
+
+def segmentation(images: np.ndarray) -> np.ndarray:
+  """uint8 [..., 3] -> each pixel's nearest colour centre, drawn in that class's PALETTE colour."""
+  c = colour_centres()
+  x = images.astype(np.float32)
+  d = (x * x).sum(-1, keepdims=True) - 2 * x @ c.T + (c * c).sum(-1)
+  return PALETTE[np.argmin(d, axis=-1)]
+
+
+_TARGETS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+    "edges": edges,
+    "segmentation": segmentation,
+    "flip": lambda x: x[..., ::-1, :],
+    "invert": lambda x: 255 - x,
+}
+
+
+def _pair_task(target: str) -> Callable[..., np.ndarray]:
+  def make(split: str, count: int, n: int, size: int, rng: Rng) -> np.ndarray:
+    x = _crops(split, count * (n // 2), size, rng).reshape(count, n // 2, size, size, 3)
+    pairs = np.stack([x, _TARGETS[target](x)], axis=2)  # [count, k, 2, S, S, 3]
+    return np.stack([sentences_lib.kshot_pairs(list(p), rng) for p in pairs])
+  return make
+
+
+def _colorization(split: str, count: int, n: int, size: int, rng: Rng) -> np.ndarray:
+  x = _crops(split, count * (n // 2), size, rng).reshape(count, n // 2, size, size, 3)
+  return np.stack([sentences_lib.colorization(list(images)) for images in x])
+
+
+def _inpainting(split: str, count: int, n: int, size: int, rng: Rng) -> np.ndarray:
+  x = _crops(split, count * (n // 2), size, rng).reshape(count, n // 2, size, size, 3)
+  return np.stack([sentences_lib.inpainting(list(images), rng) for images in x])
+
+
+def _counting(split: str, count: int, n: int, size: int, rng: Rng) -> np.ndarray:
+  """Digits d, d+1, ... (mod 10) from a random d; each image a random sample of its digit."""
+  grey, labels = _digits(split, size)
+  per_digit = [np.flatnonzero(labels == k) for k in range(10)]
+  table = np.stack([np.resize(s, max(map(len, per_digit))) for s in per_digit])  # [10, most]; rows padded
+  digits = (rng.integers(0, 10, count)[:, None] + np.arange(n)) % 10
+  pick = (rng.random((count, n)) * np.array([len(s) for s in per_digit])[digits]).astype(int)
+  return np.repeat(grey[table[digits, pick]][..., None], 3, axis=-1)
+
+
+_MAKERS: dict[str, Callable[[str, int, int, int, Rng], np.ndarray]] = {
+    "moving_crop": _moving_crop,
+    "rotating_crop": _rotating_crop,
+    "zooming_crop": _zooming_crop,
+    "moving_digit": _moving_digit,
+    **{name: _pair_task(name) for name in _TARGETS},
+    "colorization": _colorization,
+    "inpainting": _inpainting,
+    "counting": _counting,
+}
+TASKS: tuple[str, ...] = tuple(_MAKERS)
+_PAIRED = ("edges", "segmentation", "flip", "invert", "colorization", "inpainting")
+
+
+def _split(split: str) -> str:
+  if split not in SPLITS:
+    raise ValueError(f"unknown demo split {split!r}; expected one of {', '.join(SPLITS)}")
+  return split
+
+
+def sentences(task: str, split: str, count: int, size: int = 32, seed: int = 0, images: int = 8) -> np.ndarray:
+  """`count` sentences of `images` images of one task: uint8 [count, images, size, size, 3].
+
+  Deterministic for (task, split, seed); the other arguments only change how much is drawn.
+  """
+  if task not in _MAKERS:
+    raise ValueError(f"unknown demo task {task!r}; expected one of {', '.join(TASKS)}")
+  _split(split)
+  if size < 8 or images < 1 or count < 0:
+    raise ValueError(f"demo {task}: size={size}, images={images}, count={count}; "
+                     "expected size >= 8, images >= 1, count >= 0")
+  if task in _PAIRED and images % 2:
+    raise ValueError(f"demo {task}: images={images}, a sentence of (x, y) pairs needs an even number")
+  if count == 0:
+    return np.zeros((0, images, size, size, 3), np.uint8)
+  rng = np.random.default_rng([seed, TASKS.index(task), SPLITS.index(split)])
+  return _MAKERS[task](split, count, images, size, rng)

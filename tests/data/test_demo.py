@@ -1,0 +1,117 @@
+"""Built-in demo data: shapes, determinism, held-out material, and that each task does what it says."""
+
+import numpy as np
+import pytest
+from numpy.lib.stride_tricks import sliding_window_view
+
+from lvm_jax.data import demo, images, sentences
+
+SIZE = 16  # small windows keep the tests fast; the default is 32
+
+
+def make(task: str, split: str = "train", count: int = 6, seed: int = 0, n: int = 6) -> np.ndarray:
+  return demo.sentences(task, split, count, size=SIZE, seed=seed, images=n)
+
+
+@pytest.mark.parametrize("task", demo.TASKS)
+def test_every_task_is_deterministic_and_seeded(task):
+  a = make(task)
+  assert a.shape == (6, 6, SIZE, SIZE, 3) and a.dtype == np.uint8
+  np.testing.assert_array_equal(a, make(task))
+  assert not np.array_equal(a, make(task, seed=1))
+  assert not np.array_equal(a, make(task, split="held_out"))
+  assert a.std() > 10  # not blank
+  assert demo.sentences(task, "train", 2).shape == (2, 8, 32, 32, 3)  # defaults: 8 images of 32x32
+
+
+def test_held_out_material_is_disjoint():
+  assert not set(demo.PICTURES["train"]) & set(demo.PICTURES["held_out"])
+  assert not set(demo.PICTURES["held_out"]) & set(images.TRAIN)  # the demo tokenizer never saw them
+  train, held_out = demo.digit_samples("train"), demo.digit_samples("held_out")
+  assert not set(train) & set(held_out) and len(train) + len(held_out) == 1797
+  for split in demo.SPLITS:
+    _, labels = demo.digit_images(split, SIZE)
+    assert set(labels) == set(range(10))
+
+
+def test_still_images_are_windows_of_the_split_pictures():
+  def found(window: np.ndarray, split: str) -> bool:
+    views = sliding_window_view(demo.pictures(split, SIZE), (SIZE, SIZE, 3), axis=(1, 2, 3))
+    return bool(np.all(views == window, axis=(-4, -3, -2, -1)).any())
+
+  for split, other in (("held_out", "train"), ("train", "held_out")):
+    x = make("flip", split, count=2, n=4)[:, 0::2].reshape(-1, SIZE, SIZE, 3)
+    assert all(found(w, split) and not found(w, other) for w in x)
+
+
+def test_counting_counts_up_with_samples_of_the_split():
+  for split in demo.SPLITS:
+    pool, labels = demo.digit_images(split, SIZE)
+    index = {im.tobytes(): i for i, im in enumerate(pool)}
+    s = make("counting", split, count=8, n=12)
+    found = np.array([[index[im.tobytes()] for im in sentence] for sentence in s])  # KeyError: not a split sample
+    digits = labels[found]
+    assert np.all((digits[:, 1:] - digits[:, :-1]) % 10 == 1)
+    assert len(set(digits[:, 0])) > 1 and len(set(found[:, 0])) == 8  # random starts and samples
+
+
+def test_pair_tasks():
+  flip, invert = make("flip"), make("invert")
+  np.testing.assert_array_equal(flip[:, 1::2], flip[:, 0::2, :, ::-1])
+  assert np.all(invert[:, 0::2].astype(int) + invert[:, 1::2] == 255)
+  seg = make("segmentation")
+  np.testing.assert_array_equal(seg[:, 1::2], demo.segmentation(seg[:, 0::2]))
+  assert {tuple(c) for c in seg[:, 1::2].reshape(-1, 3)} <= {tuple(c) for c in demo.PALETTE}
+  assert len({tuple(c) for c in seg[:, 1::2].reshape(-1, 3)}) >= 3
+  edge = make("edges")
+  np.testing.assert_array_equal(edge[:, 1::2], demo.edges(edge[:, 0::2]))
+
+
+def test_edges_are_a_sobel_magnitude():
+  step = np.zeros((1, SIZE, SIZE, 3), np.uint8)
+  step[:, :, SIZE // 2:] = 100
+  e = demo.edges(step)[0, ..., 0]
+  assert np.all(e[:, [0, SIZE // 2 - 2, SIZE // 2 + 1, SIZE - 1]] == 0)
+  # Sobel across a 100-level step: 4 * 100 in both columns beside it, times the gain
+  assert np.all(e[:, [SIZE // 2 - 1, SIZE // 2]] == round(400 * demo.EDGE_GAIN))
+
+
+def test_colorization_and_inpainting_through_the_builders():
+  c = make("colorization")
+  np.testing.assert_array_equal(c[:, 0::2], sentences.gray(c[:, 1::2]))
+  p = make("inpainting", count=20)
+  masked, orig = p[:, 0::2], p[:, 1::2]
+  kept = masked.any(-1)
+  np.testing.assert_array_equal(masked[kept], orig[kept])
+  assert np.all(masked[~kept] == 0) and 0.2 < kept.mean() < 0.95
+
+
+def test_moving_digits_move_steadily():
+  s = make("moving_digit", count=10, n=8)[..., 0].astype(float)
+  ys, xs = np.mgrid[:SIZE, :SIZE]
+  mass = s.sum((2, 3))
+  cy, cx = (s * ys).sum((2, 3)) / mass, (s * xs).sum((2, 3)) / mass
+  for path in (cx, cy):
+    step = np.diff(path, axis=1)
+    assert np.all((step >= -1e-9) | np.all(step <= 1e-9, axis=1, keepdims=True))  # monotonic per sentence
+  assert np.all(np.abs(cx[:, -1] - cx[:, 0]) >= SIZE / 4 - 1)  # at least half the free width
+
+
+def test_video_crops_change_smoothly():
+  for task in ("moving_crop", "rotating_crop", "zooming_crop"):
+    s = make(task, count=4, n=6).astype(float)
+    step = np.abs(np.diff(s, axis=1)).mean((2, 3, 4))
+    far = np.abs(s - s[::-1]).mean((1, 2, 3, 4))  # other sentences: other pictures or places
+    assert np.all(step > 0.5), task  # every frame changes
+    assert step.mean() < far.mean(), task  # by less than jumping to another sentence's frame
+
+
+@pytest.mark.parametrize("args, message", [
+    (("jigsaw", "train", 2), "unknown demo task 'jigsaw'; expected one of moving_crop"),
+    (("flip", "test", 2), "unknown demo split 'test'; expected one of train, held_out"),
+    (("flip", "train", 2, 32, 0, 5), "images=5, a sentence of .* needs an even number"),
+    (("counting", "train", 2, 4), "expected size >= 8"),
+])
+def test_bad_arguments(args, message):
+  with pytest.raises(ValueError, match=message):
+    demo.sentences(*args)
