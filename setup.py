@@ -31,6 +31,13 @@ setup(
         "google-cloud-storage>=2.14",
         # Built-in training pictures that ship inside the package (no downloads).
         "scikit-image>=0.22",
+        # data/sources.py: image decoding; video decoding (FFmpeg inside the wheel; >=14 for
+        # VideoFrame.rotation); TFDS datasets read from array_record files, without TensorFlow.
+        "pillow>=10",
+        "av>=14",
+        "tensorflow-datasets>=4.9",
+        # The demo's digits (load_digits), two more pictures and the k-means of its segmentation task.
+        "scikit-learn>=1.3",
     ],
     extras_require={
         # libtpu: AOT compilation against TPU topologies (python -m lvm_jax.compile), no TPU needed.

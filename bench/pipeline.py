@@ -45,7 +45,7 @@ def write(root: str, sentences: int, tokens: int, seed: int = 0) -> None:
 def tokens_per_second(root: str, args: argparse.Namespace) -> float:
   c = ml_collections.ConfigDict()
   c.seq_len, c.tokens_per_image = args.seq_len, 256
-  c.data = dict(name="pipeline", seed=0, threads=args.threads, bos=-1, mixture=[dict(path=root)])
+  c.data = dict(name="pipeline", seed=0, threads=args.threads, bos=-1, mixture={"bench": dict(path=root)})
   it = pipeline.make_iterator(c, np.arange(args.batch))
   for _ in range(3):  # thread pool and first reads
     next(it)

@@ -10,13 +10,14 @@ cores; the ideal loss is the entropy of the first image of each sentence, spread
 a training run in the test suite takes seconds.
 """
 
-from lvm_jax.config import lvm_config
+from lvm_jax.config import lvm_config, synthetic_data
 
 
 def get_config(arg=None):
   c = lvm_config(d_model=128, ffn=384, layers=2, heads=4)
   c.model.dtype = "float32"  # CPUs have no fast bf16 matmuls
   c.model.remat = "none"
+  c.data = synthetic_data()
   c.seq_len = 128
   c.tokens_per_image = 16
   c.global_batch = 8

@@ -43,12 +43,14 @@ class Checkpointer:
         state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)),
         force=True)
 
-  def restore(self, step: int, abstract_state: Any, data_iter: Any) -> Any:
-    """Restores `state` onto the shardings in `abstract_state`, and the iterator in place."""
+  def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
+    """Restores `state` onto the shardings in `abstract_state`, and the iterator in place
+    (without one, the state alone: for tools that only read the weights)."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          data=grain.checkpoint.CheckpointRestore(data_iter)))
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
       # Orbax and TensorStore raise plain Exceptions with multi-page specs for unreadable data;
       # the first line names the problem. Nothing is deleted: the user decides.

@@ -63,10 +63,13 @@ def lvm_config(d_model: int, ffn: int, layers: int, heads: int) -> ml_collection
   )
   c.rules = DEFAULT_RULES
 
+  # Token stores made by python -m lvm_jax.make_dataset, read by lvm_jax/data/pipeline.py.
   c.data = dict(
-      name="synthetic",  # lvm_jax.data.<name>
-      codes=64,  # synthetic: distinct codes in a synthetic image
-      images_per_sentence=(2, 4),  # synthetic: inclusive range of images per sentence
+      name="pipeline",  # lvm_jax.data.<name>
+      mixture=dict(main=dict(path="", weight=1.0, dataset="", task="")),  # --config.data.mixture.main.path=
+      seed=0,
+      threads=16,  # tensorstore reads in flight per process (GCS latency)
+      bos=-1,  # a BOS id to start every sentence with; -1 = none, as the release
   )
 
   c.log_every = 50
@@ -74,6 +77,11 @@ def lvm_config(d_model: int, ffn: int, layers: int, heads: int) -> ml_collection
   c.ckpt_keep = 3
   c.peak_tflops = 0.0  # per device; 0 = look up the TPU generation, or measure on CPU
   return c
+
+
+def synthetic_data() -> dict:
+  """lvm_jax/data/synthetic.py: generated sentences with a known loss floor (tests, benchmarks)."""
+  return dict(name="synthetic", codes=64, images_per_sentence=(2, 4))  # codes per image; inclusive range
 
 
 def vqgan_config(model: dict, image_size: int) -> ml_collections.ConfigDict:
@@ -100,6 +108,19 @@ def vqgan_config(model: dict, image_size: int) -> ml_collections.ConfigDict:
 
 class ConfigError(ValueError):
   """A config that cannot run; the message names the key and the allowed values."""
+
+
+def load_file(path: str) -> ml_collections.ConfigDict:
+  """get_config(arg) of a config file named as on the command line: FILE[:ARG]."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  file, _, arg = path.partition(":")
+  if not os.path.isfile(file):
+    raise ConfigError(f"config file {file} does not exist")
+  spec = importlib.util.spec_from_file_location(os.path.basename(file)[:-3], file)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg or None)
 
 
 def _check(ok: bool, msg: str) -> None:

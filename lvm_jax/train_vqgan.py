@@ -163,6 +163,21 @@ def train_vqgan(c: Any, workdir: str) -> dict:
   return state
 
 
+def load_ema(c: Any, workdir: str) -> vqgan.Model:
+  """The EMA generator of the newest checkpoint in a train_vqgan workdir, on this process's devices."""
+  mesh = sharding.make_mesh(c.mesh, jax.local_devices())
+  b = build(c, mesh)
+  with checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), c.ckpt_keep, c.ckpt_every) as ckpt:
+    step = ckpt.latest_step()
+    if step is None:
+      raise checkpoint.CheckpointError(f"no VQGAN checkpoint in {workdir}/checkpoints (train one with "
+                                       "python -m lvm_jax.train_vqgan)")
+    state = ckpt.restore(step, b["abstract_state"])
+  model = nnx.eval_shape(lambda: vqgan.Model(b["cfg"], rngs=nnx.Rngs(0)))
+  nnx.update(model, state["ema"])
+  return model
+
+
 def cli_main() -> None:
   config = cli.define_config()
   workdir = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard go here.")

@@ -14,6 +14,7 @@ flags.FLAGS.mark_as_parsed()
 import pytest  # noqa: E402
 import ml_collections  # noqa: E402
 
+from lvm_jax import config as config_lib  # noqa: E402
 from tests import gcs  # noqa: E402
 
 
@@ -39,11 +40,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """configs/<name>.py's get_config(arg), as the trainer's --config flag would load it."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_lib.load_file(os.path.join(REPO, "configs", f"{name}.py") + (f":{arg}" if arg else ""))
 
 
 @pytest.fixture

@@ -50,3 +50,28 @@ def test_sigterm_stops_both_processes_at_one_checkpoint(tmp_path):
   saved = [line.split("saved step ")[1].split()[0] for line in lines if "saved step" in line]
   assert len(saved) == 2 and saved[0] == saved[1], lines[-20:]
   assert os.listdir(tmp_path / "checkpoints") == [saved[0]]
+
+
+def test_two_processes_write_the_same_store_as_one(tmp_path):
+  """Units are dealt to processes; the store is the same whichever process made a shard."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from lvm_jax.convert import vqgan_torch  # pylint: disable=g-import-not-at-top
+  from lvm_jax.data import store  # pylint: disable=g-import-not-at-top
+  from lvm_jax.models import vqgan  # pylint: disable=g-import-not-at-top
+  from tests.conftest import load_config  # pylint: disable=g-import-not-at-top
+  cfg = vqgan.Config(**load_config("vqgan_tiny").model)
+  weights = str(tmp_path / "vq.safetensors")
+  vqgan_torch.save_safetensors(nnx.to_pure_dict(nnx.state(vqgan.Model(cfg, rngs=nnx.Rngs(0)), nnx.Param)), weights, cfg)
+  for nproc in (1, 2):
+    cmd = ["bash", os.path.join(REPO, "launch/local.sh"), str(nproc), "2", "--", sys.executable, "-m",
+           "lvm_jax.make_dataset", "--config", "configs/dataset_demo.py:test", f"--config.store={tmp_path}/s{nproc}",
+           f"--config.vqgan.weights={weights}", "--config.batch_size=8"]
+    out = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, XLA_FLAGS=""), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+  one, two = store.Store(str(tmp_path / "s1")), store.Store(str(tmp_path / "s2"))
+  assert len(one) == len(two) > 0 and one.manifest == two.manifest
+  for i in range(len(one)):
+    a, b = one[i], two[i]
+    assert (a["dataset"], a["task"]) == (b["dataset"], b["task"])
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])

@@ -1,9 +1,11 @@
 """Training batches from token stores: mixture, global shuffle, per-process shard, packing.
 
   config.data = dict(name="pipeline", seed=0, threads=8, bos=-1,
-                     mixture=[dict(path="gs://b/store", weight=1.0, dataset=None, task=None), ...])
+                     mixture=dict(video=dict(path="gs://b/video", weight=3.0, dataset="", task=""),
+                                  pairs=dict(path="gs://b/pairs", weight=1.0, dataset="", task="")))
 
-Each mixture component is a store (optionally only one dataset and/or task of it). Its sentence
+Each mixture component is a store, optionally only one dataset and/or task of it ("" = all);
+components are named so a command line can set them (--config.data.mixture.video.path=...). Its sentence
 indices are shuffled over the whole component with a new permutation every epoch, repeated
 forever, and sliced by JAX process, so processes read disjoint sentences. Components are mixed by
 weight; sentences are read through tensorstore on `threads` threads (GCS latency overlaps),
@@ -39,7 +41,7 @@ def _component(spec: Any, seed: int, max_tokens: int, tokens_per_image: int) -> 
   if store.manifest.tokens_per_image != tokens_per_image:
     raise config_lib.ConfigError(f"{spec['path']} has {store.manifest.tokens_per_image} tokens per image, "
                                  f"the config tokens_per_image={tokens_per_image}")
-  indices = store.indices(spec.get("dataset"), spec.get("task"))
+  indices = store.indices(spec.get("dataset") or None, spec.get("task") or None)
   if not len(indices):
     raise config_lib.ConfigError(f"mixture component {dict(spec)} selects no sentence")
   # Whole images only: a cut image would teach the model that images can end early.
@@ -52,12 +54,17 @@ def _component(spec: Any, seed: int, max_tokens: int, tokens_per_image: int) -> 
   return ds[jax.process_index()::jax.process_count()].map(read)
 
 
-def sentences(mixture: list, seed: int, max_tokens: int, tokens_per_image: int) -> grain.MapDataset:
+def sentences(mixture: dict, seed: int, max_tokens: int, tokens_per_image: int) -> grain.MapDataset:
   """Token arrays of the mixture's sentences, in this process's shuffled order."""
-  if not mixture:
+  names = sorted(mixture)
+  if not names:
     raise config_lib.ConfigError("data.mixture is empty: name at least one token store")
-  parts = [_component(spec, seed + 7919 * k, max_tokens, tokens_per_image) for k, spec in enumerate(mixture)]
-  weights = [float(spec.get("weight", 1.0)) for spec in mixture]
+  for name in names:
+    if not mixture[name].get("path"):
+      raise config_lib.ConfigError(f"data.mixture.{name}.path is empty: set it to a token store "
+                                   f"(--config.data.mixture.{name}.path=gs://... or a local path)")
+  parts = [_component(mixture[n], seed + 7919 * k, max_tokens, tokens_per_image) for k, n in enumerate(names)]
+  weights = [float(mixture[n].get("weight", 1.0)) for n in names]
   if min(weights) <= 0:
     raise config_lib.ConfigError(f"data.mixture weights must be > 0, got {weights}")
   return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
@@ -87,7 +94,7 @@ def make_iterator(c: Any, rows: np.ndarray, threads: Optional[int] = None) -> It
   """This process's part of every global batch: dicts of int32 [len(rows), seq_len]."""
   d = c.data
   max_tokens = c.seq_len - (1 if d.bos >= 0 else 0)
-  ds = sentences(list(d.mixture), d.seed, max_tokens, c.tokens_per_image)
+  ds = sentences(dict(d.mixture), d.seed, max_tokens, c.tokens_per_image)
   threads = d.threads if threads is None else threads
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2 * threads, 16)))
   return iter(pack(it_ds, c.seq_len, len(rows), d.seed, d.bos))

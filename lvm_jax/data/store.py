@@ -34,7 +34,7 @@ class StoreError(ValueError):
   """A store that cannot be read or written as asked; the message names the path and mismatch."""
 
 
-def _kvstore(root: str) -> dict:
+def kvstore(root: str) -> dict:
   root = root.rstrip("/") + "/"
   if root.startswith("gs://"):
     bucket, _, path = root[len("gs://"):].partition("/")
@@ -63,7 +63,7 @@ def create(root: str, manifest: Manifest) -> None:
   """Makes `root` a store with this manifest, or checks that it already is one with the same."""
   if manifest.vocab > 1 << 16:
     raise StoreError(f"vocab={manifest.vocab} does not fit uint16 tokens (max 65536)")
-  kv = ts.KvStore.open(_kvstore(root)).result()
+  kv = ts.KvStore.open(kvstore(root)).result()
   have = _read_json(kv, MANIFEST)
   if have is None:
     kv.write(MANIFEST, json.dumps(dataclasses.asdict(manifest), indent=1).encode()).result()
@@ -75,7 +75,7 @@ def create(root: str, manifest: Manifest) -> None:
 
 
 def shard_done(root: str, name: str) -> bool:
-  kv = ts.KvStore.open(_kvstore(root)).result()
+  kv = ts.KvStore.open(kvstore(root)).result()
   return kv.read(f"done/{name}.json").result().state == "value"
 
 
@@ -111,7 +111,7 @@ class ShardWriter:
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     tokens = np.concatenate(self.tokens) if self.tokens else np.zeros(0, np.uint16)
     meta = np.array(self.meta, np.int32).reshape(-1, 3)
-    base = _kvstore(self.root)
+    base = kvstore(self.root)
     writes = []
     for key, value, chunk in (("tokens", tokens, READ_CHUNK_TOKENS), ("offsets", offsets, None),
                               ("meta", meta, None)):
@@ -140,7 +140,7 @@ class Store:
 
   def __init__(self, root: str):
     self.root = root
-    kv = ts.KvStore.open(_kvstore(root)).result()
+    kv = ts.KvStore.open(kvstore(root)).result()
     manifest = _read_json(kv, MANIFEST)
     if manifest is None:
       raise StoreError(f"{root}: no {MANIFEST}; not a token store (make one with python -m lvm_jax.make_dataset)")
@@ -165,7 +165,7 @@ class Store:
     self.meta = np.concatenate(metas)
 
   def _open(self, key: str) -> Any:
-    spec = {"driver": "zarr3", "kvstore": _join(_kvstore(self.root), key), "recheck_cached_data": False}
+    spec = {"driver": "zarr3", "kvstore": _join(kvstore(self.root), key), "recheck_cached_data": False}
     try:
       return ts.open(spec, read=True, context=CONTEXT).result()
     except ValueError as e:  # tensorstore reports a missing or damaged array as ValueError

@@ -322,8 +322,9 @@ class TokenizerError(ValueError):
 class Tokenizer:
   """uint8 images [N, S, S, 3] <-> int32 ids [N, h*w] (row-major), jitted, sharded over a mesh.
 
-  Calls run on fixed batches of `batch_size` images split over every device of the mesh; the
-  last batch is padded, so any N reuses the one compiled program.
+  Calls run on fixed batches of `batch_size` images split over the devices of the mesh (by
+  default this process's devices: in a multi-process job each process tokenizes its own images);
+  the last batch is padded, so any N reuses the one compiled program.
   """
 
   def __init__(self, model: Model, image_size: int, batch_size: int,
@@ -333,12 +334,15 @@ class Tokenizer:
     if image_size % model.cfg.factor:
       raise TokenizerError(f"image_size={image_size} is not a multiple of the downsampling factor {model.cfg.factor}")
     self.grid = image_size // model.cfg.factor
-    mesh = mesh or jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    # This process's devices: every process tokenizes its own images, with no collectives.
+    mesh = mesh or jax.sharding.Mesh(np.asarray(jax.local_devices()), ("data",))
+    if any(d.process_index != jax.process_index() for d in mesh.devices.flat):
+      raise TokenizerError("the tokenizer's mesh must hold only this process's devices (jax.local_devices())")
     if batch_size % mesh.size:
       raise TokenizerError(f"batch_size={batch_size} is not divisible by the mesh's {mesh.size} devices")
     graphdef, state = nnx.split(model)
     replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P(mesh.axis_names))
-    self.state = jax.device_put(state, replicated)
+    self.state, self._batch_sharding = jax.device_put(state, replicated), batch
 
     def encode(state: nnx.State, images_BHWC: jax.Array) -> jax.Array:
       ids = nnx.merge(graphdef, state).encode(images_BHWC.astype(jnp.float32) / 255.0)
@@ -357,7 +361,7 @@ class Tokenizer:
       chunk = x[start:start + self.batch_size]
       pad = self.batch_size - len(chunk)
       padded = np.concatenate([chunk, np.zeros((pad, *chunk.shape[1:]), chunk.dtype)]) if pad else chunk
-      outs.append(np.asarray(fn(self.state, padded))[:len(chunk)])
+      outs.append(np.asarray(fn(self.state, jax.device_put(padded, self._batch_sharding)))[:len(chunk)])
     return np.concatenate(outs)
 
   def encode(self, images: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ def numbered_store(root: str, first: int, n: int, images: tuple[int, int] = (1, 
   return sentences
 
 
-def config(mixture: list, seq_len: int = 16, bos: int = -1) -> ml_collections.ConfigDict:
+def config(mixture: dict, seq_len: int = 16, bos: int = -1) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seq_len, c.tokens_per_image = seq_len, MANIFEST.tokens_per_image
   c.data = dict(name="pipeline", seed=3, threads=2, bos=bos, mixture=mixture)
@@ -42,7 +42,7 @@ def segments(batch: dict) -> list[np.ndarray]:
 
 def test_rows_pack_whole_sentences_and_cut_long_ones_at_image_boundaries(tmp_path):
   sentences = numbered_store(str(tmp_path / "s"), 1, 30, images=(1, 6))
-  it = pipeline.make_iterator(config([dict(path=str(tmp_path / "s"))], seq_len=16), np.arange(4))
+  it = pipeline.make_iterator(config({"main": dict(path=str(tmp_path / "s"))}, seq_len=16), np.arange(4))
   batch = next(it)
   assert batch["tokens"].shape == (4, 16) and all(v.dtype == np.int32 for v in batch.values())
   for seg in segments(batch):
@@ -52,14 +52,14 @@ def test_rows_pack_whole_sentences_and_cut_long_ones_at_image_boundaries(tmp_pat
 
 def test_bos_starts_every_sentence(tmp_path):
   numbered_store(str(tmp_path / "s"), 1, 10)
-  it = pipeline.make_iterator(config([dict(path=str(tmp_path / "s"))], bos=299), np.arange(2))
+  it = pipeline.make_iterator(config({"main": dict(path=str(tmp_path / "s"))}, bos=299), np.arange(2))
   for seg in segments(next(it)):
     assert seg[0] == 299 and len(seg) - 1 <= 15 and (len(seg) - 1) % 4 == 0 and np.all(seg[1:] != 299)
 
 
 def test_every_epoch_is_a_fresh_permutation_of_all_sentences(tmp_path):
   numbered_store(str(tmp_path / "s"), 1, 12, images=(4, 4))  # one sentence per row
-  it = pipeline.make_iterator(config([dict(path=str(tmp_path / "s"))]), np.arange(3))
+  it = pipeline.make_iterator(config({"main": dict(path=str(tmp_path / "s"))}), np.arange(3))
   order = [int(seg[0]) for _ in range(8) for seg in segments(next(it))]
   first, second = order[:12], order[12:24]
   assert sorted(first) == sorted(second) == list(range(1, 13)) and first != second
@@ -68,7 +68,7 @@ def test_every_epoch_is_a_fresh_permutation_of_all_sentences(tmp_path):
 def test_mixture_follows_the_weights(tmp_path):
   numbered_store(str(tmp_path / "a"), 1, 20, images=(1, 1))
   numbered_store(str(tmp_path / "b"), 101, 20, images=(1, 1))
-  mixture = [dict(path=str(tmp_path / "a"), weight=3.0), dict(path=str(tmp_path / "b"), weight=1.0)]
+  mixture = {"a": dict(path=str(tmp_path / "a"), weight=3.0), "b": dict(path=str(tmp_path / "b"), weight=1.0)}
   it = pipeline.make_iterator(config(mixture), np.arange(8))
   counts = collections.Counter(int(seg[0]) > 100 for _ in range(10) for seg in segments(next(it)))
   share_b = counts[True] / sum(counts.values())
@@ -77,7 +77,7 @@ def test_mixture_follows_the_weights(tmp_path):
 
 def test_iterator_state_resumes_exactly(tmp_path):
   numbered_store(str(tmp_path / "s"), 1, 25)
-  c = config([dict(path=str(tmp_path / "s"))])
+  c = config({"main": dict(path=str(tmp_path / "s"))})
   it = pipeline.make_iterator(c, np.arange(2))
   for _ in range(3):
     next(it)
@@ -98,16 +98,18 @@ def test_selection_and_mismatch_errors(tmp_path):
   for i in range(6):
     w.add(np.full(4, i), "kitti" if i < 4 else "coco", "depth")
   w.close()
-  it = pipeline.make_iterator(config([dict(path=root, dataset="coco")]), np.arange(2))
+  it = pipeline.make_iterator(config({"main": dict(path=root, dataset="coco")}), np.arange(2))
   assert {int(seg[0]) for seg in segments(next(it))} <= {4, 5}
-  c = config([dict(path=root)])
+  c = config({"main": dict(path=root)})
   c.tokens_per_image = 8
   with pytest.raises(ConfigError, match="has 4 tokens per image, the config tokens_per_image=8"):
     pipeline.make_iterator(c, np.arange(2))
   with pytest.raises(ConfigError, match="weights must be > 0"):
-    pipeline.make_iterator(config([dict(path=root, weight=0.0), dict(path=root)]), np.arange(2))
+    pipeline.make_iterator(config({"a": dict(path=root, weight=0.0), "b": dict(path=root)}), np.arange(2))
+  with pytest.raises(ConfigError, match="data.mixture.main.path is empty"):
+    pipeline.make_iterator(config({"main": dict(path="")}), np.arange(2))
   with pytest.raises(store.StoreError, match="no task 'seg'"):
-    pipeline.make_iterator(config([dict(path=root, task="seg")]), np.arange(2))
+    pipeline.make_iterator(config({"main": dict(path=root, task="seg")}), np.arange(2))
 
 
 def test_gcs_store_gives_the_same_batches_as_local(tmp_path, gcs_emulator, monkeypatch):
@@ -115,8 +117,8 @@ def test_gcs_store_gives_the_same_batches_as_local(tmp_path, gcs_emulator, monke
     monkeypatch.setenv(k, v)
   numbered_store(str(tmp_path / "s"), 1, 20)
   numbered_store("gs://lvm-test/pipeline/s", 1, 20)
-  local = pipeline.make_iterator(config([dict(path=str(tmp_path / "s"))]), np.arange(4))
-  remote = pipeline.make_iterator(config([dict(path="gs://lvm-test/pipeline/s")]), np.arange(4))
+  local = pipeline.make_iterator(config({"main": dict(path=str(tmp_path / "s"))}), np.arange(4))
+  remote = pipeline.make_iterator(config({"main": dict(path="gs://lvm-test/pipeline/s")}), np.arange(4))
   for _ in range(3):
     a, b = next(local), next(remote)
     for k in a:

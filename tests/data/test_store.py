@@ -59,7 +59,7 @@ def test_a_shard_without_its_done_marker_is_invisible(root):
     writer.add(tokens, dataset, task)
   writer.close()
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
-  kv = ts.KvStore.open(store._kvstore(root)).result()
+  kv = ts.KvStore.open(store.kvstore(root)).result()
   kv.delete_range(ts.KvStore.KeyRange("done/00001.json", "done/00001.json\0")).result()
   assert len(store.Store(root)) == 4
   assert store.shard_done(root, "00000") and not store.shard_done(root, "00001")
