@@ -4,7 +4,8 @@
                      mixture=dict(video=dict(path="gs://b/video", weight=3.0, dataset="", task=""),
                                   pairs=dict(path="gs://b/pairs", weight=1.0, dataset="", task="")))
 
-Each mixture component is a store, optionally only one dataset and/or task of it ("" = all);
+Each mixture component is a store, optionally only the datasets and/or tasks matching a pattern
+("kitti", "*_train"; "" = all);
 components are named so a command line can set them (--config.data.mixture.video.path=...). Its sentence
 indices are shuffled over the whole component with a new permutation every epoch, repeated
 forever, and sliced by JAX process, so processes read disjoint sentences. Components are mixed by

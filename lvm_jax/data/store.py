@@ -14,6 +14,7 @@ prefix so listing them does not list every chunk object on GCS.
 """
 
 import dataclasses
+import fnmatch
 import json
 from typing import Any, Optional
 
@@ -185,13 +186,15 @@ class Store:
             "images": int(n)}
 
   def indices(self, dataset: Optional[str] = None, task: Optional[str] = None) -> np.ndarray:
-    """Sentence indices, optionally only those of one dataset and/or task."""
+    """Sentence indices, optionally only those whose dataset and/or task match a shell-style
+    pattern ("kitti", "*_train")."""
     keep = np.ones(len(self), bool)
     for column, names, want in ((0, self.datasets, dataset), (1, self.tasks, task)):
       if want is not None:
-        if want not in names:
+        ids = [i for i, name in enumerate(names) if fnmatch.fnmatchcase(name, want)]
+        if not ids:
           raise StoreError(f"{self.root}: no {'dataset' if column == 0 else 'task'} {want!r} (has {names})")
-        keep &= self.meta[:, column] == names.index(want)
+        keep &= np.isin(self.meta[:, column], ids)
     return np.flatnonzero(keep)
 
 

@@ -46,6 +46,7 @@ def test_round_trip_across_shards_with_names_remapped(root):
     assert (got["dataset"], got["task"], got["images"]) == (dataset, task, len(tokens) // 4)
   np.testing.assert_array_equal(s.indices(dataset="coco"), [5, 6, 7, 8, 9, 10])
   np.testing.assert_array_equal(s.indices(dataset="coco", task="depth"), [10])
+  np.testing.assert_array_equal(s.indices(dataset="k*"), [0, 1, 2, 3, 4])
   with pytest.raises(store.StoreError, match=r"no dataset 'imagenet' \(has \['kitti', 'coco'\]\)"):
     s.indices(dataset="imagenet")
 

@@ -1,0 +1,26 @@
+"""Tiny LVM on the built-in demo store: 4-image sentences of 64-token (32x32) images.
+
+  python -m lvm_jax.train_vqgan --config configs/vqgan_tiny.py --workdir /tmp/lvm_demo/vqgan
+  python -m lvm_jax.make_dataset --config configs/dataset_demo.py
+  python -m lvm_jax.train --config configs/lvm_demo.py --workdir /tmp/lvm_demo/lvm
+
+Reads /tmp/lvm_demo/store (configs/dataset_demo.py) through the grain pipeline, one sentence of
+256 tokens per row; the train split of every demo task, weighted equally by sentence count.
+Expect the loss to fall from ln(256) = 5.5 over a few hundred CPU steps: the video tasks (each
+frame near the last) fall fastest.
+"""
+
+from lvm_jax.config import lvm_config
+
+
+def get_config(arg=None):
+  del arg
+  c = lvm_config(d_model=128, ffn=384, layers=2, heads=4)
+  c.model.update(dtype="float32", remat="none", vocab_size=256)  # the tiny VQGAN's 256 codes
+  c.seq_len, c.tokens_per_image = 256, 64
+  c.global_batch, c.steps = 8, 300
+  c.optim.update(lr=3e-3, end_lr=3e-4, warmup=20)
+  c.data.mixture.main.update(path="/tmp/lvm_demo/store", dataset="*_train")  # held_out is for evaluation
+  c.data.threads = 2
+  c.log_every, c.ckpt_every = 10, 100
+  return c
