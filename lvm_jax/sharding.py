@@ -89,13 +89,18 @@ def logical_to_spec(axes: Sequence[Optional[str]], rules: Rules) -> P:
   return P(*spec)
 
 
+def current_spec(axes: Sequence[Optional[str]]) -> Optional[P]:
+  """The PartitionSpec of logical `axes` under the active rules and mesh, None outside them."""
+  rules = getattr(_state, "rules", None)
+  if not rules or jax.sharding.get_abstract_mesh().empty:
+    return None
+  return logical_to_spec(axes, rules)
+
+
 def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
   """Sharding constraint on an activation, a no-op outside a mesh + rules context."""
-  rules = getattr(_state, "rules", None)
-  mesh = jax.sharding.get_abstract_mesh()
-  if not rules or mesh.empty:
-    return x
-  return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, rules))
+  spec = current_spec(axes)
+  return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
 # ---------------------------------------------------------------------------- state and batch

@@ -21,6 +21,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from lvm_jax import checkpoint, cli, config as config_lib, metrics, optim, sharding
+from lvm_jax.kernels import attention
 from lvm_jax.models import transformer
 
 
@@ -80,7 +81,9 @@ def train_step(state: dict, batch: dict, *, graphdef: Any, tx: optax.GradientTra
 
 def build(c: Any, mesh: jax.sharding.Mesh) -> dict:
   """Model graph, optimizer, abstract state and its shardings: everything before any FLOP."""
-  model_cfg = transformer.Config(**c.model)
+  # The attention implementation follows the mesh's devices, not the host's (compile.py).
+  platform = mesh.devices.flat[0].platform
+  model_cfg = transformer.Config(**{**c.model, "attention": attention.resolve(c.model.attention, platform)})
   abstract_model = nnx.eval_shape(lambda: transformer.Model(model_cfg, rngs=nnx.Rngs(0)))
   graphdef, _ = nnx.split(abstract_model)
   tx = optim.make(c)

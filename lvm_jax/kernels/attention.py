@@ -2,10 +2,21 @@
 
 Dimension letters: B batch, L query length, S key length, H heads, K head dim.
 
-`impl='xla'` is the reference path: plain einsums with fp32 logits and softmax, correct on every
-backend and the numerical reference for the Pallas kernel (kernels/flash_attention.py, its own
-issue). The mask is the AND of: causal (or prefix-causal, for AIM) and equal segment ids (packed
-visual sentences never attend across sentence boundaries).
+The mask is the AND of: causal (or prefix-causal, for AIM) and equal segment ids (packed
+visual sentences never attend across sentence boundaries). Implementations:
+
+  xla    plain einsums with fp32 logits and softmax: every backend, and the numerical reference.
+  flash  the Pallas kernels (kernels/flash_attention.py; Mosaic on TPU, Triton on GPU), under
+         jax.shard_map over the context mesh (batch on its data/fsdp axes, heads on tensor),
+         since a Pallas call sees one device's block. On a CPU they run in interpret mode
+         (tests only: slow).
+  auto   flash on TPU and GPU, xla on CPU.
+
+`resolve(impl, platform)` turns a config's name into what runs, "xla" or "flash:<platform>",
+from the mesh's devices: the trainer may compile for a TPU topology on a CPU host (compile.py).
+
+GPU note: cuDNN's fused attention (jax.nn.dot_product_attention(implementation="cudnn")) takes
+causal and padding masks but not per-example prefixes, so the Triton kernel covers every mask.
 """
 
 from typing import Optional
@@ -13,7 +24,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla",)
+IMPLEMENTATIONS = ("auto", "xla", "flash")
 
 
 def make_mask(
@@ -71,14 +82,20 @@ def attention(
     prefix_len_B: Optional[jax.Array] = None,
     impl: str = "xla",
     chunk: int = 256,
+    block: int = 0,
 ) -> jax.Array:
   """Multi-head self-attention over [B, L, H, K] inputs; returns [B, L, H, K].
 
-  `chunk` is the query block of the causal XLA path (blocks above the diagonal are skipped).
+  `chunk` is the query block of the causal XLA path (blocks above the diagonal are skipped);
+  `block` the flash kernels' query and key block (0: the backend's default).
   """
   if q_BLHK.shape != k_BLHK.shape or k_BLHK.shape != v_BLHK.shape:
     raise ValueError(f"attention: q/k/v shapes differ: {q_BLHK.shape}, {k_BLHK.shape}, {v_BLHK.shape}")
-  if impl not in IMPLEMENTATIONS:
+  impl = resolve(impl, jax.default_backend()) if impl in IMPLEMENTATIONS else impl
+  if impl.startswith("flash:"):
+    return _flash_sharded(q_BLHK, k_BLHK, v_BLHK, causal, segment_ids_BL, prefix_len_B, block,
+                          impl.split(":")[1])
+  if impl != "xla":
     raise ValueError(f"attention impl={impl!r}: expected one of {IMPLEMENTATIONS}")
   length = q_BLHK.shape[1]
   mask_BHLS = make_mask(length, causal=causal, segment_ids_BL=segment_ids_BL,
@@ -90,3 +107,34 @@ def attention(
   outs = [xla_attention(q_BLHK[:, a:b], k_BLHK[:, :b], v_BLHK[:, :b], mask_BHLS[:, :, a:b, :b])
           for a, b in _causal_chunks(length, chunk)]
   return jnp.concatenate(outs, axis=1)
+
+
+def resolve(impl: str, platform: str) -> str:
+  """A config's implementation for a platform: 'xla', 'flash:tpu', 'flash:gpu' or 'flash:cpu'
+  (the TPU kernels in interpret mode). 'auto' is flash except on CPU."""
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"attention impl={impl!r}: expected one of {IMPLEMENTATIONS}")
+  platform = "gpu" if platform in ("gpu", "cuda", "rocm") else platform
+  if impl == "xla" or (impl == "auto" and platform == "cpu"):
+    return "xla"
+  return f"flash:{platform}"
+
+
+def _flash_sharded(q_BLHK, k_BLHK, v_BLHK, causal, segment_ids_BL, prefix_len_B, block, platform) -> jax.Array:
+  """The Pallas kernel on each device's [batch shard, L, head shard, K] block."""
+  from lvm_jax import sharding  # pylint: disable=g-import-not-at-top
+  from lvm_jax.kernels import flash_attention  # pylint: disable=g-import-not-at-top
+  B, L = q_BLHK.shape[:2]
+  seg = jnp.zeros((B, L), jnp.int32) if segment_ids_BL is None else segment_ids_BL
+  prefix = jnp.zeros((B,), jnp.int32) if prefix_len_B is None else prefix_len_B
+  kernel = lambda q, k, v, s, p: flash_attention.flash_attention(
+      q, k, v, causal=causal, segment_ids_BL=s, prefix_len_B=p if prefix_len_B is not None else None,
+      block_q=block or None, block_k=block or None, interpret=platform == "cpu",
+      backend="gpu" if platform == "gpu" else "tpu")
+  mesh = jax.sharding.get_abstract_mesh()
+  spec = sharding.current_spec(("batch", None, "heads", None))
+  if mesh.empty or spec is None:
+    return kernel(q_BLHK, k_BLHK, v_BLHK, seg, prefix)
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  return jax.shard_map(kernel, mesh=mesh, in_specs=(spec, spec, spec, P(spec[0], None), P(spec[0])),
+                       out_specs=spec, check_vma=False)(q_BLHK, k_BLHK, v_BLHK, seg, prefix)

@@ -43,7 +43,8 @@ class Config:
   norm_eps: float = 1e-6
   dtype: str = "float32"
   remat: str = "full"
-  attention: str = "xla"
+  attention: str = "xla"  # kernels/attention.py: xla | auto | flash, or resolved (flash:tpu)
+  attention_block: int = 0  # flash kernels: query and key block; 0 = the backend default
 
   @property
   def head_dim(self) -> int:
@@ -136,7 +137,8 @@ def decoder_layer(
   q_BLHK = sharding.constrain(apply_rope(q_BLHK, sin_BLK, cos_BLK), ("batch", "length", "heads", "head_dim"))
   k_BLHK = apply_rope(k_BLHK, sin_BLK, cos_BLK)
   out_BLHK = attention_lib.attention(q_BLHK, k_BLHK, v_BLHK, causal=True,
-                                     segment_ids_BL=segment_ids_BL, impl=cfg.attention)
+                                     segment_ids_BL=segment_ids_BL, impl=cfg.attention,
+                                     block=cfg.attention_block)
   x_TD = x_TD + out_BLHK.reshape(B * L, H * K) @ w["wo"].reshape(H * K, D)
   x_TD = sharding.constrain(x_TD, ("batch", "embed"))
 

@@ -74,5 +74,10 @@ def test_bad_inputs_name_the_problem():
   x = jnp.ones((1, 4, 2, 8))
   with pytest.raises(ValueError, match="shapes differ"):
     attention.attention(x, jnp.ones((1, 5, 2, 8)), x)
-  with pytest.raises(ValueError, match="impl='flash'"):
-    attention.attention(x, x, x, impl="flash")
+  with pytest.raises(ValueError, match="impl='pallas'"):
+    attention.attention(x, x, x, impl="pallas")
+
+
+def test_resolve_follows_the_platform():
+  assert [attention.resolve("auto", p) for p in ("cpu", "tpu", "cuda")] == ["xla", "flash:tpu", "flash:gpu"]
+  assert attention.resolve("flash", "cpu") == "flash:cpu" and attention.resolve("xla", "tpu") == "xla"
