@@ -18,6 +18,7 @@ This file holds the TPU (Mosaic) kernels; `flash_attention_gpu.py` the Triton on
 Pallas interpret mode on a CPU, which is how the tests check them against a float64 reference.
 """
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -176,11 +177,15 @@ def _dq_kernel(prefix_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, q_ref, k_ref,
 # ------------------------------------------------------------------------------ pallas_call wrappers
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=[],
-                   meta_fields=["scale", "bq", "bk", "causal", "kv_len", "interpret"])
+@dataclasses.dataclass(frozen=True)
 class _Static:
-  def __init__(self, scale: float, bq: int, bk: int, causal: bool, kv_len: int, interpret: bool):
-    self.scale, self.bq, self.bk, self.causal, self.kv_len, self.interpret = scale, bq, bk, causal, kv_len, interpret
+  """Everything the kernels specialise on (hashable: a custom_vjp static argument)."""
+  scale: float
+  bq: int
+  bk: int
+  causal: bool
+  kv_len: int  # keys at or past this position are padding
+  interpret: bool
 
   def kernel_kw(self, nq: int, nk: int) -> dict:
     return dict(scale=self.scale, bq=self.bq, bk=self.bk, nq=nq, nk=nk, causal=self.causal, kv_len=self.kv_len)

@@ -1,5 +1,5 @@
-"""The Pallas flash-attention kernels in interpret mode against float64 attention and its exact
-gradients; sharded on 8 fake devices; lowered and compiled for TPU."""
+"""The Pallas flash-attention kernels (TPU and GPU) in interpret mode against float64 attention
+and its exact gradients; sharded on 8 fake devices; lowered for TPU (Mosaic) and GPU (Triton)."""
 
 import jax
 import jax.numpy as jnp
@@ -50,8 +50,10 @@ CASES = [  # B, L, H, K, causal, segments, prefix, blocks (q, k), dtype
 ]
 
 
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
 @pytest.mark.parametrize("B,L,H,K,causal,use_seg,use_prefix,blocks,dtype", CASES)
-def test_interpret_matches_float64_forward_and_gradients(B, L, H, K, causal, use_seg, use_prefix, blocks, dtype):
+def test_interpret_matches_float64_forward_and_gradients(B, L, H, K, causal, use_seg, use_prefix, blocks, dtype,
+                                                         backend):
   rng = np.random.default_rng(L + K)
   q, k, v, do = (rng.normal(size=(B, L, H, K)).astype(np.float32) for _ in range(4))
   seg = segments(rng, B, L) if use_seg else None
@@ -61,7 +63,8 @@ def test_interpret_matches_float64_forward_and_gradients(B, L, H, K, causal, use
   def run(q, k, v):
     return fa.flash_attention(q, k, v, causal=causal, segment_ids_BL=None if seg is None else jnp.asarray(seg),
                               prefix_len_B=None if prefix is None else jnp.asarray(prefix),
-                              block_q=blocks[0], block_k=blocks[1], interpret=True)
+                              block_q=blocks[0] // (4 if backend == "gpu" else 1),  # GPU: 32 / 64
+                              block_k=blocks[1] // (4 if backend == "gpu" else 1), interpret=True, backend=backend)
 
   args = [jnp.asarray(x, dtype) for x in (q, k, v)]
   out, vjp = jax.vjp(run, *args)
@@ -110,16 +113,22 @@ def test_sharded_over_the_mesh_equals_the_reference():
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=1e-5)
 
 
-def test_lowers_for_tpu():
+@pytest.mark.parametrize("backend,platform,target", [("tpu", "tpu", "tpu_custom_call"),
+                                                     ("gpu", "cuda", "__gpu$xla.gpu.triton")])
+def test_lowers_for_the_accelerator(backend, platform, target):
+  """Mosaic and Triton lowering run here without the hardware (compiling them needs it)."""
   spec = jax.ShapeDtypeStruct((2, 1000, 4, 100), jnp.bfloat16)
 
   def loss(q, k, v, seg, prefix):
-    return jnp.sum(fa.flash_attention(q, k, v, segment_ids_BL=seg, prefix_len_B=prefix).astype(jnp.float32))
+    out = fa.flash_attention(q, k, v, segment_ids_BL=seg, prefix_len_B=prefix, backend=backend)
+    return jnp.sum(out.astype(jnp.float32))
 
-  exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["tpu"])(
+  # Triton calls carry no serialization guarantee; lowering is what is checked here.
+  checks = [jax.export.DisabledSafetyCheck.custom_call(target)] if backend == "gpu" else []
+  exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=[platform],
+                               disabled_checks=checks)(
       spec, spec, spec, jax.ShapeDtypeStruct((2, 1000), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32))
-  text = exported.mlir_module()
-  assert text.count("tpu_custom_call") == 3  # forward, dK/dV and dQ kernels
+  assert exported.mlir_module().count(target) == 3  # forward, dK/dV and dQ kernels
 
 
 def test_bad_inputs_are_one_line():
@@ -132,5 +141,7 @@ def test_bad_inputs_are_one_line():
     fa.flash_attention(x, x, x, block_q=100)
   with pytest.raises(fa.FlashError, match=r"segment_ids shape \(1, 7\)"):
     fa.flash_attention(x, x, x, segment_ids_BL=jnp.zeros((1, 7), jnp.int32))
+  with pytest.raises(fa.FlashError, match="block_k=48: GPU blocks must be powers of two >= 16"):
+    fa.flash_attention(x, x, x, block_k=48, backend="gpu")
   with pytest.raises(fa.FlashError, match="backend='npu'"):
     fa.flash_attention(x, x, x, backend="npu")
