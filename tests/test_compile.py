@@ -34,6 +34,41 @@ def test_tiny_train_step_compiles_for_a_tpu_slice():
   assert r["model_flops_per_chip"] > 0
 
 
+@needs_libtpu
+def test_tiny_train_step_uses_the_flash_kernel_on_tpu():
+  """'auto' resolves to the Pallas kernel for a TPU mesh even on this CPU host."""
+  c = load_config("lvm_tiny")
+  c.model.attention = "auto"
+  compiled, _, b = compile_lib.compile_train_step(c, "v5e-4")
+  assert b["model_cfg"].attention == "flash:tpu"
+  assert "tpu_custom_call" in compiled.as_text()
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_flash_attention_memory_is_linear_in_the_sequence():
+  """XLA:TPU's compiled temporaries of attention forward + backward (8 heads of 128, bf16): the
+  kernel's stay within a few q-sized buffers, the XLA reference's grow with its [L, L] scores."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  from lvm_jax.kernels import attention  # pylint: disable=g-import-not-at-top
+  devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu").devices
+  replicated = jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(devices[:1]), ("x",)), jax.sharding.PartitionSpec())
+  temps = {}
+  for impl in ("flash:tpu", "xla"):
+    for L in (4096, 16384):
+      qkv = jax.ShapeDtypeStruct((1, L, 8, 128), jnp.bfloat16, sharding=replicated)
+      seg = jax.ShapeDtypeStruct((1, L), jnp.int32, sharding=replicated)
+      loss = lambda q, k, v, s: jnp.sum(attention.attention(q, k, v, segment_ids_BL=s, impl=impl).astype(jnp.float32))
+      compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(qkv, qkv, qkv, seg).compile()
+      temps[impl, L] = compiled.memory_analysis().temp_size_in_bytes
+  q_bytes = 16384 * 8 * 128 * 2
+  assert temps["flash:tpu", 16384] <= 4 * q_bytes, temps
+  assert temps["xla", 16384] >= 8 * temps["xla", 4096] and temps["xla", 16384] >= 40 * temps["flash:tpu", 16384], temps
+
+
 @pytest.mark.slow
 @needs_libtpu
 def test_7b_at_seq_4096_fits_a_v5p_128():
