@@ -54,6 +54,24 @@ def _visible(b, i, j, prefix_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, *, bq,
   return jnp.logical_and(vis, overlap)
 
 
+def _last_key_block(b, i, prefix_ref, *, bq, bk, causal, kv_len):
+  """The last key block query block i can see: blocks past it need not even be fetched."""
+  last = (kv_len - 1) // bk
+  if not causal:
+    return last
+  reach = jnp.maximum((i + 1) * bq - 1, prefix_ref[b] - 1)
+  # lax.div, not //: floor division of signed ints lowers through `sign`, which Mosaic rejects
+  # in index maps; both operands are >= 0 here, where the two agree.
+  return jnp.minimum(jax.lax.div(reach, bk), last)
+
+
+def _first_query_block(b, j, prefix_ref, *, bq, bk, causal):
+  """The first query block that sees key block j (0 if j lies in the example's prefix)."""
+  if not causal:
+    return 0
+  return jnp.where(j * bk < prefix_ref[b], 0, jax.lax.div(j * bk, bq))
+
+
 def _mask(q_pos, k_pos, q_seg, k_seg, prefix, *, causal: bool, kv_len: int):
   """Elementwise mask from broadcastable positions and segment ids."""
   m = k_pos < kv_len
@@ -214,16 +232,26 @@ def _call(kernel, st: _Static, grid, in_specs, out_specs, out_shape, scratch, sc
   )(*scalars, *arrays)
 
 
+def _kv_index(st: _Static, segments: bool = False):
+  """Index map of key/value blocks (or, with `segments`, of the [B, 8, L] key segment rows) for
+  grids (b, h, i, j): key blocks past the last one query block i sees map to that one, so the
+  pipeline fetches nothing for blocks whose compute is skipped."""
+  def index(b, h, i, j, prefix_ref, *_):
+    j = jnp.minimum(j, _last_key_block(b, i, prefix_ref, bq=st.bq, bk=st.bk, causal=st.causal, kv_len=st.kv_len))
+    return (b, 0, j) if segments else (b, h, j, 0)
+  return index
+
+
 def _forward(q, k, v, seg_BL, prefix_B, st: _Static):
   B, H, L, K = q.shape
   bq, bk = st.bq, st.bk
   nq, nk = L // bq, L // bk
   seg_col, seg_row = _seg_layouts(seg_BL)
   blk = lambda rows, index: pl.BlockSpec((None, None, rows, K), index)
-  in_specs = [blk(bq, lambda b, h, i, j, *_: (b, h, i, 0)), blk(bk, lambda b, h, i, j, *_: (b, h, j, 0)),
-              blk(bk, lambda b, h, i, j, *_: (b, h, j, 0)),
+  kv = _kv_index(st)
+  in_specs = [blk(bq, lambda b, h, i, j, *_: (b, h, i, 0)), blk(bk, kv), blk(bk, kv),
               pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, *_: (b, i, 0)),
-              pl.BlockSpec((None, 8, bk), lambda b, h, i, j, *_: (b, 0, j))]
+              pl.BlockSpec((None, 8, bk), _kv_index(st, segments=True))]
   out_specs = [blk(bq, lambda b, h, i, j, *_: (b, h, i, 0)),
                pl.BlockSpec((None, None, 1, bq), lambda b, h, i, j, *_: (b, h, 0, i))]
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, 1, L), jnp.float32)]
@@ -245,19 +273,23 @@ def _backward(q, k, v, o, lse, do, seg_BL, prefix_B, st: _Static):
   row = lambda index: pl.BlockSpec((None, None, 1, bq), index)
 
   # dK, dV: grid (b, h, key block j, query block i).
-  qi, kj = (lambda b, h, j, i, *_: (b, h, i, 0)), (lambda b, h, j, i, *_: (b, h, j, 0))
-  in_specs = [blk(bq, qi), blk(bk, kj), blk(bk, kj), blk(bq, qi), row(lambda b, h, j, i, *_: (b, h, 0, i)),
-              row(lambda b, h, j, i, *_: (b, h, 0, i)), pl.BlockSpec((None, 8, bq), lambda b, h, j, i, *_: (b, 0, i)),
+  # Query blocks before the first that sees key block j map to it: the pipeline fetches nothing new.
+  first = lambda b, j, prefix: _first_query_block(b, j, prefix, bq=bq, bk=bk, causal=st.causal)
+  qi = lambda b, h, j, i, prefix, *_: (b, h, jnp.maximum(i, first(b, j, prefix)), 0)
+  kj = lambda b, h, j, i, *_: (b, h, j, 0)
+  q_row = lambda b, h, j, i, prefix, *_: (b, h, 0, jnp.maximum(i, first(b, j, prefix)))
+  in_specs = [blk(bq, qi), blk(bk, kj), blk(bk, kj), blk(bq, qi), row(q_row), row(q_row),
+              pl.BlockSpec((None, 8, bq), lambda b, h, j, i, prefix, *_: (b, 0, jnp.maximum(i, first(b, j, prefix)))),
               pl.BlockSpec((None, bk, LANES), lambda b, h, j, i, *_: (b, j, 0))]
   dk, dv = _call(functools.partial(_dkv_kernel, **st.kernel_kw(nq, nk)), st, (B, H, nk, nq), in_specs,
                  [blk(bk, kj), blk(bk, kj)], [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
                  [pltpu.VMEM((bk, K), jnp.float32)] * 2, scalars, q, k, v, do, lse, d, seg_row, seg_col)
 
   # dQ: grid (b, h, query block i, key block j).
-  qi, kj = (lambda b, h, i, j, *_: (b, h, i, 0)), (lambda b, h, i, j, *_: (b, h, j, 0))
+  qi, kj = (lambda b, h, i, j, *_: (b, h, i, 0)), _kv_index(st)
   in_specs = [blk(bq, qi), blk(bk, kj), blk(bk, kj), blk(bq, qi), row(lambda b, h, i, j, *_: (b, h, 0, i)),
               row(lambda b, h, i, j, *_: (b, h, 0, i)), pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, *_: (b, i, 0)),
-              pl.BlockSpec((None, 8, bk), lambda b, h, i, j, *_: (b, 0, j))]
+              pl.BlockSpec((None, 8, bk), _kv_index(st, segments=True))]
   (dq,) = _call(functools.partial(_dq_kernel, **st.kernel_kw(nq, nk)), st, (B, H, nq, nk), in_specs,
                 [blk(bq, qi)], [jax.ShapeDtypeStruct(q.shape, q.dtype)], [pltpu.VMEM((bq, K), jnp.float32)],
                 scalars, q, k, v, do, lse, d, seg_col, seg_row)
