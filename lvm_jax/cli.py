@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from lvm_jax import checkpoint, config, sharding
 from lvm_jax.data import store
+from lvm_jax.kernels import flash_attention
 
 _env_int = lambda name: int(os.environ[name]) if name in os.environ else None
 _COORDINATOR = flags.DEFINE_string("coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
@@ -32,7 +33,8 @@ _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "CPU devices per proces
 # Errors that mean "the input is wrong", reported as one line instead of a traceback; anything
 # else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (config.ConfigError, sharding.MeshError,
-                                                checkpoint.CheckpointError, store.StoreError, PermissionError)
+                                                checkpoint.CheckpointError, store.StoreError,
+                                                flash_attention.FlashError, PermissionError)
 
 
 def _fail(prog: str, message: str) -> None:

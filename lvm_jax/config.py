@@ -139,6 +139,10 @@ def validate(c: Any) -> None:
   _check(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: expected float32|bfloat16")
   _check(m.attention in attention.IMPLEMENTATIONS,
          f"model.attention={m.attention!r}: expected one of {attention.IMPLEMENTATIONS}")
+  block = m.get("attention_block", 0)
+  _check(block == 0 or (block >= 16 and block & (block - 1) == 0),
+         f"model.attention_block={block}: expected 0 (the backend's default) or a power of two >= 16 "
+         "(>= 128 on TPU)")
   _check(c.seq_len > 1, f"seq_len={c.seq_len} must be > 1")
   _check(c.tokens_per_image >= 0, f"tokens_per_image={c.tokens_per_image} must be >= 0 (0: no image grid)")
   _check(c.log_every >= 1, f"log_every={c.log_every} must be >= 1")

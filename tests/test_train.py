@@ -133,6 +133,8 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     (lambda c: c.mesh.ici.update(data=3), "8 devices are not divisible by 3"),
     (lambda c: c.update(global_batch=12), "global_batch=12 is not divisible by data x fsdp"),
     (lambda c: c.model.update(remat="some"), "model.remat='some'"),
+    (lambda c: c.model.update(attention="pallas"), "model.attention='pallas'"),
+    (lambda c: c.model.update(attention_block=100), "model.attention_block=100"),
 ])
 def test_bad_config_fails_in_one_line_before_compiling(tiny_config, tmp_path, change, error):
   change(tiny_config)

@@ -111,3 +111,19 @@ def test_matches_hf_llama_in_float32():
   back = hf_llama.from_hf(hf_llama.to_hf(params, cfg), cfg)
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
     np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_flash_kernel_gives_the_xla_model():
+  """The whole decoder with the Pallas kernel (interpret mode) against the XLA attention: logits
+  and gradients of a packed row, remat and scan over layers included."""
+  tokens = _tokens((2, 40), seed=5)
+  seg = jnp.array([[1] * 15 + [2] * 25, [1] * 33 + [0] * 7])
+  pos = jnp.array([list(range(15)) + list(range(25)), list(range(33)) + list(range(7))])
+  out = {}
+  for impl in ("xla", "flash:cpu"):
+    g, params = nnx.split(_model(dataclasses.replace(SMALL, remat="full", attention=impl)))
+    loss = lambda prm, g=g: jnp.mean(jnp.square(nnx.merge(g, prm)(tokens, seg, pos).astype(jnp.float32)))
+    out[impl] = jax.jit(jax.value_and_grad(loss))(params)
+  np.testing.assert_allclose(out["xla"][0], out["flash:cpu"][0], rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(out["xla"][1]), jax.tree.leaves(out["flash:cpu"][1]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
