@@ -22,7 +22,7 @@ RoPE uses the rotate-half layout of HF, so q/k need no permutation.
 """
 
 import dataclasses
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -90,25 +90,72 @@ class Model(nnx.Module):
       positions_BL: Optional[jax.Array] = None,
   ) -> jax.Array:
     cfg = self.cfg
-    dtype = jnp.dtype(cfg.dtype)
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]), tokens_BL.shape)
+    sin_BLK, cos_BLK = rope_tables(positions_BL, cfg.head_dim, cfg.rope_theta)
+
+    def attend(q, k, v):
+      return attention_lib.attention(q, k, v, causal=True, segment_ids_BL=segment_ids_BL, impl=cfg.attention,
+                                     block=cfg.attention_block), None
+
+    def layer(x_BLD: jax.Array, p: dict) -> tuple[jax.Array, None]:
+      return decoder_layer(x_BLD, p, sin_BLK, cos_BLK, attend, cfg)
+
+    x_BLD, _ = jax.lax.scan(remat(layer, cfg.remat), self._embed(tokens_BL), self._stacked())
+    return self._logits(x_BLD)
+
+  def decode(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    """T new tokens at absolute positions, attending to themselves and to the KV cache.
+
+    cache: k, v [N, B, S, H, K] and pos [B, S] (the absolute position held by each slot, -1 if
+    empty). Position p goes to slot p % S, so a full cache slides: a query sees the last S
+    positions up to itself. RoPE makes attention depend on position differences only, so
+    positions past the training length are fine as long as the window is not longer than it.
+    Returns logits [B, T, V] and the updated cache.
+    """
+    cfg = self.cfg
+    S = cache["pos"].shape[1]
+    slots_BT = positions_BT % S
+    rows_B1 = jnp.arange(tokens_BT.shape[0])[:, None]
+    pos_BS = cache["pos"].at[rows_B1, slots_BT].set(positions_BT)
+    mask_B1TS = ((pos_BS[:, None, :] >= 0) & (pos_BS[:, None, :] <= positions_BT[:, :, None])
+                 & (pos_BS[:, None, :] > positions_BT[:, :, None] - S))[:, None]
+    sin_BTK, cos_BTK = rope_tables(positions_BT, cfg.head_dim, cfg.rope_theta)
+
+    def layer(x_BTD: jax.Array, p_and_cache: tuple) -> tuple[jax.Array, tuple]:
+      p, k_BSHK, v_BSHK = p_and_cache
+
+      def attend(q, k, v):
+        k_all, v_all = (sharding.constrain(c.at[rows_B1, slots_BT].set(x.astype(c.dtype)),
+                                           ("batch", None, "heads", "head_dim")) for c, x in ((k_BSHK, k), (v_BSHK, v)))
+        return attention_lib.xla_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask_B1TS), (k_all, v_all)
+
+      return decoder_layer(x_BTD, p, sin_BTK, cos_BTK, attend, cfg)
+
+    x_BTD, (k, v) = jax.lax.scan(layer, self._embed(tokens_BT), (self._stacked(), cache["k"], cache["v"]))
+    return self._logits(x_BTD), {"k": k, "v": v, "pos": pos_BS}
+
+  def empty_cache(self, batch: int, length: int, dtype: Optional[str] = None) -> dict:
+    """A KV cache of `length` slots per layer (the context window when decoding)."""
+    cfg = self.cfg
+    shape = (cfg.layers, batch, length, cfg.heads, cfg.head_dim)
+    kv = jnp.zeros(shape, jnp.dtype(dtype or cfg.dtype))
+    return {"k": kv, "v": kv, "pos": jnp.full((batch, length), -1, jnp.int32)}
+
+  def _embed(self, tokens_BL: jax.Array) -> jax.Array:
     # Gather the table whole before the lookup, as FSDP does for every weight: a gather from a
     # vocab/embed-sharded table into a batch-sharded output has no efficient SPMD lowering.
     table_VD = sharding.constrain(self.embed[...], (None, None))
-    x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(dtype)
-    x_BLD = sharding.constrain(x_BLD, ("batch", "length", "embed"))
-    sin_BLK, cos_BLK = rope_tables(positions_BL, cfg.head_dim, cfg.rope_theta)
+    x_BLD = jnp.take(table_VD, tokens_BL, axis=0).astype(jnp.dtype(self.cfg.dtype))
+    return sharding.constrain(x_BLD, ("batch", "length", "embed"))
 
-    def layer(x_BLD: jax.Array, p: dict) -> tuple[jax.Array, None]:
-      return decoder_layer(x_BLD, p, sin_BLK, cos_BLK, segment_ids_BL, cfg), None
+  def _stacked(self) -> dict:
+    return {k: v[...] for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)}
 
-    layer = remat(layer, cfg.remat)
-    stacked = {k: v[...] for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)}
-    x_BLD, _ = jax.lax.scan(layer, x_BLD, stacked)
-    x_BLD = rms_norm(x_BLD, self.final_norm[...], cfg.norm_eps)
+  def _logits(self, x_BLD: jax.Array) -> jax.Array:
+    x_BLD = rms_norm(x_BLD, self.final_norm[...], self.cfg.norm_eps)
     # fp32 logits even from bf16 activations: the cross-entropy must not see rounded logits.
-    logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, self.lm_head[...].astype(dtype),
+    logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, self.lm_head[...].astype(jnp.dtype(self.cfg.dtype)),
                             preferred_element_type=jnp.float32)
     return sharding.constrain(logits_BLV, ("batch", "length", "vocab"))
 
@@ -118,11 +165,13 @@ def decoder_layer(
     p: dict,
     sin_BLK: jax.Array,
     cos_BLK: jax.Array,
-    segment_ids_BL: Optional[jax.Array],
+    attend: Callable[[jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]],
     cfg: Config,
-) -> jax.Array:
+) -> tuple[jax.Array, Any]:
   """One pre-norm block: x + attn(norm(x)), then x + swiglu(norm(x)).
 
+  `attend(q, k, v)` (RoPE applied, [B, L, H, K]) returns the attention output and anything the
+  caller carries across steps (the KV cache when decoding, None in training).
   Projections run on tokens flattened to T = B*L rows: plain 2D matmuls are what every backend's
   fastest path takes (XLA:CPU runs 3D einsums fused with elementwise ops ~2x slower), and the
   flattened rows keep the batch's sharding because B is the major dimension.
@@ -136,16 +185,14 @@ def decoder_layer(
                             for n in ("wq", "wk", "wv"))
   q_BLHK = sharding.constrain(apply_rope(q_BLHK, sin_BLK, cos_BLK), ("batch", "length", "heads", "head_dim"))
   k_BLHK = apply_rope(k_BLHK, sin_BLK, cos_BLK)
-  out_BLHK = attention_lib.attention(q_BLHK, k_BLHK, v_BLHK, causal=True,
-                                     segment_ids_BL=segment_ids_BL, impl=cfg.attention,
-                                     block=cfg.attention_block)
+  out_BLHK, carry = attend(q_BLHK, k_BLHK, v_BLHK)
   x_TD = x_TD + out_BLHK.reshape(B * L, H * K) @ w["wo"].reshape(H * K, D)
   x_TD = sharding.constrain(x_TD, ("batch", "embed"))
 
   h_TD = rms_norm(x_TD, p["mlp_norm"], cfg.norm_eps)
   h_TF = sharding.constrain(jax.nn.silu(h_TD @ w["w_gate"]) * (h_TD @ w["w_up"]), ("batch", "mlp"))
   x_TD = x_TD + h_TF @ w["w_down"]
-  return sharding.constrain(x_TD, ("batch", "embed")).reshape(B, L, D)
+  return sharding.constrain(x_TD, ("batch", "embed")).reshape(B, L, D), carry
 
 
 def remat(fn, policy: str):

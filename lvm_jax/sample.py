@@ -1,0 +1,89 @@
+"""Sampling from the LVM: jitted prefill + decode over a KV cache, one compiled program per shape.
+
+  tokens = sample.generate(model, prompt_BL, new_tokens=256, key=key, codes=8192, top_k=100)
+
+The prompt is prefilled in one pass; new tokens come from a `lax.scan` (no Python per token),
+each drawn from the logits restricted to the VQGAN's codebook ids (the LVM's extra vocabulary
+ids never appear in an image), with temperature, top-k and top-p. `candidates` draws several
+continuations of every prompt in one batch. `window` bounds the KV cache: a query then sees only
+the last `window` positions, which lets a video run past the training length (a sliding context).
+Under a mesh (jax.set_mesh + sharding.axis_rules) the batch and the cache are sharded like the
+trainer's activations.
+"""
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lvm_jax.models import transformer
+
+
+def filter_logits(logits_BV: jax.Array, codes: int, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+  """fp32 logits with ids >= codes, those outside the top k, and those past cumulative
+  probability top_p (the most likely id always stays) set to -inf."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  ids = jnp.arange(logits_BV.shape[-1])
+  logits_BV = jnp.where(ids < codes, logits_BV, -jnp.inf)
+  if top_k:
+    kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+    logits_BV = jnp.where(logits_BV >= kth_B1, logits_BV, -jnp.inf)
+  if top_p < 1.0:
+    sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
+    probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+    # Keep an id while the mass of the ids strictly more likely than it is below top_p.
+    mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
+    cutoff_B1 = jnp.min(jnp.where(mass_before_BV < top_p, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    logits_BV = jnp.where(logits_BV >= cutoff_B1, logits_BV, -jnp.inf)
+  return logits_BV
+
+
+def draw(key: jax.Array, logits_BV: jax.Array, temperature: float, codes: int, top_k: int, top_p: float) -> jax.Array:
+  logits_BV = filter_logits(logits_BV, codes, top_k, top_p)
+  if temperature == 0.0:
+    return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  return jax.random.categorical(key, logits_BV / temperature, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "new_tokens", "codes", "temperature", "top_k", "top_p",
+                                             "candidates", "window"))
+def _generate(graphdef, params, prompt_BL, key, *, new_tokens, codes, temperature, top_k, top_p, candidates,
+              window):
+  model = nnx.merge(graphdef, params)
+  prompt_BL = jnp.repeat(prompt_BL, candidates, axis=0)
+  B, L = prompt_BL.shape
+  S = window or (L + new_tokens)
+  cache = model.empty_cache(B, S)
+  keep = min(L, S)  # prompt tokens older than the window are never seen again
+  positions_BT = jnp.broadcast_to(jnp.arange(L - keep, L), (B, keep))
+  logits_BTV, cache = model.decode(prompt_BL[:, L - keep:], positions_BT, cache)
+
+  def step(carry, i):
+    key, logits_BV, cache = carry
+    key, sub = jax.random.split(key)
+    token_B = draw(sub, logits_BV, temperature, codes, top_k, top_p)
+    logits_B1V, cache = model.decode(token_B[:, None], jnp.full((B, 1), L + i, jnp.int32), cache)
+    return (key, logits_B1V[:, 0], cache), token_B
+
+  _, tokens_NB = jax.lax.scan(step, (key, logits_BTV[:, -1], cache), jnp.arange(new_tokens))
+  return tokens_NB.T.reshape(B // candidates, candidates, new_tokens)
+
+
+def generate(model: transformer.Model, prompt_BL: jax.Array, new_tokens: int, key: jax.Array, *, codes: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, candidates: int = 1,
+             window: Optional[int] = None) -> jax.Array:
+  """int32 [B, candidates, new_tokens] continuations of equal-length prompts [B, L].
+
+  temperature 0 is greedy. codes: ids at or above it are never drawn (the VQGAN's codebook size).
+  """
+  if codes > model.cfg.vocab_size:
+    raise ValueError(f"codes={codes} exceeds the model's vocabulary of {model.cfg.vocab_size}")
+  if top_k < 0 or not 0.0 < top_p <= 1.0 or temperature < 0 or candidates < 1 or (window is not None and window < 1):
+    raise ValueError(f"sampling: temperature={temperature} (>= 0), top_k={top_k} (>= 0), top_p={top_p} "
+                     f"(0 < p <= 1), candidates={candidates} (>= 1), window={window} (>= 1)")
+  graphdef, params = nnx.split(model)
+  return _generate(graphdef, params, jnp.asarray(prompt_BL, jnp.int32), key, new_tokens=new_tokens, codes=codes,
+                   temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), candidates=candidates,
+                   window=window)

@@ -1,0 +1,125 @@
+"""Sampler contracts: the KV cache reproduces the full forward pass, the sliding window equals a
+model with banded attention, greedy decoding equals an argmax loop, the filters keep what
+they should, and generation is one compiled program."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lvm_jax import sample, sharding
+from lvm_jax.config import DEFAULT_RULES
+from lvm_jax.kernels import attention
+from lvm_jax.models import transformer
+
+CFG = transformer.Config(d_model=64, ffn=96, layers=2, heads=4, vocab_size=50, remat="none")
+
+
+def model(seed: int = 0) -> transformer.Model:
+  return transformer.Model(CFG, rngs=nnx.Rngs(seed))
+
+
+def jitted_decode(m: transformer.Model):
+  """m.decode compiled (eager decoding op by op is slow); one program per shape."""
+  graphdef, state = nnx.split(m)
+  run = jax.jit(lambda state, x, pos, cache: nnx.merge(graphdef, state).decode(x, pos, cache))
+  return lambda x, pos, cache: run(state, x, pos, cache)
+
+
+def tokens(shape, seed=0, high=40):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, high, shape), jnp.int32)
+
+
+def test_cached_decoding_equals_the_full_forward_pass():
+  m, x = model(), tokens((2, 12))
+  full = m(x)
+  cache = m.empty_cache(2, 16)
+  pos = jnp.broadcast_to(jnp.arange(12), (2, 12))
+  decode = jitted_decode(m)
+  prefill, cache = decode(x[:, :7], pos[:, :7], cache)
+  steps = [prefill]
+  for t in range(7, 12):  # one token at a time after the prefill
+    logits, cache = decode(x[:, t:t + 1], pos[:, t:t + 1], cache)
+    steps.append(logits)
+  np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full), atol=2e-5)
+
+
+def banded_forward(m: transformer.Model, x_BL: jax.Array, window: int) -> jax.Array:
+  """The full model with each query seeing only the last `window` positions (itself included):
+  what a sliding KV cache computes, at every layer."""
+  L = x_BL.shape[1]
+  i, j = jnp.arange(L)[:, None], jnp.arange(L)[None, :]
+  mask = ((j <= i) & (j > i - window))[None, None]
+  sin, cos = transformer.rope_tables(jnp.arange(L)[None], CFG.head_dim, CFG.rope_theta)
+  attend = lambda q, k, v: (attention.xla_attention(q, k, v, mask), None)
+  x, _ = jax.lax.scan(lambda x, p: transformer.decoder_layer(x, p, sin, cos, attend, CFG), m._embed(x_BL),
+                      m._stacked())
+  return m._logits(x)
+
+
+def test_sliding_window_equals_a_banded_attention_model():
+  m, x = model(1), tokens((1, 14), seed=1)
+  cache, decode = m.empty_cache(1, 5), jitted_decode(m)
+  got = []
+  for t in range(14):
+    logits, cache = decode(x[:, t:t + 1], jnp.array([[t]]), cache)
+    got.append(logits[0, 0])
+  want = banded_forward(m, x, 5)[0]
+  np.testing.assert_allclose(np.asarray(jnp.stack(got)), np.asarray(want), atol=2e-5)
+  # The band matters: past the window, the unbanded model differs.
+  assert not np.allclose(np.asarray(got[13]), np.asarray(m(x)[0, 13]), atol=1e-3)
+
+
+def test_greedy_generation_equals_an_argmax_loop_over_codebook_ids():
+  m, prompt = model(2), tokens((2, 6), seed=2)
+  out = sample.generate(m, prompt, new_tokens=5, key=jax.random.key(0), codes=30, temperature=0.0)
+  assert out.shape == (2, 1, 5) and out.dtype == jnp.int32
+  seq = prompt
+  graphdef, state = nnx.split(m)
+  forward = jax.jit(lambda state, x: nnx.merge(graphdef, state)(x))
+  for _ in range(5):  # the full model, every token from scratch
+    logits = forward(state, seq)[:, -1].at[:, 30:].set(-jnp.inf)
+    seq = jnp.concatenate([seq, jnp.argmax(logits, -1)[:, None].astype(jnp.int32)], axis=1)
+  np.testing.assert_array_equal(np.asarray(out[:, 0]), np.asarray(seq[:, 6:]))
+
+
+def test_filters_keep_what_they_should():
+  logits = jnp.log(jnp.array([[0.5, 0.2, 0.15, 0.1, 0.05, 0.9]]))
+  kept = lambda **kw: np.isfinite(np.asarray(sample.filter_logits(logits, codes=5, **kw)))[0].tolist()
+  assert kept() == [True] * 5 + [False]  # id 5 is not a codebook id, however likely
+  assert kept(top_k=2) == [True, True, False, False, False, False]
+  # Renormalised over the codes: 0.5, 0.2, 0.15, 0.1, 0.05 -> top_p 0.6 needs the first two.
+  assert kept(top_p=0.6) == [True, True, False, False, False, False]
+  assert kept(top_p=0.01) == [True, False, False, False, False, False]
+
+
+def test_sampling_is_seeded_in_codes_and_compiled_once():
+  m, prompt = model(3), tokens((2, 4), seed=3)
+  run = lambda key, **kw: np.asarray(sample.generate(m, prompt, 8, jax.random.key(key), codes=7, **kw))
+  a, b, c = run(0, candidates=3), run(0, candidates=3), run(1, candidates=3)
+  assert a.shape == (2, 3, 8) and a.max() < 7 and a.min() >= 0
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c) and not np.array_equal(a[:, 0], a[:, 1])  # keys and candidates differ
+  before = sample._generate._cache_size()
+  run(2, candidates=3)
+  assert sample._generate._cache_size() == before  # a new key reuses the compiled program
+  jaxpr = str(jax.make_jaxpr(lambda p: sample.generate(m, p, 8, jax.random.key(0), codes=7))(prompt))
+  assert "scan" in jaxpr
+
+
+def test_sharded_generation_matches_one_device():
+  mesh = sharding.make_mesh(dict(ici=dict(data=2, fsdp=2, tensor=2), dcn=dict(data=1, fsdp=1, tensor=1)))
+  m, prompt = model(4), tokens((4, 5), seed=4)
+  one = sample.generate(m, prompt, 6, jax.random.key(0), codes=40, temperature=0.0)
+  with jax.set_mesh(mesh), sharding.axis_rules(DEFAULT_RULES):
+    many = sample.generate(m, prompt, 6, jax.random.key(0), codes=40, temperature=0.0)
+  np.testing.assert_array_equal(np.asarray(one), np.asarray(many))
+
+
+def test_bad_sampling_arguments_are_one_line():
+  m, prompt = model(), tokens((1, 3))
+  with pytest.raises(ValueError, match="codes=51 exceeds the model's vocabulary of 50"):
+    sample.generate(m, prompt, 2, jax.random.key(0), codes=51)
+  with pytest.raises(ValueError, match="top_p=0.0"):
+    sample.generate(m, prompt, 2, jax.random.key(0), codes=5, top_p=0.0)
