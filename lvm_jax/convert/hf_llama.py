@@ -1,10 +1,21 @@
-"""lvm_jax transformer params <-> Hugging Face LlamaForCausalLM state dicts (numpy, no torch).
+"""lvm_jax transformer params <-> Hugging Face LlamaForCausalLM (numpy and safetensors, no torch).
 
 The table is the one in models/transformer.py's docstring: renames, a transpose for every
 matrix, a reshape for the per-head q/k/v/o layouts, and a split along the stacked layer axis.
 Both layouts use rotate-half RoPE, so no permutation of q/k is needed.
+
+  # a training workdir -> a directory LlamaForCausalLM.from_pretrained loads
+  python -m lvm_jax.convert.hf_llama --config configs/lvm_7b.py --workdir W --out /tmp/lvm_hf --codes 8192
+
+`save_pretrained` writes model.safetensors, config.json and a generation_config.json that keeps
+`generate` inside the VQGAN's codebook (suppress_tokens = the ids past it, as the release's
+generation does). `load_pretrained` reads such a directory back, sharded safetensors included,
+so the released Emma02/LVM_ckpts can be prompted in JAX; pickled .bin checkpoints are not read:
+re-save them with transformers (`save_pretrained(safe_serialization=True)`) if you trust them.
 """
 
+import json
+import os
 from typing import Any
 
 import numpy as np
@@ -59,3 +70,69 @@ def from_hf(state: dict[str, np.ndarray], cfg: transformer.Config) -> dict:
   return {"embed": np.asarray(state["model.embed_tokens.weight"], np.float32),
           "final_norm": np.asarray(state["model.norm.weight"], np.float32),
           "lm_head": np.asarray(state["lm_head.weight"], np.float32).T, "layers": layers}
+
+
+class HFError(ValueError):
+  """A Hugging Face directory that cannot be read as a LLaMA LVM; the message names the problem."""
+
+
+def save_pretrained(params: dict, cfg: transformer.Config, out_dir: str, codes: int, max_positions: int = 4096) -> None:
+  """A directory that transformers.LlamaForCausalLM.from_pretrained loads, sampling restricted to codes."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
+  os.makedirs(out_dir, exist_ok=True)
+  save_file(to_hf(params, cfg), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+  config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32",
+            "bos_token_id": None, "eos_token_id": None, **hf_config(cfg, max_positions)}
+  generation = {"do_sample": True, "pad_token_id": codes if codes < cfg.vocab_size else None,
+                "suppress_tokens": list(range(codes, cfg.vocab_size)), "bos_token_id": None, "eos_token_id": None}
+  for name, content in (("config.json", config), ("generation_config.json", generation)):
+    with open(os.path.join(out_dir, name), "w") as f:
+      json.dump(content, f, indent=1)
+
+
+def load_pretrained(hf_dir: str, dtype: str = "float32") -> tuple[transformer.Config, dict]:
+  """(model config, pure-dict params) from a LlamaForCausalLM directory with safetensors weights."""
+  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  try:
+    with open(os.path.join(hf_dir, "config.json")) as f:
+      c = json.load(f)
+  except OSError as e:
+    raise HFError(f"{hf_dir}: no readable config.json ({e.strerror})") from None
+  heads = c["num_attention_heads"]
+  if c.get("num_key_value_heads", heads) != heads:
+    raise HFError(f"{hf_dir}: grouped-query attention ({c['num_key_value_heads']} kv heads) is not an LVM layout")
+  if c.get("head_dim", c["hidden_size"] // heads) * heads != c["hidden_size"]:
+    raise HFError(f"{hf_dir}: head_dim x heads != hidden_size")
+  cfg = transformer.Config(d_model=c["hidden_size"], ffn=c["intermediate_size"], layers=c["num_hidden_layers"],
+                           heads=heads, vocab_size=c["vocab_size"], rope_theta=c.get("rope_theta", 1e4),
+                           norm_eps=c.get("rms_norm_eps", 1e-6), dtype=dtype, remat="none")
+  files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+  if not files:
+    raise HFError(f"{hf_dir}: no .safetensors weights (pickled .bin files are not read; see this module's doc)")
+  state = {}
+  for f in files:
+    state.update(load_file(os.path.join(hf_dir, f)))
+  try:
+    return cfg, from_hf(state, cfg)
+  except KeyError as e:
+    raise HFError(f"{hf_dir}: missing tensor {e.args[0]}") from None
+
+
+def cli_main() -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from lvm_jax import cli, train  # pylint: disable=g-import-not-at-top
+  config = cli.define_config()
+  workdir = flags.DEFINE_string("workdir", None, "Training workdir whose newest checkpoint is exported.")
+  out = flags.DEFINE_string("out", None, "Output directory for LlamaForCausalLM.from_pretrained.")
+  codes = flags.DEFINE_integer("codes", 8192, "VQGAN codebook size: generation never leaves [0, codes).")
+
+  def main(_):
+    model_cfg, params, step = train.load_params(config.value, workdir.value)
+    save_pretrained(params, model_cfg, out.value, codes.value, config.value.seq_len)
+    print(f"step {step} of {workdir.value} -> {out.value} (LlamaForCausalLM, {transformer.count_params(model_cfg):,} params)")
+
+  cli.run(main, required=["config", "workdir", "out"])
+
+
+if __name__ == "__main__":
+  cli_main()
