@@ -2,7 +2,7 @@
 
 from setuptools import find_packages, setup
 
-ENTRY_POINTS = ("train", "train_vqgan", "make_dataset", "compile", "demo")
+ENTRY_POINTS = ("train", "train_vqgan", "make_dataset", "prompt", "compile", "demo")
 
 setup(
     name="lvm_jax",

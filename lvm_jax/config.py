@@ -73,6 +73,10 @@ def lvm_config(d_model: int, ffn: int, layers: int, heads: int) -> ml_collection
       bos=-1,  # a BOS id to start every sentence with; -1 = none, as the release
   )
 
+  # The VQGAN of the data (python -m lvm_jax.train_vqgan workdir or safetensors weights with its
+  # config file): prompting and evaluation decode generated tokens with it.
+  c.vqgan = dict(config="", workdir="", weights="", layout="diffusers")
+
   c.log_every = 50
   c.ckpt_every = 1000
   c.ckpt_keep = 3
@@ -109,6 +113,26 @@ def vqgan_config(model: dict, image_size: int) -> ml_collections.ConfigDict:
 
 class ConfigError(ValueError):
   """A config that cannot run; the message names the key and the allowed values."""
+
+
+def save_to_workdir(c: ml_collections.ConfigDict, workdir: str) -> None:
+  """workdir/config.json: what prompting, evaluation and export read back (process 0 writes)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / "config.json").write_text(c.to_json(indent=1))
+
+
+def load_from_workdir(workdir: str) -> ml_collections.ConfigDict:
+  """The config a trainer saved in its workdir; JSON lists come back as tuples, as written."""
+  import json  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    raise ConfigError(f"{path} does not exist: not a workdir of python -m lvm_jax.train / train_vqgan")
+  tuples = lambda x: tuple(tuples(v) for v in x) if isinstance(x, list) else (
+      {k: tuples(v) for k, v in x.items()} if isinstance(x, dict) else x)
+  return ml_collections.ConfigDict(tuples(json.loads(path.read_text())))
 
 
 def load_file(path: str) -> ml_collections.ConfigDict:

@@ -23,7 +23,6 @@ import tensorstore as ts
 from absl import logging
 
 from lvm_jax import cli
-from lvm_jax import config as config_lib
 from lvm_jax.config import ConfigError
 from lvm_jax.data import demo, sentences, sources, store
 from lvm_jax.models import vqgan
@@ -109,27 +108,11 @@ def tokenizer_id(cfg: vqgan.Config, model: vqgan.Model) -> str:
   return h.hexdigest()[:16]
 
 
-def load_vqgan(c: Any) -> vqgan.Model:
-  """From safetensors (c.vqgan.weights, e.g. the released amused tokenizer) or a train_vqgan workdir."""
-  from flax import nnx  # pylint: disable=g-import-not-at-top
-  from lvm_jax import train_vqgan  # pylint: disable=g-import-not-at-top
-  from lvm_jax.convert import vqgan_torch  # pylint: disable=g-import-not-at-top
-  vq_config = config_lib.load_file(c.vqgan.config)
-  if vq_config.image_size != c.image_size:
-    raise ConfigError(f"image_size={c.image_size} but the VQGAN of {c.vqgan.config} takes {vq_config.image_size}")
-  if not c.vqgan.weights:
-    return train_vqgan.load_ema(vq_config, c.vqgan.workdir)
-  cfg = vqgan.Config(**vq_config.model)
-  model = vqgan.Model(cfg, rngs=nnx.Rngs(0))
-  try:
-    nnx.update(model, vqgan_torch.load_safetensors(c.vqgan.weights, cfg, c.vqgan.layout))
-  except (OSError, vqgan_torch.WeightsError) as e:
-    raise ConfigError(f"vqgan.weights={c.vqgan.weights}: {e}") from None
-  return model
-
-
 def load_tokenizer(c: Any) -> tuple[vqgan.Tokenizer, store.Manifest]:
-  model = load_vqgan(c)
+  from lvm_jax import train_vqgan  # pylint: disable=g-import-not-at-top
+  model, image_size = train_vqgan.load_vqgan(c.vqgan)
+  if image_size != c.image_size:
+    raise ConfigError(f"image_size={c.image_size} but the VQGAN of {c.vqgan.config} takes {image_size}")
   tok = vqgan.Tokenizer(model, c.image_size, c.batch_size)  # this process's devices
   manifest = store.Manifest(tokens_per_image=tok.grid ** 2, vocab=model.cfg.codes,
                             tokenizer=tokenizer_id(model.cfg, model))

@@ -186,6 +186,7 @@ def train(c: Any, workdir: str, stop_at: int | None = None) -> dict:
   """Trains to c.steps (or until SIGTERM, or `stop_at`); returns the final state."""
   config_lib.validate(c)
   check_workdir(workdir)
+  config_lib.save_to_workdir(c, workdir)
   mesh = sharding.make_mesh(c.mesh)
   sharding.check_batch(c.global_batch, c.grad_accum, mesh, c.rules)
   b = build(c, mesh)

@@ -24,7 +24,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lvm_jax import checkpoint, cli, metrics, sharding, train
+from lvm_jax import checkpoint, cli, config as config_lib, metrics, sharding, train
 from lvm_jax.data import images as images_lib
 from lvm_jax.models import discriminator, lpips, vqgan
 
@@ -129,6 +129,7 @@ def evaluate(reconstruct: Any, ema: Any, held_out: np.ndarray) -> tuple[float, n
 def train_vqgan(c: Any, workdir: str) -> dict:
   """Trains to c.steps, resuming from the newest checkpoint in workdir; returns the final state."""
   train.check_workdir(workdir)
+  config_lib.save_to_workdir(c, workdir)
   mesh = sharding.make_mesh(c.mesh)
   sharding.check_batch(c.global_batch, 1, mesh, c.rules)
   b = build(c, mesh)
@@ -176,6 +177,22 @@ def load_ema(c: Any, workdir: str) -> vqgan.Model:
   model = nnx.eval_shape(lambda: vqgan.Model(b["cfg"], rngs=nnx.Rngs(0)))
   nnx.update(model, state["ema"])
   return model
+
+
+def load_vqgan(spec: Any) -> tuple[vqgan.Model, int]:
+  """(model, image size) from a spec dict(config=FILE, workdir=W, weights=FILE, layout=...):
+  safetensors weights (e.g. the released amused tokenizer) if given, else W's EMA generator."""
+  from lvm_jax.convert import vqgan_torch  # pylint: disable=g-import-not-at-top
+  vq_config = config_lib.load_file(spec["config"]) if spec.get("config") else config_lib.load_from_workdir(spec["workdir"])
+  if not spec.get("weights"):
+    return load_ema(vq_config, spec["workdir"]), vq_config.image_size
+  cfg = vqgan.Config(**vq_config.model)
+  model = vqgan.Model(cfg, rngs=nnx.Rngs(0))
+  try:
+    nnx.update(model, vqgan_torch.load_safetensors(spec["weights"], cfg, spec.get("layout", "diffusers")))
+  except (OSError, vqgan_torch.WeightsError) as e:
+    raise config_lib.ConfigError(f"vqgan.weights={spec['weights']}: {e}") from None
+  return model, vq_config.image_size
 
 
 def cli_main() -> None:

@@ -1,0 +1,136 @@
+"""Visual prompting: prompt images -> VQGAN tokens -> generated tokens -> images, and a PNG grid.
+
+  python -m lvm_jax.prompt --workdir /tmp/lvm_demo/lvm --images a.png,b.png,c.png --out o.png
+  python -m lvm_jax.prompt --hf /path/LVM_ckpts_7b --vqgan_config configs/vqgan_f16_8192.py \\
+      --vqgan_weights amused_vqgan.safetensors --images x1.png,y1.png,x2.png --out o.png
+
+The LVM comes from a training workdir (its newest checkpoint and config.json; the VQGAN named in
+that config) or from a Hugging Face directory (convert/hf_llama.py). The images are read as the
+tokenizer job reads them (data/sources.py: any format, squashed to the tokenizer's size); the
+grid has one row per candidate: the prompt, then the generated images.
+"""
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import jax
+import numpy as np
+from absl import flags
+from flax import nnx
+
+from lvm_jax import cli, config as config_lib, sample
+from lvm_jax.models import transformer, vqgan
+
+
+@dataclasses.dataclass
+class Prompter:
+  """An LVM and its VQGAN, ready to continue visual sentences."""
+  lvm: transformer.Model
+  tokenizer: vqgan.Tokenizer
+
+  def continue_images(self, images_NHW3: np.ndarray, new_images: int, key: jax.Array, *, candidates: int = 1,
+                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                      window: Optional[int] = None) -> np.ndarray:
+    """uint8 prompts [B, n, S, S, 3] (or one [n, S, S, 3]) -> uint8 [B, candidates, new_images, S, S, 3]."""
+    one = images_NHW3.ndim == 4
+    prompts = images_NHW3[None] if one else images_NHW3
+    B, n = prompts.shape[:2]
+    tpi = self.tokenizer.grid ** 2
+    ids = self.tokenizer.encode(prompts.reshape(B * n, *prompts.shape[2:])).reshape(B, n * tpi)
+    new = sample.generate(self.lvm, ids, new_images * tpi, key, codes=self.tokenizer.codes, temperature=temperature,
+                          top_k=top_k, top_p=top_p, candidates=candidates, window=window)
+    out = self.tokenizer.decode(np.asarray(new).reshape(B * candidates * new_images, tpi))
+    return out.reshape(B, candidates, new_images, *out.shape[1:])
+
+
+def from_workdir(workdir: str, vqgan_spec: Optional[dict] = None, batch_size: int = 8) -> Prompter:
+  """The newest checkpoint of an LVM workdir and the VQGAN its config names (or `vqgan_spec`)."""
+  from lvm_jax import train, train_vqgan  # pylint: disable=g-import-not-at-top
+  c = config_lib.load_from_workdir(workdir)
+  cfg, params, _ = train.load_params(c, workdir)
+  spec = vqgan_spec or dict(c.vqgan)
+  if not (spec.get("workdir") or spec.get("weights")):
+    raise config_lib.ConfigError(f"{workdir}/config.json names no VQGAN (vqgan.workdir / vqgan.weights): "
+                                 "pass --vqgan_workdir or --vqgan_weights")
+  return _prompter(cfg, params, *train_vqgan.load_vqgan(spec), batch_size)
+
+
+def from_hf(hf_dir: str, vqgan_spec: dict, batch_size: int = 8) -> Prompter:
+  from lvm_jax import train_vqgan  # pylint: disable=g-import-not-at-top
+  from lvm_jax.convert import hf_llama  # pylint: disable=g-import-not-at-top
+  cfg, params = hf_llama.load_pretrained(hf_dir)
+  return _prompter(cfg, params, *train_vqgan.load_vqgan(vqgan_spec), batch_size)
+
+
+def _prompter(cfg: transformer.Config, params: Any, vq: vqgan.Model, image_size: int, batch_size: int) -> Prompter:
+  lvm = nnx.eval_shape(lambda: transformer.Model(cfg, rngs=nnx.Rngs(0)))
+  nnx.update(lvm, jax.tree.map(jax.numpy.asarray, params))
+  batch = batch_size * len(jax.local_devices())
+  return Prompter(lvm, vqgan.Tokenizer(vq, image_size, batch))
+
+
+def grid(prompt_NHW3: np.ndarray, generated_CMHW3: np.ndarray, gap: int = 2) -> np.ndarray:
+  """One row per candidate: the prompt images, a wider gap, the generated images; white gaps."""
+  S = prompt_NHW3.shape[1]
+  white = lambda h, w: np.full((h, w, 3), 255, np.uint8)
+  rows = []
+  for candidate in generated_CMHW3:
+    cells = [x for img in prompt_NHW3 for x in (img, white(S, gap))][:-1] + [white(S, 4 * gap)]
+    cells += [x for img in candidate for x in (img, white(S, gap))][:-1]
+    rows += [np.concatenate(cells, axis=1), white(gap, 0)]
+  width = rows[0].shape[1]
+  return np.concatenate([r if r.shape[1] else white(gap, width) for r in rows[:-1]], axis=0)
+
+
+def read_images(paths: list[str], size: int) -> np.ndarray:
+  from lvm_jax.data import sources  # pylint: disable=g-import-not-at-top
+  images = []
+  for path in paths:
+    try:
+      with open(path, "rb") as f:
+        images.append(sources.decode_image(f.read(), size))
+    except (OSError, sources.BadInput) as e:
+      raise config_lib.ConfigError(f"--images: {path}: {e}") from None
+  return np.stack(images)
+
+
+def cli_main() -> None:
+  workdir = flags.DEFINE_string("workdir", None, "LVM training workdir (checkpoints + config.json).")
+  hf = flags.DEFINE_string("hf", None, "Or: a LlamaForCausalLM directory with safetensors weights.")
+  vq_workdir = flags.DEFINE_string("vqgan_workdir", None, "VQGAN train_vqgan workdir (default: the LVM config's).")
+  vq_weights = flags.DEFINE_string("vqgan_weights", None, "Or: VQGAN safetensors weights (with --vqgan_config).")
+  vq_config = flags.DEFINE_string("vqgan_config", None, "VQGAN config file for --vqgan_weights.")
+  vq_layout = flags.DEFINE_enum("vqgan_layout", "diffusers", ["diffusers", "muse"], "Layout of --vqgan_weights.")
+  images = flags.DEFINE_list("images", None, "Prompt images, in sentence order.")
+  out = flags.DEFINE_string("out", None, "Output PNG: prompt | generated, one row per candidate.")
+  new_images = flags.DEFINE_integer("new_images", 1, "Images to generate.")
+  candidates = flags.DEFINE_integer("candidates", 1, "Continuations to draw.")
+  temperature = flags.DEFINE_float("temperature", 1.0, "0 = greedy.")
+  top_k = flags.DEFINE_integer("top_k", 0, "Keep the k most likely codes (0 = all).")
+  top_p = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass.")
+  seed = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+  def main(_):
+    spec = None
+    if vq_workdir.value or vq_weights.value:
+      spec = dict(config=vq_config.value or "", workdir=vq_workdir.value or "", weights=vq_weights.value or "",
+                  layout=vq_layout.value)
+    if bool(workdir.value) == bool(hf.value):
+      raise config_lib.ConfigError("give exactly one of --workdir and --hf")
+    if hf.value and spec is None:
+      raise config_lib.ConfigError("--hf needs the VQGAN: --vqgan_workdir, or --vqgan_weights with --vqgan_config")
+    p = from_workdir(workdir.value, spec) if workdir.value else from_hf(hf.value, spec)
+    prompt_imgs = read_images(images.value, p.tokenizer.image_size)
+    generated = p.continue_images(prompt_imgs, new_images.value, jax.random.key(seed.value), candidates=candidates.value,
+                                  temperature=temperature.value, top_k=top_k.value, top_p=top_p.value)[0]
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    os.makedirs(os.path.dirname(os.path.abspath(out.value)), exist_ok=True)
+    Image.fromarray(grid(prompt_imgs, generated)).save(out.value)
+    print(f"{len(prompt_imgs)} prompt images -> {candidates.value} x {new_images.value} generated: {out.value}")
+
+  cli.run(main, required=["images", "out"])
+
+
+if __name__ == "__main__":
+  cli_main()

@@ -1,0 +1,83 @@
+"""Visual prompting from a training workdir and from an HF export, through the API and the CLI."""
+
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from lvm_jax import prompt, train
+from lvm_jax.convert import vqgan_torch
+from lvm_jax.models import vqgan
+from tests.conftest import REPO, load_config
+
+VQ_CONFIG = os.path.join(REPO, "configs", "vqgan_tiny.py")
+
+
+@pytest.fixture(scope="module")
+def lvm_workdir(tmp_path_factory):
+  """A 2-step tiny LVM whose config names a random tiny VQGAN (32x32 images, 64 tokens, 256 codes)."""
+  root = tmp_path_factory.mktemp("prompt")
+  cfg = vqgan.Config(**load_config("vqgan_tiny").model)
+  weights = str(root / "vq.safetensors")
+  vqgan_torch.save_safetensors(nnx.to_pure_dict(nnx.state(vqgan.Model(cfg, rngs=nnx.Rngs(0)), nnx.Param)), weights, cfg)
+  c = load_config("lvm_tiny", "test")
+  c.model.vocab_size, c.tokens_per_image, c.seq_len = 256, 64, 128
+  c.steps, c.optim.warmup = 2, 1
+  c.vqgan = dict(config=VQ_CONFIG, workdir="", weights=weights, layout="diffusers")
+  train.train(c, str(root / "lvm"))
+  return str(root / "lvm"), weights
+
+
+def pictures(n: int, seed: int = 0) -> np.ndarray:
+  return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+
+
+def test_continue_images_shapes_and_seeds(lvm_workdir):
+  p = prompt.from_workdir(lvm_workdir[0])
+  imgs = pictures(3)
+  a = p.continue_images(imgs, 2, jax.random.key(0), candidates=2)
+  assert a.shape == (1, 2, 2, 32, 32, 3) and a.dtype == np.uint8
+  np.testing.assert_array_equal(a, p.continue_images(imgs, 2, jax.random.key(0), candidates=2))
+  assert not np.array_equal(a, p.continue_images(imgs, 2, jax.random.key(1), candidates=2))
+  batch = p.continue_images(np.stack([imgs, pictures(3, seed=1)]), 1, jax.random.key(0))
+  assert batch.shape == (2, 1, 1, 32, 32, 3)
+
+
+def test_grid_lays_out_prompt_then_candidates():
+  g = prompt.grid(pictures(3), pictures(2 * 2).reshape(2, 2, 32, 32, 3), gap=2)
+  # 5 images of 32, 3 gaps of 2 between neighbours and one of 8 before the generated images.
+  assert g.shape == (2 * 32 + 2, 5 * 32 + 3 * 2 + 8, 3)
+  np.testing.assert_array_equal(g[:32, 34:66], pictures(3)[1])
+
+
+def test_cli_writes_the_grid(lvm_workdir, tmp_path):
+  paths = []
+  for i, img in enumerate(pictures(2)):
+    paths.append(str(tmp_path / f"p{i}.png"))
+    Image.fromarray(img).save(paths[-1])
+  out = tmp_path / "o.png"
+  cmd = [sys.executable, "-m", "lvm_jax.prompt", f"--workdir={lvm_workdir[0]}", f"--images={','.join(paths)}",
+         f"--out={out}", "--candidates=2", "--temperature=0"]
+  r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                     env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert Image.open(out).size == (3 * 32 + 2 + 8, 2 * 32 + 2)
+  bad = subprocess.run(cmd[:4] + [f"--images={tmp_path / 'missing.png'}", f"--out={out}"], cwd=REPO,
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
+  assert bad.returncode == 2 and "missing.png" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_hf_export_prompts_like_the_workdir(lvm_workdir, tmp_path):
+  from lvm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from lvm_jax.convert import hf_llama  # pylint: disable=g-import-not-at-top
+  workdir, weights = lvm_workdir
+  cfg, params, _ = train.load_params(config_lib.load_from_workdir(workdir), workdir)
+  hf_llama.save_pretrained(params, cfg, str(tmp_path / "hf"), codes=256)
+  spec = dict(config=VQ_CONFIG, workdir="", weights=weights, layout="diffusers")
+  greedy = lambda p: p.continue_images(pictures(2), 1, jax.random.key(0), temperature=0.0)
+  np.testing.assert_array_equal(greedy(prompt.from_hf(str(tmp_path / "hf"), spec)), greedy(prompt.from_workdir(workdir)))
