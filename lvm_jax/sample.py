@@ -58,13 +58,14 @@ def _generate(graphdef, params, prompt_BL, key, *, new_tokens, codes, temperatur
   cache = model.empty_cache(B, S)
   keep = min(L, S)  # prompt tokens older than the window are never seen again
   positions_BT = jnp.broadcast_to(jnp.arange(L - keep, L), (B, keep))
-  logits_BTV, cache = model.decode(prompt_BL[:, L - keep:], positions_BT, cache)
+  layers = model.split_layers()  # sliced once here, not at every token
+  logits_BTV, cache = model.decode(prompt_BL[:, L - keep:], positions_BT, cache, layers)
 
   def step(carry, i):
     key, logits_BV, cache = carry
     key, sub = jax.random.split(key)
     token_B = draw(sub, logits_BV, temperature, codes, top_k, top_p)
-    logits_B1V, cache = model.decode(token_B[:, None], jnp.full((B, 1), L + i, jnp.int32), cache)
+    logits_B1V, cache = model.decode(token_B[:, None], jnp.full((B, 1), L + i, jnp.int32), cache, layers)
     return (key, logits_B1V[:, 0], cache), token_B
 
   _, tokens_NB = jax.lax.scan(step, (key, logits_BTV[:, -1], cache), jnp.arange(new_tokens))

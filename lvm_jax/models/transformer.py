@@ -104,43 +104,52 @@ class Model(nnx.Module):
     x_BLD, _ = jax.lax.scan(remat(layer, cfg.remat), self._embed(tokens_BL), self._stacked())
     return self._logits(x_BLD)
 
-  def decode(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+  def decode(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: dict,
+             layer_params: Optional[list] = None) -> tuple[jax.Array, dict]:
     """T new tokens at absolute positions, attending to themselves and to the KV cache.
 
-    cache: k, v [N, B, S, H, K] and pos [B, S] (the absolute position held by each slot, -1 if
-    empty). Position p goes to slot p % S, so a full cache slides: a query sees the last S
-    positions up to itself. RoPE makes attention depend on position differences only, so
-    positions past the training length are fine as long as the window is not longer than it.
-    Returns logits [B, T, V] and the updated cache.
+    cache (see `empty_cache`): per layer k, v [B, H, S, K]; pos [B, S], the absolute position
+    each slot holds (-1: empty); next, the slot the next token goes to. Slots are written in
+    turn, wrapping after S, so a full cache slides: a query sees the last S positions up to
+    itself. RoPE makes attention depend on position differences only, so positions past the
+    training length are fine as long as the window is not longer than it. A call with T > 1
+    must not run past the last slot (generation prefills an empty cache, then adds one token
+    at a time). `layer_params` (from `split_layers`) lets a decoding loop slice the stacked
+    weights once instead of at every token. Returns logits [B, T, V] and the updated cache.
     """
     cfg = self.cfg
+    T = tokens_BT.shape[1]
     S = cache["pos"].shape[1]
-    slots_BT = positions_BT % S
-    rows_B1 = jnp.arange(tokens_BT.shape[0])[:, None]
-    pos_BS = cache["pos"].at[rows_B1, slots_BT].set(positions_BT)
+    start = cache["next"] % S
+    pos_BS = jax.lax.dynamic_update_slice(cache["pos"], positions_BT.astype(jnp.int32), (0, start))
     mask_B1TS = ((pos_BS[:, None, :] >= 0) & (pos_BS[:, None, :] <= positions_BT[:, :, None])
                  & (pos_BS[:, None, :] > positions_BT[:, :, None] - S))[:, None]
     sin_BTK, cos_BTK = rope_tables(positions_BT, cfg.head_dim, cfg.rope_theta)
+    # Layers unrolled over per-layer caches: each new k/v is a dynamic_update_slice that XLA does
+    # in place. A scan over a stacked cache made XLA:CPU copy the whole cache for every token.
+    x_BTD, ks, vs = self._embed(tokens_BT), list(cache["k"]), list(cache["v"])
+    for n, p in enumerate(layer_params or self.split_layers()):
 
-    def layer(x_BTD: jax.Array, p_and_cache: tuple) -> tuple[jax.Array, tuple]:
-      p, k_BSHK, v_BSHK = p_and_cache
+      def attend(q, k, v, n=n):
+        ks[n], vs[n] = (sharding.constrain(
+            jax.lax.dynamic_update_slice(c, jnp.swapaxes(x, 1, 2).astype(c.dtype), (0, 0, start, 0)),
+            ("batch", "heads", None, "head_dim")) for c, x in ((ks[n], k), (vs[n], v)))
+        return attention_lib.cache_attention(q, ks[n].astype(q.dtype), vs[n].astype(q.dtype), mask_B1TS), None
 
-      def attend(q, k, v):
-        k_all, v_all = (sharding.constrain(c.at[rows_B1, slots_BT].set(x.astype(c.dtype)),
-                                           ("batch", None, "heads", "head_dim")) for c, x in ((k_BSHK, k), (v_BSHK, v)))
-        return attention_lib.xla_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask_B1TS), (k_all, v_all)
+      x_BTD, _ = decoder_layer(x_BTD, p, sin_BTK, cos_BTK, attend, cfg)
+    new_cache = {"k": tuple(ks), "v": tuple(vs), "pos": pos_BS, "next": cache["next"] + T}
+    return self._logits(x_BTD), new_cache
 
-      return decoder_layer(x_BTD, p, sin_BTK, cos_BTK, attend, cfg)
-
-    x_BTD, (k, v) = jax.lax.scan(layer, self._embed(tokens_BT), (self._stacked(), cache["k"], cache["v"]))
-    return self._logits(x_BTD), {"k": k, "v": v, "pos": pos_BS}
+  def split_layers(self) -> list[dict]:
+    """Per-layer weight dicts, sliced from the stacked arrays."""
+    return [{k: w[n] for k, w in self._stacked().items()} for n in range(self.cfg.layers)]
 
   def empty_cache(self, batch: int, length: int, dtype: Optional[str] = None) -> dict:
-    """A KV cache of `length` slots per layer (the context window when decoding)."""
+    """A KV cache of `length` slots for each layer (the context window when decoding)."""
     cfg = self.cfg
-    shape = (cfg.layers, batch, length, cfg.heads, cfg.head_dim)
-    kv = jnp.zeros(shape, jnp.dtype(dtype or cfg.dtype))
-    return {"k": kv, "v": kv, "pos": jnp.full((batch, length), -1, jnp.int32)}
+    zeros = lambda: jnp.zeros((batch, cfg.heads, length, cfg.head_dim), jnp.dtype(dtype or cfg.dtype))
+    return {"k": tuple(zeros() for _ in range(cfg.layers)), "v": tuple(zeros() for _ in range(cfg.layers)),
+            "pos": jnp.full((batch, length), -1, jnp.int32), "next": jnp.zeros((), jnp.int32)}
 
   def _embed(self, tokens_BL: jax.Array) -> jax.Array:
     # Gather the table whole before the lookup, as FSDP does for every weight: a gather from a
