@@ -1,0 +1,145 @@
+"""Evaluation: perplexity of target images per dataset and task, and task metrics by prompting.
+
+  python -m lvm_jax.evaluate --workdir /tmp/lvm_demo/lvm --store /tmp/lvm_demo/store \\
+      --dataset '*_held_out' --out /tmp/lvm_demo/eval.json [--demo_tasks]
+
+Perplexity: for every sentence, the model reads the whole sentence once and the loss is taken
+on the last image's tokens only (the answer given the prompt). Reported per (dataset, task) as
+the corpus-level perplexity exp(sum NLL / sum tokens) and the per-example mean of each
+sentence's perplexity: the release's eval averaged per batch, which weights examples unevenly.
+
+Task metrics (--demo_tasks, on the built-in demo data's held-out split): the last image of each
+sentence is generated from the ones before it and compared with the truth, next to a baseline
+a model must beat: next-frame PSNR against copying the last prompt frame; in-context pairs and
+inpainting PSNR, colorization MSE against copying the query image; segmentation mIoU of the
+palette classes against the query's own colours; counting accuracy of a digit classifier
+(logistic regression on held-out digits) against chance (0.1).
+"""
+
+import json
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from flax import nnx
+
+from lvm_jax import cli, config as config_lib
+from lvm_jax.data import demo, store as store_lib
+from lvm_jax.models import transformer
+
+VIDEO = ("moving_crop", "rotating_crop", "zooming_crop", "moving_digit")
+PAIRS = ("edges", "flip", "invert", "inpainting")
+
+
+def _answer_nll(graphdef, params, tokens_BL: jax.Array, answer: int) -> jax.Array:
+  """Summed NLL of each row's last `answer` tokens."""
+  logits = nnx.merge(graphdef, params)(tokens_BL)[:, :-1].astype(jnp.float32)
+  nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, tokens_BL[:, 1:, None], -1)[..., 0]
+  return jnp.sum(nll[:, -answer:], axis=-1)
+
+
+def perplexity(lvm: transformer.Model, root: str, dataset: Optional[str] = None, task: Optional[str] = None,
+               max_sentences: int = 512, batch: int = 8) -> dict:
+  """{"dataset/task": {corpus_ppl, mean_ppl, sentences, tokens}} over the last image of each sentence."""
+  store = store_lib.Store(root)
+  tpi = store.manifest.tokens_per_image
+  graphdef, params = nnx.split(lvm)
+  nll_fn = jax.jit(_answer_nll, static_argnums=(0, 3))
+  groups: dict[str, list[float]] = {}
+  by_length: dict[int, list[int]] = {}
+  for i in store.indices(dataset, task)[:max_sentences]:
+    by_length.setdefault(int(store.lengths[i]), []).append(int(i))
+  for length, idx in by_length.items():  # equal lengths batch without padding
+    for s in range(0, len(idx), batch):
+      rows = [store[i] for i in idx[s:s + batch]]
+      tokens = np.stack([r["tokens"].astype(np.int32) for r in rows])
+      nll = np.asarray(nll_fn(graphdef, params, jnp.asarray(tokens), tpi))
+      for r, v in zip(rows, nll):
+        groups.setdefault(f"{r['dataset']}/{r['task']}", []).append(float(v))
+  return {k: {"corpus_ppl": float(np.exp(np.sum(v) / (len(v) * tpi))), "mean_ppl": float(np.mean(np.exp(np.array(v) / tpi))),
+              "sentences": len(v), "tokens": len(v) * tpi} for k, v in sorted(groups.items())}
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+  mse = np.mean(np.square(a.astype(np.float64) - b.astype(np.float64)))
+  return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
+
+
+def digit_classifier(size: int) -> Any:
+  """Logistic regression on the demo's held-out digit images (never in the LVM's training data)."""
+  from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
+  x, y = demo.digit_images("held_out", size)
+  return LogisticRegression(max_iter=2000).fit(x.reshape(len(x), -1) / 255.0, y)
+
+
+def _miou(pred: np.ndarray, truth: np.ndarray) -> float:
+  """Mean IoU of palette classes (each pixel -> the nearest palette colour)."""
+  cls = lambda im: np.argmin(((im[..., None, :].astype(np.int32) - demo.PALETTE[None, None]) ** 2).sum(-1), -1)
+  p, t = cls(pred), cls(truth)
+  ious = [np.mean((p == c) & (t == c)) / np.mean((p == c) | (t == c)) for c in np.unique(t)]
+  return float(np.mean(ious))
+
+
+def task_metrics(prompter: Any, tasks: tuple[str, ...], count: int, key: jax.Array, images: int = 4) -> dict:
+  """Generate the last image of `count` held-out demo sentences per task; metric vs baseline."""
+  out = {}
+  for task in tasks:
+    sents = demo.sentences(task, "held_out", count, prompter.tokenizer.image_size, seed=1234, images=images)
+    key, sub = jax.random.split(key)
+    gen = prompter.continue_images(sents[:, :-1], 1, sub, temperature=0.0)[:, 0, 0]
+    truth, last = sents[:, -1], sents[:, -2]
+    query = last  # pairs: [.., x, y]; the query x is the image before the answer
+    if task in VIDEO:
+      out[task] = {"metric": "psnr", "model": np.mean([psnr(g, t) for g, t in zip(gen, truth)]),
+                   "baseline": np.mean([psnr(b, t) for b, t in zip(last, truth)]), "baseline_is": "copy the last frame"}
+    elif task == "colorization":
+      mse = lambda a, b: float(np.mean(np.square(a / 255.0 - b / 255.0)))
+      out[task] = {"metric": "mse", "model": np.mean([mse(g, t) for g, t in zip(gen, truth)]),
+                   "baseline": np.mean([mse(q, t) for q, t in zip(query, truth)]), "baseline_is": "the gray query"}
+    elif task == "segmentation":
+      out[task] = {"metric": "miou", "model": np.mean([_miou(g, t) for g, t in zip(gen, truth)]),
+                   "baseline": np.mean([_miou(q, t) for q, t in zip(query, truth)]), "baseline_is": "the query's colours"}
+    elif task == "counting":
+      clf = digit_classifier(gen.shape[1])
+      classify = lambda x: clf.predict(x.reshape(len(x), -1) / 255.0)
+      # The digit the true next image shows, read by the same classifier as the generated one.
+      out[task] = {"metric": "accuracy", "model": float(np.mean(classify(gen) == classify(truth))), "baseline": 0.1,
+                   "baseline_is": "chance"}
+    else:
+      out[task] = {"metric": "psnr", "model": np.mean([psnr(g, t) for g, t in zip(gen, truth)]),
+                   "baseline": np.mean([psnr(q, t) for q, t in zip(query, truth)]), "baseline_is": "copy the query"}
+    out[task] = {k: float(v) if isinstance(v, (float, np.floating)) else v for k, v in out[task].items()}
+  return out
+
+
+def cli_main() -> None:
+  from lvm_jax import prompt  # pylint: disable=g-import-not-at-top
+  workdir = flags.DEFINE_string("workdir", None, "LVM training workdir.")
+  store = flags.DEFINE_string("store", None, "Token store for perplexity (default: the config's main mixture path).")
+  dataset = flags.DEFINE_string("dataset", None, "Dataset name pattern, e.g. '*_held_out'.")
+  task = flags.DEFINE_string("task", None, "Task name pattern.")
+  max_sentences = flags.DEFINE_integer("max_sentences", 512, "Sentences per run (in store order).")
+  demo_tasks = flags.DEFINE_bool("demo_tasks", False, "Also prompt the demo's held-out tasks.")
+  count = flags.DEFINE_integer("count", 32, "Held-out sentences per demo task.")
+  out = flags.DEFINE_string("out", None, "JSON output path.")
+
+  def main(_):
+    p = prompt.from_workdir(workdir.value)
+    c = config_lib.load_from_workdir(workdir.value)
+    root = store.value or c.data.mixture.main.path
+    report = {"perplexity": perplexity(p.lvm, root, dataset.value, task.value, max_sentences.value)}
+    if demo_tasks.value:
+      report["tasks"] = task_metrics(p, demo.TASKS, count.value, jax.random.key(0))
+    text = json.dumps(report, indent=1)
+    if out.value:
+      with open(out.value, "w") as f:
+        f.write(text)
+    print(text)
+
+  cli.run(main, required=["workdir"])
+
+
+if __name__ == "__main__":
+  cli_main()
