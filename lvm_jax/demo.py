@@ -53,7 +53,7 @@ def demo(workdir: str, quick: bool = False, count: int = 16) -> dict:
   from PIL import Image  # pylint: disable=g-import-not-at-top
   for task in demo_data.TASKS:
     sents = demo_data.sentences(task, "held_out", 1, p.tokenizer.image_size, seed=1234, images=4)
-    gen = p.continue_images(sents[0, :-1], 1, jax.random.key(0), candidates=3)[0]
+    gen = p.continue_images(sents[0, :-1], 1, jax.random.key(0), candidates=3, top_k=10)[0]
     Image.fromarray(prompt.grid(sents[0], gen)).save(os.path.join(workdir, "prompts", f"{task}.png"))
   print("[5/5] evaluation", flush=True)
   result = {"perplexity": evaluate.perplexity(p.lvm, data.store, dataset="*_held_out", max_sentences=256),
@@ -68,11 +68,12 @@ def summary(result: dict, workdir: str) -> None:
   ppl = [v["corpus_ppl"] for v in result["perplexity"].values()]
   print(f"\nheld-out perplexity of the answer image: {np.median(ppl):.1f} (median over tasks; "
         f"uniform over the 256 codes: 256)")
-  print(f"{'task':16s} {'metric':8s} {'LVM':>8s} {'baseline':>9s}  baseline")
+  print(f"{'task':14s} {'metric':8s} {'LVM':>7s} {'baseline':>9s} {'tokenizer':>9s}  baseline")
   for task, m in result["tasks"].items():
     better = m["model"] < m["baseline"] if m["metric"] == "mse" else m["model"] > m["baseline"]
-    print(f"{task:16s} {m['metric']:8s} {m['model']:8.3f} {m['baseline']:9.3f}  {m['baseline_is']}"
-          f"{'  (beats it)' if better else ''}")
+    print(f"{task:14s} {m['metric']:8s} {m['model']:7.3f} {m['baseline']:9.3f} {m['tokenizer_ceiling']:9.3f}  "
+          f"{m['baseline_is']}{'  (LVM beats it)' if better else ''}")
+  print("tokenizer = the VQGAN's reconstruction of the true answer: the best any generated image can do")
   print(f"\nprompt grids: {os.path.join(workdir, 'prompts')}/ (prompt and true answer | 3 sampled answers); "
         f"all numbers: {os.path.join(workdir, 'eval.json')}")
 

@@ -1,0 +1,49 @@
+"""Evaluation: answer-image perplexity equals the NLL spelled out; prompting metrics and their
+baselines."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lvm_jax import evaluate, prompt
+from lvm_jax.data import demo as demo_data, store
+from lvm_jax.models import transformer, vqgan
+from tests.conftest import load_config
+
+CFG = transformer.Config(d_model=32, ffn=64, layers=1, heads=2, vocab_size=20, remat="none")
+
+
+def test_perplexity_is_the_answer_images_nll(tmp_path):
+  manifest = store.Manifest(tokens_per_image=3, vocab=20, tokenizer="t")
+  store.create(str(tmp_path), manifest)
+  rng = np.random.default_rng(0)
+  w = store.ShardWriter(str(tmp_path), "0", manifest)
+  sentences = [(rng.integers(0, 20, 3 * n), d) for n, d in ((2, "a"), (3, "a"), (2, "b"), (2, "a"))]
+  for tokens, d in sentences:
+    w.add(tokens, d, "t")
+  w.close()
+  lvm = transformer.Model(CFG, rngs=nnx.Rngs(0))
+  got = evaluate.perplexity(lvm, str(tmp_path))
+  nll = {}
+  for tokens, d in sentences:
+    logp = jax.nn.log_softmax(lvm(jnp.asarray(tokens[None], jnp.int32))[0, :-1])
+    nll.setdefault(d, []).append(-float(sum(logp[t - 1, tokens[t]] for t in range(len(tokens) - 3, len(tokens)))))
+  for d, v in nll.items():
+    g = got[f"{d}/t"]
+    assert g["sentences"] == len(v) and g["tokens"] == 3 * len(v)
+    np.testing.assert_allclose(g["corpus_ppl"], np.exp(np.sum(v) / (3 * len(v))), rtol=1e-4)
+    np.testing.assert_allclose(g["mean_ppl"], np.mean(np.exp(np.array(v) / 3)), rtol=1e-4)
+
+
+def test_task_metrics_report_model_and_baseline():
+  vq = vqgan.Model(vqgan.Config(**load_config("vqgan_tiny").model), rngs=nnx.Rngs(0))
+  lvm = transformer.Model(transformer.Config(d_model=32, ffn=64, layers=1, heads=2, vocab_size=256, remat="none"),
+                          rngs=nnx.Rngs(1))
+  p = prompt.Prompter(lvm, vqgan.Tokenizer(vq, 32, 8))
+  m = evaluate.task_metrics(p, ("moving_digit", "counting", "colorization"), 4, jax.random.key(0))
+  sents = demo_data.sentences("moving_digit", "held_out", 4, 32, seed=1234, images=4)
+  copy_last = np.mean([evaluate.psnr(a, b) for a, b in zip(sents[:, -2], sents[:, -1])])
+  assert m["moving_digit"]["metric"] == "psnr" and np.isclose(m["moving_digit"]["baseline"], copy_last)
+  assert m["counting"]["baseline"] == 0.1 and 0 <= m["counting"]["model"] <= 1
+  assert m["colorization"]["metric"] == "mse" and m["colorization"]["baseline"] > 0
