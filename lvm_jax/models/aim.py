@@ -1,0 +1,196 @@
+"""AIM v1 (El-Nouby et al. 2024): a ViT trained to predict the next patch's normalized pixels.
+
+Dimension letters: B batch, N patches, D width, P patch pixels (p * p * 3), N_L layers.
+
+Trunk as the released AIM v1: patch 14 at 224 (a conv with bias), LayerNorm on the patch
+tokens, fixed 2D sin-cos positions (the first D/2 channels encode the column, as ml-aim's
+meshgrid "xy" quirk does, so its weights load), pre-norm blocks with exact GELU and no biases
+in the attention and MLP linears, LayerNorm after the last block (eps 1e-6), no cls token.
+Pretraining attends prefix-causally: query i sees key j if j <= i or j < prefix[b]; evaluation
+attends bidirectionally. Blocks are stacked on a leading axis under `lax.scan`, like the LVM's.
+
+The MLP head (12 residual MLP blocks at 2048 / 8192 by default) maps the normed trunk output,
+plus its own sin-cos positions, to the pixels of the next patch. Its blocks are plain
+x + MLP(LN(x)): ml-l3m's decoder blocks also add LN(x) through an identity "attention", a quirk
+of reusing its transformer block that the paper does not describe; it is not copied here.
+"""
+
+import dataclasses
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lvm_jax.kernels import attention as attention_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  width: int = 1536
+  depth: int = 24
+  heads: int = 12
+  patch: int = 14
+  image_size: int = 224
+  mlp_ratio: int = 4
+  head_width: int = 2048
+  head_depth: int = 12
+  head_mlp: int = 8192
+  norm_eps: float = 1e-6
+  dtype: str = "float32"
+  attention: str = "xla"
+
+  @property
+  def patches(self) -> int:
+    return (self.image_size // self.patch) ** 2
+
+  @property
+  def patch_dim(self) -> int:
+    return self.patch * self.patch * 3
+
+
+def sincos_2d(grid: int, dim: int) -> np.ndarray:
+  """[grid * grid, dim] fixed positions in raster order: the first dim/2 channels encode the
+  column, the rest the row, each half sin then cos over dim/4 frequencies (MAE / ml-aim)."""
+  omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim // 4))
+  rows, cols = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+  embed = lambda pos: np.concatenate([np.sin(pos.reshape(-1, 1) * omega), np.cos(pos.reshape(-1, 1) * omega)], 1)
+  return np.concatenate([embed(cols), embed(rows)], axis=1).astype(np.float32)
+
+
+def patchify(images_BHWC: jax.Array, patch: int) -> jax.Array:
+  """[B, H, W, 3] -> [B, N, p * p * 3] in raster order, pixels (row, col, channel) within a patch."""
+  B, H, W, C = images_BHWC.shape
+  x = images_BHWC.reshape(B, H // patch, patch, W // patch, patch, C)
+  return x.transpose(0, 1, 3, 2, 4, 5).reshape(B, (H // patch) * (W // patch), patch * patch * C)
+
+
+def _dense(din: int, dout: int, rngs: nnx.Rngs, bias: bool, dtype: str) -> nnx.Linear:
+  return nnx.Linear(din, dout, use_bias=bias, kernel_init=nnx.initializers.xavier_uniform(),
+                    dtype=jnp.dtype(dtype), rngs=rngs)
+
+
+class Block(nnx.Module):
+  """Pre-norm ViT block: x + proj(attn(LN(x))), then x + fc2(gelu(fc1(LN(x)))), no biases."""
+
+  def __init__(self, cfg: Config, rngs: nnx.Rngs):
+    D = cfg.width
+    self.norm_1 = nnx.LayerNorm(D, epsilon=cfg.norm_eps, rngs=rngs)
+    self.qkv = _dense(D, 3 * D, rngs, False, cfg.dtype)
+    self.proj = _dense(D, D, rngs, False, cfg.dtype)
+    self.norm_2 = nnx.LayerNorm(D, epsilon=cfg.norm_eps, rngs=rngs)
+    self.fc1 = _dense(D, cfg.mlp_ratio * D, rngs, False, cfg.dtype)
+    self.fc2 = _dense(cfg.mlp_ratio * D, D, rngs, False, cfg.dtype)
+
+  def __call__(self, x_BND: jax.Array, heads: int, causal: bool, prefix_B: Optional[jax.Array], impl: str) -> jax.Array:
+    B, N, D = x_BND.shape
+    qkv = self.qkv(_ln(self.norm_1, x_BND)).reshape(B, N, 3, heads, D // heads)
+    out = attention_lib.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], causal=causal,
+                                  prefix_len_B=prefix_B if causal else None, impl=impl)
+    x_BND = x_BND + self.proj(out.reshape(B, N, D))
+    return x_BND + self.fc2(jax.nn.gelu(self.fc1(_ln(self.norm_2, x_BND)), approximate=False))
+
+
+def _ln(norm: nnx.LayerNorm, x: jax.Array) -> jax.Array:
+  """LayerNorm statistics in fp32 (as l3m's LayerNormFP32), output in the activation dtype."""
+  return norm(x.astype(jnp.float32)).astype(x.dtype)
+
+
+class Trunk(nnx.Module):
+  def __init__(self, cfg: Config, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.proj = nnx.Conv(3, cfg.width, (cfg.patch, cfg.patch), strides=(cfg.patch, cfg.patch), padding="VALID",
+                         kernel_init=nnx.initializers.xavier_uniform(), dtype=jnp.dtype(cfg.dtype), rngs=rngs)
+    self.patch_norm = nnx.LayerNorm(cfg.width, epsilon=cfg.norm_eps, rngs=rngs)
+    make = nnx.vmap(lambda r: Block(cfg, r), in_axes=0, out_axes=0)  # blocks stacked on a leading axis
+    self.blocks = make(nnx.Rngs(params=jax.random.split(rngs.params(), cfg.depth)))
+    self.post_trunk_norm = nnx.LayerNorm(cfg.width, epsilon=cfg.norm_eps, rngs=rngs)
+
+  def __call__(self, images_BHWC: jax.Array, prefix_B: Optional[jax.Array] = None,
+               layers: Optional[tuple[int, ...]] = None) -> tuple[jax.Array, Optional[jax.Array]]:
+    """Normed trunk output [B, N, D] and, if `layers` is given, the mean of those blocks' raw
+    outputs (the probe's features). prefix_B given: prefix-causal attention, else bidirectional."""
+    cfg = self.cfg
+    x = self.proj(images_BHWC.astype(jnp.dtype(cfg.dtype)))
+    B, h, w, D = x.shape
+    x = _ln(self.patch_norm, x.reshape(B, h * w, D)) + jnp.asarray(sincos_2d(h, D), x.dtype)[None]
+    graphdef, stacked = nnx.split(self.blocks)
+    keep = jnp.zeros((cfg.depth,), bool).at[jnp.asarray(layers or (), jnp.int32)].set(True)
+
+    def body(carry, xs):
+      x, feats = carry
+      state, take = xs
+      x = nnx.merge(graphdef, state)(x, cfg.heads, prefix_B is not None, prefix_B, cfg.attention)
+      return (x, feats + jnp.where(take, x.astype(jnp.float32), 0.0)), None
+
+    (x, feats), _ = jax.lax.scan(body, (x, jnp.zeros(x.shape, jnp.float32)), (stacked, keep))
+    return _ln(self.post_trunk_norm, x), (feats / len(layers) if layers else None)
+
+
+class HeadBlock(nnx.Module):
+  def __init__(self, cfg: Config, rngs: nnx.Rngs):
+    self.norm = nnx.LayerNorm(cfg.head_width, epsilon=cfg.norm_eps, rngs=rngs)
+    self.fc1 = _dense(cfg.head_width, cfg.head_mlp, rngs, False, cfg.dtype)
+    self.fc2 = _dense(cfg.head_mlp, cfg.head_width, rngs, False, cfg.dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return x + self.fc2(jax.nn.gelu(self.fc1(_ln(self.norm, x)), approximate=False))
+
+
+class Head(nnx.Module):
+  """Normed trunk tokens [B, N, D] -> predicted next-patch pixels [B, N, P]."""
+
+  def __init__(self, cfg: Config, rngs: nnx.Rngs):
+    self.proj_in = _dense(cfg.width, cfg.head_width, rngs, True, cfg.dtype)
+    self.blocks = nnx.List([HeadBlock(cfg, rngs) for _ in range(cfg.head_depth)])
+    self.norm = nnx.LayerNorm(cfg.head_width, epsilon=cfg.norm_eps, rngs=rngs)
+    # Scaled down as l3m's last layer (fan-in normal / (1 + depth)): the head starts near zero.
+    self.proj_out = nnx.Linear(cfg.head_width, cfg.patch_dim, rngs=rngs, dtype=jnp.dtype(cfg.dtype),
+                               kernel_init=nnx.initializers.variance_scaling(1.0 / (1 + cfg.head_depth) ** 2,
+                                                                             "fan_in", "truncated_normal"))
+
+  def __call__(self, x_BND: jax.Array) -> jax.Array:
+    x = self.proj_in(x_BND)
+    x = x + jnp.asarray(sincos_2d(int(round(x.shape[1] ** 0.5)), x.shape[-1]), x.dtype)[None]
+    for block in self.blocks:
+      x = block(x)
+    return self.proj_out(_ln(self.norm, x)).astype(jnp.float32)
+
+
+class Model(nnx.Module):
+  def __init__(self, cfg: Config, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.trunk = Trunk(cfg, rngs)
+    self.head = Head(cfg, rngs)
+
+  def __call__(self, images_BHWC: jax.Array, prefix_B: jax.Array) -> jax.Array:
+    """Pretraining forward: predictions [B, N, P] of each next patch, prefix-causal attention."""
+    return self.head(self.trunk(images_BHWC, prefix_B)[0])
+
+
+def normalized_targets(images_BHWC: jax.Array, patch: int, eps: float = 1e-6) -> jax.Array:
+  """Each patch's pixels (row, col, channel) normalised by its own mean and unbiased variance."""
+  t = patchify(images_BHWC.astype(jnp.float32), patch)
+  mean = jnp.mean(t, axis=-1, keepdims=True)
+  var = jnp.var(t, axis=-1, keepdims=True, ddof=1)
+  return (t - mean) / jnp.sqrt(var + eps)
+
+
+def loss(pred_BNP: jax.Array, images_BHWC: jax.Array, prefix_B: jax.Array, patch: int) -> jax.Array:
+  """Squared error of the prediction at position i against patch i + 1, averaged over pixels,
+  then over every non-prefix target of the batch (patch j >= prefix[b] is a target)."""
+  target = normalized_targets(images_BHWC, patch)[:, 1:]
+  err_BN = jnp.mean(jnp.square(pred_BNP[:, :-1] - target), axis=-1)
+  is_target = (jnp.arange(1, target.shape[1] + 1)[None] >= prefix_B[:, None]).astype(jnp.float32)
+  return jnp.sum(err_BN * is_target) / jnp.maximum(jnp.sum(is_target), 1.0)
+
+
+def sample_prefix(key: jax.Array, batch: int, patches: int) -> jax.Array:
+  """Prefix lengths drawn uniformly from [1, N - 1] per image."""
+  return jax.random.randint(key, (batch,), 1, patches)
+
+
+def count_params(cfg: Config, part: str = "trunk") -> int:
+  abstract = nnx.eval_shape(lambda: Model(cfg, rngs=nnx.Rngs(0)))
+  return sum(x.size for x in jax.tree.leaves(nnx.state(getattr(abstract, part), nnx.Param)))
