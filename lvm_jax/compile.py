@@ -56,8 +56,12 @@ def compile_train_step(c: Any, topology: str, num_slices: int = 1) -> Any:
   mesh = sharding.make_mesh(c.mesh, devices)
   sharding.check_batch(c.global_batch, c.grad_accum, mesh, c.rules)
   b = train.build(c, mesh)
-  batch = {k: jax.ShapeDtypeStruct((c.global_batch, c.seq_len), jnp.int32, sharding=b["batch_sharding"])
-           for k in ("tokens", "segment_ids", "positions", "loss_mask")}
+  rows = lambda shape, dtype: jax.ShapeDtypeStruct((c.global_batch, *shape), dtype, sharding=b["batch_sharding"])
+  if c.objective == "aim":
+    size = c.model.image_size
+    batch = {"images": rows((size, size, 3), jnp.uint8), "prefix": rows((), jnp.int32)}
+  else:
+    batch = {k: rows((c.seq_len,), jnp.int32) for k in ("tokens", "segment_ids", "positions", "loss_mask")}
   with jax.set_mesh(mesh), sharding.axis_rules(c.rules):
     lowered = train.jit_train_step(c, b).lower(b["abstract_state"], batch)
     return lowered.compile(), mesh, b

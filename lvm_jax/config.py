@@ -84,6 +84,25 @@ def lvm_config(d_model: int, ffn: int, layers: int, heads: int) -> ml_collection
   return c
 
 
+def aim_config(width: int, depth: int, heads: int, image_size: int = 224, patch: int = 14) -> ml_collections.ConfigDict:
+  """AIM v1 pretraining (models/aim.py) on the trainer of the LVM: the same mesh, checkpoints,
+  metrics; AdamW lr 1e-3, betas (0.9, 0.95), wd 0.05 (none on biases and norms; positions are
+  fixed, not parameters), warmup then cosine to 0, clip 1.0 (ml-l3m's AIM v1 recipe)."""
+  c = lvm_config(d_model=width, ffn=4 * width, layers=depth, heads=heads)
+  c.objective, c.model_name = "aim", "aim"
+  c.model = dict(width=width, depth=depth, heads=heads, patch=patch, image_size=image_size, mlp_ratio=4,
+                 head_width=2048, head_depth=12, head_mlp=8192, norm_eps=1e-6, dtype="bfloat16",
+                 attention="auto")
+  c.seq_len = (image_size // patch) ** 2  # patches per image: tokens/s counts patches
+  c.tokens_per_image = c.seq_len
+  c.global_batch, c.steps = 4096, 125_000
+  c.optim.update(lr=1e-3, end_lr=0.0, warmup=3125, weight_decay=0.05, no_decay=("bias", "norm"))
+  # Random resized crops (area 0.4-1, aspect 3/4-4/3) and flips of a source's images.
+  c.data = dict(name="aim_images", source=dict(kind="image_folder", root=""), scale=(0.4, 1.0), seed=0)
+  del c.vqgan
+  return c
+
+
 def synthetic_data() -> dict:
   """lvm_jax/data/synthetic.py: generated sentences with a known loss floor (tests, benchmarks)."""
   return dict(name="synthetic", codes=64, images_per_sentence=(2, 4))  # codes per image; inclusive range
@@ -156,7 +175,15 @@ def _check(ok: bool, msg: str) -> None:
 def validate(c: Any) -> None:
   """One-line errors for configs that would fail later or silently do the wrong thing."""
   m = c.model
-  _check(c.objective in ("lvm",), f"objective={c.objective!r}: expected 'lvm'")
+  _check(c.objective in ("lvm", "aim"), f"objective={c.objective!r}: expected lvm|aim")
+  if c.objective == "aim":
+    _check(m.width % m.heads == 0, f"model.width={m.width} is not divisible by model.heads={m.heads}")
+    _check(m.image_size % m.patch == 0, f"model.image_size={m.image_size} is not a multiple of model.patch={m.patch}")
+    _check(c.seq_len == (m.image_size // m.patch) ** 2, f"seq_len={c.seq_len}: must be the patches per image")
+    _check(m.attention in attention.IMPLEMENTATIONS,
+           f"model.attention={m.attention!r}: expected one of {attention.IMPLEMENTATIONS}")
+    _check(c.global_batch % c.grad_accum == 0, f"global_batch={c.global_batch} is not divisible by grad_accum")
+    return
   _check(m.d_model % m.heads == 0, f"model.d_model={m.d_model} is not divisible by model.heads={m.heads}")
   _check((m.d_model // m.heads) % 2 == 0, f"head dim {m.d_model // m.heads} must be even for RoPE")
   _check(m.remat in ("none", "full", "dots"), f"model.remat={m.remat!r}: expected none|full|dots")

@@ -121,6 +121,8 @@ def load_tokenizer(c: Any) -> tuple[vqgan.Tokenizer, store.Manifest]:
 
 def make_dataset(c: Any, show_progress: bool = True) -> dict:
   """Runs the job for this process's units; returns the report of the whole store so far."""
+  if not c.store:
+    raise ConfigError("store is empty: set --config.store to a local path or gs://bucket/path")
   opened = open_sources(c)
   units = plan(c, opened)
   tok, manifest = load_tokenizer(c)

@@ -29,6 +29,9 @@ def train_flops_per_token(m: Any, seq_len: int) -> float:
 
 
 def train_flops_per_step(m: Any, seq_len: int, global_batch: int) -> float:
+  if hasattr(m, "patch"):  # an AIM config: seq_len counts patches
+    from lvm_jax.models import aim  # pylint: disable=g-import-not-at-top
+    return aim.train_flops_per_image(m) * global_batch
   return train_flops_per_token(m, seq_len) * seq_len * global_batch
 
 

@@ -107,10 +107,17 @@ def constrain(x: jax.Array, axes: Sequence[Optional[str]]) -> jax.Array:
 
 
 def param_specs(abstract_model: nnx.Module, rules: Rules) -> dict:
-  """PartitionSpecs of the model's parameters (a pure dict), from their `axes` metadata."""
+  """PartitionSpecs of the model's parameters (a pure dict), from their `axes` metadata.
+
+  A parameter stacked by nnx.vmap (layers built as one module) has one leading axis more than
+  its metadata names: the layer axis, never sharded."""
   state = nnx.state(abstract_model, nnx.Param)
-  specs = jax.tree.map(lambda v: logical_to_spec(v.get_metadata()["axes"], rules), state,
-                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+  def spec(v: nnx.Variable) -> P:
+    axes = tuple(v.get_metadata()["axes"])
+    return logical_to_spec((None,) * (len(v.get_value().shape) - len(axes)) + axes, rules)
+
+  specs = jax.tree.map(spec, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
   return nnx.to_pure_dict(specs)
 
 
@@ -161,9 +168,11 @@ def check_batch(global_batch: int, grad_accum: int, mesh: Mesh, rules: Rules) ->
         f"x grad_accum ({grad_accum}) = {shards * grad_accum}")
 
 
-def global_batch_array(local: dict, sharding: NamedSharding, global_shape: tuple) -> dict:
-  """Host-local numpy batch -> global jax.Arrays (each process passes its own rows)."""
-  return {k: jax.make_array_from_process_local_data(sharding, v, global_shape) for k, v in local.items()}
+def global_batch_array(local: dict, sharding: NamedSharding, global_batch: int) -> dict:
+  """Host-local numpy batch -> global jax.Arrays (each process passes its own rows). Every
+  array is split over the batch axes along its first dimension, whatever its rank."""
+  rows = NamedSharding(sharding.mesh, P(sharding.spec[0]))
+  return {k: jax.make_array_from_process_local_data(rows, v, (global_batch, *v.shape[1:])) for k, v in local.items()}
 
 
 def local_rows(sharding: NamedSharding, global_batch: int) -> np.ndarray:

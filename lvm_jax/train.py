@@ -49,15 +49,25 @@ def lvm_loss(params: Any, graphdef: Any, batch: dict, z_loss: float) -> tuple[ja
   return nll + z_penalty, (nll, jnp.sum(weights_BL))
 
 
+def aim_loss(params: Any, graphdef: Any, batch: dict, z_loss: float = 0.0) -> tuple[jax.Array, tuple]:
+  """AIM's summed next-patch error over non-prefix targets (and their count), for accumulation."""
+  del z_loss
+  from lvm_jax.models import aim  # pylint: disable=g-import-not-at-top
+  model = nnx.merge(graphdef, params)
+  images = aim.normalize(batch["images"])
+  total, count = aim.loss_terms(model(images, batch["prefix"]), images, batch["prefix"], model.cfg.patch)
+  return total, (total, count)
+
+
 def train_step(state: dict, batch: dict, *, graphdef: Any, tx: optax.GradientTransformation,
-               grad_accum: int, z_loss: float, lr_schedule: optax.Schedule) -> tuple[dict, dict]:
+               grad_accum: int, z_loss: float, lr_schedule: optax.Schedule, objective: str = "lvm") -> tuple[dict, dict]:
   """One optimizer update from `grad_accum` micro-batches scanned in sequence."""
   params = state["params"]
   # Strided split: micro-batch g takes rows g, g+G, ..., so each stays spread over the batch shards.
   micro = jax.tree.map(
       lambda x: jnp.swapaxes(x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]), 0, 1),
       batch)
-  grad_fn = jax.value_and_grad(lvm_loss, has_aux=True)
+  grad_fn = jax.value_and_grad(aim_loss if objective == "aim" else lvm_loss, has_aux=True)
 
   def accumulate(carry: tuple, mb: dict) -> tuple[tuple, None]:
     grads, nll, weight = carry
@@ -84,13 +94,14 @@ def build(c: Any, mesh: jax.sharding.Mesh) -> dict:
   """Model graph, optimizer, abstract state and its shardings: everything before any FLOP."""
   # The attention implementation follows the mesh's devices, not the host's (compile.py).
   platform = mesh.devices.flat[0].platform
-  model_cfg = transformer.Config(**{**c.model, "attention": attention.resolve(c.model.attention, platform)})
-  abstract_model = nnx.eval_shape(lambda: transformer.Model(model_cfg, rngs=nnx.Rngs(0)))
+  model_lib = importlib.import_module(f"lvm_jax.models.{c.model_name}")  # transformer (LVM) or aim
+  model_cfg = model_lib.Config(**{**c.model, "attention": attention.resolve(c.model.attention, platform)})
+  abstract_model = nnx.eval_shape(lambda: model_lib.Model(model_cfg, rngs=nnx.Rngs(0)))
   graphdef, _ = nnx.split(abstract_model)
   tx = optim.make(c)
 
   def init(key: jax.Array) -> dict:
-    params = nnx.to_pure_dict(nnx.state(transformer.Model(model_cfg, rngs=nnx.Rngs(key)), nnx.Param))
+    params = nnx.to_pure_dict(nnx.state(model_lib.Model(model_cfg, rngs=nnx.Rngs(key)), nnx.Param))
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
 
   abstract_state = jax.eval_shape(init, jax.random.key(0))
@@ -102,14 +113,15 @@ def build(c: Any, mesh: jax.sharding.Mesh) -> dict:
   return dict(model_cfg=model_cfg, graphdef=graphdef, tx=tx, init=init,
               abstract_state=checkpoint.abstract_like(abstract_state, state_shardings),
               state_shardings=state_shardings,
-              batch_sharding=jax.sharding.NamedSharding(mesh, sharding.batch_spec(c.rules)))
+              # Rows over the batch axes, the rest whole: one sharding for arrays of any rank.
+              batch_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.batch_spec(c.rules)[0])))
 
 
 def jit_train_step(c: Any, b: dict) -> Any:
   """The sharded step: state in and out on its shardings, donated so it is updated in place."""
   return jax.jit(
       functools.partial(train_step, graphdef=b["graphdef"], tx=b["tx"], grad_accum=c.grad_accum,
-                        z_loss=c.optim.z_loss, lr_schedule=optim.schedule(c)),
+                        z_loss=c.optim.z_loss, lr_schedule=optim.schedule(c), objective=c.objective),
       in_shardings=(b["state_shardings"], b["batch_sharding"]),
       out_shardings=(b["state_shardings"], None),
       donate_argnums=0)
@@ -161,9 +173,8 @@ class Preemption:
 
 
 def batches(c: Any, data_iter: Iterator[dict], batch_sharding: jax.sharding.Sharding) -> Iterator[dict]:
-  shape = (c.global_batch, c.seq_len)
   for local in data_iter:
-    yield sharding.global_batch_array(local, batch_sharding, shape)
+    yield sharding.global_batch_array(local, batch_sharding, c.global_batch)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -241,8 +252,9 @@ def _log(writer: metrics.Writer, step: int, m: dict, clock: tuple[float, int], f
   now = time.perf_counter()
   step_time = (now - clock[0]) / max(step - clock[1], 1)
   loss = float(m["loss"])
+  extra = {"perplexity": float(np.exp(min(loss, 50.0)))} if c.objective == "lvm" else {}
   writer.write(step, {
-      "loss": loss, "perplexity": float(np.exp(min(loss, 50.0))), "grad_norm": m["grad_norm"],
+      "loss": loss, **extra, "grad_norm": m["grad_norm"],
       "learning_rate": m["learning_rate"], "step_time": step_time,
       "tokens_per_sec": c.global_batch * c.seq_len / step_time,
       "mfu": flops_per_step / step_time / peak,

@@ -148,7 +148,7 @@ def train_vqgan(c: Any, workdir: str) -> dict:
     with metrics.Writer(workdir, enabled=jax.process_index() == 0, resume_step=start) as writer:
       for step in range(start + 1, c.steps + 1):
         local = next(data_iter)
-        batch = sharding.global_batch_array(local, b["batch_sharding"], (c.global_batch,) + local["images"].shape[1:])
+        batch = sharding.global_batch_array(local, b["batch_sharding"], c.global_batch)
         state, m = step_fn(state, batch)
         scalars = {}
         if step % c.log_every == 0 or step == c.steps:

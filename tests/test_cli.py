@@ -18,12 +18,15 @@ from tests.conftest import REPO
     ("train", ["--config", "configs/nope.py"], "error: cannot load --config: "),
     ("train", ["--config", "configs/lvm_tiny.py", "--config.seq_len=100"],
      "error: seq_len=100 is not a multiple of tokens_per_image=16"),
-    ("demo", ["--config.optim.lr_x=3"], "error: unknown config key in --config.optim.lr_x=3"),
+    ("demo", ["--quik"], "Unknown command line flag 'quik'"),
+    ("make_dataset", ["--config", "configs/dataset_demo.py", "--config.store="], "error: store is empty"),
+    ("prompt", ["--images=a.png", "--out=o.png"], "error: give exactly one of --workdir and --hf"),
+    ("evaluate", ["--store=/nonexistent"], "config.json does not exist"),
     ("compile", ["--config", "configs/lvm_tiny.py", "--topology", "v9-8"], "error: --topology='v9-8'"),
 ])
 def test_bad_input_is_one_line(tmp_path, module, args, message):
   cmd = [sys.executable, "-m", f"lvm_jax.{module}", *args]
-  if module != "compile":
+  if module not in ("compile", "make_dataset", "prompt"):
     cmd.append(f"--workdir={tmp_path / 'run'}")
   out = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""),
                        capture_output=True, text=True, timeout=120)

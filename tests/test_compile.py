@@ -44,6 +44,15 @@ def test_tiny_train_step_uses_the_flash_kernel_on_tpu():
   assert "tpu_custom_call" in compiled.as_text()
 
 
+@needs_libtpu
+def test_aim_train_step_compiles_with_the_prefix_kernel():
+  """AIM through the same compile path: images + prefix lengths in, the flash kernel's prefix mask."""
+  c = load_config("aim_tiny")
+  c.model.attention = "auto"
+  compiled, mesh, b = compile_lib.compile_train_step(c, "v5e-4")
+  assert b["model_cfg"].attention == "flash:tpu" and "tpu_custom_call" in compiled.as_text()
+
+
 @pytest.mark.slow
 @needs_libtpu
 def test_flash_attention_memory_is_linear_in_the_sequence():

@@ -67,6 +67,6 @@ def test_local_rows_and_global_batch_assembly():
   rows = sharding.local_rows(s, 8)
   np.testing.assert_array_equal(rows, np.arange(8))  # one process holds every row
   local = {"tokens": np.arange(8 * 4, dtype=np.int32).reshape(8, 4)}
-  arr = sharding.global_batch_array(local, s, (8, 4))["tokens"]
+  arr = sharding.global_batch_array(local, s, 8)["tokens"]
   assert arr.sharding == s
   np.testing.assert_array_equal(np.asarray(arr), local["tokens"])

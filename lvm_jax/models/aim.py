@@ -66,9 +66,16 @@ def patchify(images_BHWC: jax.Array, patch: int) -> jax.Array:
   return x.transpose(0, 1, 3, 2, 4, 5).reshape(B, (H // patch) * (W // patch), patch * patch * C)
 
 
-def _dense(din: int, dout: int, rngs: nnx.Rngs, bias: bool, dtype: str) -> nnx.Linear:
+def _dense(din: int, dout: int, rngs: nnx.Rngs, bias: bool, dtype: str, axes: tuple = ("embed", "mlp")) -> nnx.Linear:
+  """Logical `axes` as the LVM's params carry them (sharding.param_specs reads them)."""
   return nnx.Linear(din, dout, use_bias=bias, kernel_init=nnx.initializers.xavier_uniform(),
-                    dtype=jnp.dtype(dtype), rngs=rngs)
+                    dtype=jnp.dtype(dtype), rngs=rngs, kernel_metadata={"axes": axes},
+                    bias_metadata={"axes": axes[1:]})
+
+
+def _norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(dim, epsilon=eps, rngs=rngs, scale_metadata={"axes": ("norm",)},
+                       bias_metadata={"axes": ("norm",)})
 
 
 class Block(nnx.Module):
@@ -76,12 +83,12 @@ class Block(nnx.Module):
 
   def __init__(self, cfg: Config, rngs: nnx.Rngs):
     D = cfg.width
-    self.norm_1 = nnx.LayerNorm(D, epsilon=cfg.norm_eps, rngs=rngs)
-    self.qkv = _dense(D, 3 * D, rngs, False, cfg.dtype)
-    self.proj = _dense(D, D, rngs, False, cfg.dtype)
-    self.norm_2 = nnx.LayerNorm(D, epsilon=cfg.norm_eps, rngs=rngs)
-    self.fc1 = _dense(D, cfg.mlp_ratio * D, rngs, False, cfg.dtype)
-    self.fc2 = _dense(cfg.mlp_ratio * D, D, rngs, False, cfg.dtype)
+    self.norm_1 = _norm(D, cfg.norm_eps, rngs)
+    self.qkv = _dense(D, 3 * D, rngs, False, cfg.dtype, ("embed", None))
+    self.proj = _dense(D, D, rngs, False, cfg.dtype, (None, "embed"))
+    self.norm_2 = _norm(D, cfg.norm_eps, rngs)
+    self.fc1 = _dense(D, cfg.mlp_ratio * D, rngs, False, cfg.dtype, ("embed", "mlp"))
+    self.fc2 = _dense(cfg.mlp_ratio * D, D, rngs, False, cfg.dtype, ("mlp", "embed"))
 
   def __call__(self, x_BND: jax.Array, heads: int, causal: bool, prefix_B: Optional[jax.Array], impl: str) -> jax.Array:
     B, N, D = x_BND.shape
@@ -101,11 +108,12 @@ class Trunk(nnx.Module):
   def __init__(self, cfg: Config, rngs: nnx.Rngs):
     self.cfg = cfg
     self.proj = nnx.Conv(3, cfg.width, (cfg.patch, cfg.patch), strides=(cfg.patch, cfg.patch), padding="VALID",
-                         kernel_init=nnx.initializers.xavier_uniform(), dtype=jnp.dtype(cfg.dtype), rngs=rngs)
-    self.patch_norm = nnx.LayerNorm(cfg.width, epsilon=cfg.norm_eps, rngs=rngs)
+                         kernel_init=nnx.initializers.xavier_uniform(), dtype=jnp.dtype(cfg.dtype), rngs=rngs,
+                         kernel_metadata={"axes": (None, None, None, "embed")}, bias_metadata={"axes": ("embed",)})
+    self.patch_norm = _norm(cfg.width, cfg.norm_eps, rngs)
     make = nnx.vmap(lambda r: Block(cfg, r), in_axes=0, out_axes=0)  # blocks stacked on a leading axis
     self.blocks = make(nnx.Rngs(params=jax.random.split(rngs.params(), cfg.depth)))
-    self.post_trunk_norm = nnx.LayerNorm(cfg.width, epsilon=cfg.norm_eps, rngs=rngs)
+    self.post_trunk_norm = _norm(cfg.width, cfg.norm_eps, rngs)
 
   def __call__(self, images_BHWC: jax.Array, prefix_B: Optional[jax.Array] = None,
                layers: Optional[tuple[int, ...]] = None) -> tuple[jax.Array, Optional[jax.Array]]:
@@ -130,9 +138,9 @@ class Trunk(nnx.Module):
 
 class HeadBlock(nnx.Module):
   def __init__(self, cfg: Config, rngs: nnx.Rngs):
-    self.norm = nnx.LayerNorm(cfg.head_width, epsilon=cfg.norm_eps, rngs=rngs)
-    self.fc1 = _dense(cfg.head_width, cfg.head_mlp, rngs, False, cfg.dtype)
-    self.fc2 = _dense(cfg.head_mlp, cfg.head_width, rngs, False, cfg.dtype)
+    self.norm = _norm(cfg.head_width, cfg.norm_eps, rngs)
+    self.fc1 = _dense(cfg.head_width, cfg.head_mlp, rngs, False, cfg.dtype, ("embed", "mlp"))
+    self.fc2 = _dense(cfg.head_mlp, cfg.head_width, rngs, False, cfg.dtype, ("mlp", "embed"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return x + self.fc2(jax.nn.gelu(self.fc1(_ln(self.norm, x)), approximate=False))
@@ -142,13 +150,14 @@ class Head(nnx.Module):
   """Normed trunk tokens [B, N, D] -> predicted next-patch pixels [B, N, P]."""
 
   def __init__(self, cfg: Config, rngs: nnx.Rngs):
-    self.proj_in = _dense(cfg.width, cfg.head_width, rngs, True, cfg.dtype)
+    self.proj_in = _dense(cfg.width, cfg.head_width, rngs, True, cfg.dtype, ("embed", None))
     self.blocks = nnx.List([HeadBlock(cfg, rngs) for _ in range(cfg.head_depth)])
-    self.norm = nnx.LayerNorm(cfg.head_width, epsilon=cfg.norm_eps, rngs=rngs)
+    self.norm = _norm(cfg.head_width, cfg.norm_eps, rngs)
     # Scaled down as l3m's last layer (fan-in normal / (1 + depth)): the head starts near zero.
     self.proj_out = nnx.Linear(cfg.head_width, cfg.patch_dim, rngs=rngs, dtype=jnp.dtype(cfg.dtype),
                                kernel_init=nnx.initializers.variance_scaling(1.0 / (1 + cfg.head_depth) ** 2,
-                                                                             "fan_in", "truncated_normal"))
+                                                                             "fan_in", "truncated_normal"),
+                               kernel_metadata={"axes": ("embed", None)}, bias_metadata={"axes": (None,)})
 
   def __call__(self, x_BND: jax.Array) -> jax.Array:
     x = self.proj_in(x_BND)
@@ -177,13 +186,37 @@ def normalized_targets(images_BHWC: jax.Array, patch: int, eps: float = 1e-6) ->
   return (t - mean) / jnp.sqrt(var + eps)
 
 
-def loss(pred_BNP: jax.Array, images_BHWC: jax.Array, prefix_B: jax.Array, patch: int) -> jax.Array:
-  """Squared error of the prediction at position i against patch i + 1, averaged over pixels,
-  then over every non-prefix target of the batch (patch j >= prefix[b] is a target)."""
+def loss_terms(pred_BNP: jax.Array, images_BHWC: jax.Array, prefix_B: jax.Array, patch: int) -> tuple:
+  """(summed error, number of targets): the prediction at position i against patch i + 1,
+  squared error averaged over pixels, for every non-prefix target (patch j >= prefix[b])."""
   target = normalized_targets(images_BHWC, patch)[:, 1:]
   err_BN = jnp.mean(jnp.square(pred_BNP[:, :-1] - target), axis=-1)
   is_target = (jnp.arange(1, target.shape[1] + 1)[None] >= prefix_B[:, None]).astype(jnp.float32)
-  return jnp.sum(err_BN * is_target) / jnp.maximum(jnp.sum(is_target), 1.0)
+  return jnp.sum(err_BN * is_target), jnp.sum(is_target)
+
+
+def loss(pred_BNP: jax.Array, images_BHWC: jax.Array, prefix_B: jax.Array, patch: int) -> jax.Array:
+  """The mean over the batch's targets (l3m's token-level mean)."""
+  total, count = loss_terms(pred_BNP, images_BHWC, prefix_B, patch)
+  return total / jnp.maximum(count, 1.0)
+
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize(images_BHWC: jax.Array) -> jax.Array:
+  """uint8 images -> ImageNet-normalised floats, the trunk's input and the targets' source."""
+  x = images_BHWC.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(IMAGENET_MEAN)[None, None, None]) / jnp.asarray(IMAGENET_STD)[None, None, None]
+
+
+def train_flops_per_image(cfg: Config) -> float:
+  """6 x matmul params per patch (trunk and head) plus attention over the patches."""
+  n = cfg.patches
+  trunk = cfg.depth * 12 * cfg.width**2 + cfg.patch_dim * cfg.width
+  head = cfg.head_depth * 2 * cfg.head_width * cfg.head_mlp + cfg.width * cfg.head_width + cfg.head_width * cfg.patch_dim
+  return n * (6.0 * (trunk + head) + 12 * cfg.depth * n * cfg.width)
 
 
 def sample_prefix(key: jax.Array, batch: int, patches: int) -> jax.Array:

@@ -1,0 +1,18 @@
+"""AIM-600M (v1): width 1536, 24 blocks, 12 heads of 128, patch 14 at 224; 0.68B trunk parameters.
+
+  python -m lvm_jax.compile --config configs/aim_600m.py --topology v5p-128    # memory check, no TPU
+  bash launch/tpu_pod.sh NAME v5p-128 configs/aim_600m.py gs://BUCKET/aim_600m \\
+      --config.data.source.root=/path/to/images
+
+Pretraining as ml-l3m's AIM v1 recipe (config.aim_config): batch 4096, AdamW 1e-3, wd 0.05,
+random resized crops (0.4-1.0) and flips, prefix lengths uniform in [1, 255]; the MLP head has
+12 blocks of 2048 / 8192. The loss (normalized-pixel MSE of the next patch) falls fastest in the
+first few thousand steps.
+"""
+
+from lvm_jax.config import aim_config
+
+
+def get_config(arg=None):
+  del arg
+  return aim_config(width=1536, depth=24, heads=12)

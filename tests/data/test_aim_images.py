@@ -1,0 +1,31 @@
+"""AIM's image batches: deterministic per index, crops within the scale range, prefixes in [1, N-1]."""
+
+import ml_collections
+import numpy as np
+
+from lvm_jax.data import aim_images
+
+
+def test_random_resized_crop_keeps_the_scale_range():
+  image = np.arange(64 * 64 * 3, dtype=np.uint32).reshape(64, 64, 3) % 251
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    out = aim_images.random_resized_crop(image.astype(np.uint8), 16, (0.4, 1.0), rng)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+
+
+def test_batches_are_deterministic_with_valid_prefixes(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for i in range(3):
+    Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+  (tmp_path / "bad.jpg").write_bytes(b"not an image")
+  c = ml_collections.ConfigDict(dict(global_batch=8, model=dict(image_size=16, patch=4),
+                                     data=dict(source=dict(kind="image_folder", root=str(tmp_path)), scale=(0.4, 1.0),
+                                               seed=0)))
+  a = [next(aim_images.make_iterator(c, np.arange(8))) for _ in range(1)][0]
+  b = next(aim_images.make_iterator(c, np.arange(8)))
+  assert a["images"].shape == (8, 16, 16, 3) and a["prefix"].dtype == np.int32
+  np.testing.assert_array_equal(a["images"], b["images"])
+  assert a["prefix"].min() >= 1 and a["prefix"].max() <= 15
+  rows = next(aim_images.make_iterator(c, np.array([2, 5])))  # a process's rows equal those of the whole batch
+  np.testing.assert_array_equal(rows["images"], a["images"][[2, 5]])
