@@ -112,6 +112,41 @@ def task_metrics(prompter: Any, tasks: tuple[str, ...], count: int, key: jax.Arr
   return out
 
 
+def digits(size: int, split_at: int = 1400) -> tuple:
+  """scikit-learn's 8x8 digits, upsampled (nearest) to `size` RGB: (train x, y), (test x, y)."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  d = load_digits()
+  x = np.repeat(np.repeat((d.images / 16.0 * 255).astype(np.uint8), size // 8, 1), size // 8, 2)
+  x = np.repeat(x[..., None], 3, -1)
+  order = np.random.default_rng(0).permutation(len(x))
+  x, y = x[order], d.target[order].astype(np.int32)
+  return (x[:split_at], y[:split_at]), (x[split_at:], y[split_at:])
+
+
+def aim_probe(aim_model: Any, layers: tuple[int, ...], steps: int = 300, seed: int = 0) -> dict:
+  """Attentive-probe accuracy on digits from the frozen trunk (mean of `layers`' outputs), next
+  to a linear probe on raw pixels and the same probe on a randomly initialised trunk."""
+  from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
+  from lvm_jax.models import aim, probe  # pylint: disable=g-import-not-at-top
+  cfg = aim_model.cfg
+  (xtr, ytr), (xte, yte) = digits(cfg.image_size)
+
+  def features(model: Any, x: np.ndarray) -> np.ndarray:
+    graphdef, state = nnx.split(model.trunk)
+    run = jax.jit(lambda s, im: nnx.merge(graphdef, s)(aim.normalize(im), layers=layers)[1])
+    return np.concatenate([np.asarray(run(state, jnp.asarray(x[i:i + 64]))) for i in range(0, len(x), 64)])
+
+  def probe_acc(model: Any) -> float:
+    p = probe.fit(features(model, xtr), ytr, cfg.heads, 10, steps=steps, seed=seed)
+    return probe.accuracy(p, features(model, xte), yte)
+
+  pixels = LogisticRegression(max_iter=3000).fit(xtr.reshape(len(xtr), -1) / 255.0, ytr)
+  random_trunk = aim.Model(cfg, rngs=nnx.Rngs(seed + 1))
+  return {"attentive_probe": probe_acc(aim_model), "random_trunk_probe": probe_acc(random_trunk),
+          "linear_probe_pixels": float(pixels.score(xte.reshape(len(xte), -1) / 255.0, yte)),
+          "chance": 0.1, "layers": list(layers), "train_images": len(ytr), "test_images": len(yte)}
+
+
 def cli_main() -> None:
   from lvm_jax import prompt  # pylint: disable=g-import-not-at-top
   workdir = flags.DEFINE_string("workdir", None, "LVM training workdir.")
@@ -120,12 +155,29 @@ def cli_main() -> None:
   task = flags.DEFINE_string("task", None, "Task name pattern.")
   max_sentences = flags.DEFINE_integer("max_sentences", 512, "Sentences per run (in store order).")
   demo_tasks = flags.DEFINE_bool("demo_tasks", False, "Also prompt the demo's held-out tasks.")
+  probe_layers = flags.DEFINE_list("probe_layers", None, "AIM workdirs: blocks whose outputs the probe averages "
+                                   "(default: the last min(6, depth)).")
   count = flags.DEFINE_integer("count", 32, "Held-out sentences per demo task.")
   out = flags.DEFINE_string("out", None, "JSON output path.")
 
   def main(_):
-    p = prompt.from_workdir(workdir.value)
     c = config_lib.load_from_workdir(workdir.value)
+    if c.objective == "aim":  # attentive probing of the frozen trunk
+      from lvm_jax import train  # pylint: disable=g-import-not-at-top
+      from lvm_jax.models import aim  # pylint: disable=g-import-not-at-top
+      cfg, params, _ = train.load_params(c, workdir.value)
+      model = nnx.eval_shape(lambda: aim.Model(cfg, rngs=nnx.Rngs(0)))
+      nnx.update(model, jax.tree.map(jnp.asarray, params))
+      depth = cfg.depth
+      layers = tuple(int(i) for i in probe_layers.value) if probe_layers.value else tuple(range(max(0, depth - 6), depth))
+      report = {"probe": aim_probe(model, layers)}
+      text = json.dumps(report, indent=1)
+      if out.value:
+        with open(out.value, "w") as f:
+          f.write(text)
+      print(text)
+      return
+    p = prompt.from_workdir(workdir.value)
     root = store.value or c.data.mixture.main.path
     report = {"perplexity": perplexity(p.lvm, root, dataset.value, task.value, max_sentences.value)}
     if demo_tasks.value:

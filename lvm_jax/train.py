@@ -189,7 +189,8 @@ def load_params(c: Any, workdir: str) -> tuple[transformer.Config, dict, int]:
     if step is None:
       raise checkpoint.CheckpointError(f"no checkpoint in {workdir}/checkpoints (train with python -m lvm_jax.train)")
     state = ckpt.restore(step, b["abstract_state"])
-  model_cfg = dataclasses.replace(b["model_cfg"], attention="auto", remat="none")
+  inference = {"attention": "auto", **({"remat": "none"} if hasattr(b["model_cfg"], "remat") else {})}
+  model_cfg = dataclasses.replace(b["model_cfg"], **inference)
   return model_cfg, jax.tree.map(np.asarray, state["params"]), step
 
 

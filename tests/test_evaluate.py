@@ -47,3 +47,24 @@ def test_task_metrics_report_model_and_baseline():
   assert m["moving_digit"]["metric"] == "psnr" and np.isclose(m["moving_digit"]["baseline"], copy_last)
   assert m["counting"]["baseline"] == 0.1 and 0 <= m["counting"]["model"] <= 1
   assert m["colorization"]["metric"] == "mse" and m["colorization"]["baseline"] > 0
+
+
+def test_aim_probe_reports_against_pixels_and_a_random_trunk(tmp_path):
+  """python -m lvm_jax.evaluate on an AIM workdir: the attentive probe on digits, next to a
+  linear probe on raw pixels and the same probe on an untrained trunk."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  from lvm_jax import train  # pylint: disable=g-import-not-at-top
+  from tests.conftest import REPO  # pylint: disable=g-import-not-at-top
+  train.train(load_config("aim_tiny", "test"), str(tmp_path / "aim"))
+  out = tmp_path / "probe.json"
+  r = subprocess.run([sys.executable, "-m", "lvm_jax.evaluate", f"--workdir={tmp_path / 'aim'}", f"--out={out}",
+                      "--probe_layers=2,3"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                     env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+  assert r.returncode == 0, r.stderr[-3000:]
+  report = json.load(open(out))["probe"]
+  assert report["layers"] == [2, 3] and report["test_images"] == 1797 - 1400
+  for k in ("attentive_probe", "random_trunk_probe", "linear_probe_pixels"):
+    assert 0.2 < report[k] <= 1.0, report  # well above chance (0.1) on digits
