@@ -68,7 +68,7 @@ def test_state_is_sharded_as_declared_and_donated(tiny_config):
     assert adam.nu["lm_head"].sharding.spec == P("fsdp", "tensor")
     local = next(synthetic.make_iterator(c, sharding.local_rows(batch_sharding, c.global_batch)))
     batch = sharding.global_batch_array(local, batch_sharding, c.global_batch)
-    assert batch["tokens"].sharding.spec == P(("data", "fsdp"), None)
+    assert batch["tokens"].sharding.spec == P(("data", "fsdp"))  # rows over data x fsdp, tokens whole
     new_state, _ = train.jit_train_step(c, b)(state, batch)
   assert wq.is_deleted()  # donated: the step updated the state in place
   assert new_state["params"]["layers"]["wq"].sharding == wq.sharding
