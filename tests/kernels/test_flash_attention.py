@@ -125,9 +125,13 @@ def test_lowers_for_the_accelerator(backend, platform, target):
 
   # Triton calls carry no serialization guarantee; lowering is what is checked here.
   checks = [jax.export.DisabledSafetyCheck.custom_call(target)] if backend == "gpu" else []
-  exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=[platform],
-                               disabled_checks=checks)(
-      spec, spec, spec, jax.ShapeDtypeStruct((2, 1000), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32))
+  export = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=[platform], disabled_checks=checks)
+  try:
+    exported = export(spec, spec, spec, jax.ShapeDtypeStruct((2, 1000), jnp.int32), jax.ShapeDtypeStruct((2,), jnp.int32))
+  except RuntimeError as e:  # jax >= 0.12 reads the GPU's compute capability while lowering Triton
+    if "No supported GPU devices" not in str(e):
+      raise
+    pytest.skip(f"this jax lowers Triton only with a GPU present ({jax.__version__})")
   assert exported.mlir_module().count(target) == 3  # forward, dK/dV and dQ kernels
 
 
