@@ -171,17 +171,12 @@ def cli_main() -> None:
       depth = cfg.depth
       layers = tuple(int(i) for i in probe_layers.value) if probe_layers.value else tuple(range(max(0, depth - 6), depth))
       report = {"probe": aim_probe(model, layers)}
-      text = json.dumps(report, indent=1)
-      if out.value:
-        with open(out.value, "w") as f:
-          f.write(text)
-      print(text)
-      return
-    p = prompt.from_workdir(workdir.value)
-    root = store.value or c.data.mixture.main.path
-    report = {"perplexity": perplexity(p.lvm, root, dataset.value, task.value, max_sentences.value)}
-    if demo_tasks.value:
-      report["tasks"] = task_metrics(p, demo.TASKS, count.value, jax.random.key(0))
+    else:
+      p = prompt.from_workdir(workdir.value)
+      root = store.value or c.data.mixture.main.path
+      report = {"perplexity": perplexity(p.lvm, root, dataset.value, task.value, max_sentences.value)}
+      if demo_tasks.value:
+        report["tasks"] = task_metrics(p, demo.TASKS, count.value, jax.random.key(0))
     text = json.dumps(report, indent=1)
     if out.value:
       with open(out.value, "w") as f:

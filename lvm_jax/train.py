@@ -182,7 +182,7 @@ def batches(c: Any, data_iter: Iterator[dict], batch_sharding: jax.sharding.Shar
 
 def load_params(c: Any, workdir: str) -> tuple[transformer.Config, dict, int]:
   """(model config, params as numpy pure dicts, step) of the newest checkpoint in a workdir."""
-  mesh = sharding.make_mesh(c.mesh, jax.local_devices()) if jax.process_count() == 1 else sharding.make_mesh(c.mesh)
+  mesh = sharding.make_mesh(c.mesh)
   b = build(c, mesh)
   with checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), c.ckpt_keep, c.ckpt_every) as ckpt:
     step = ckpt.latest_step()
