@@ -13,7 +13,7 @@ from lvm_jax.config import aim_config
 def get_config(arg=None):
   c = aim_config(width=128, depth=4, heads=4, image_size=32, patch=4)
   c.model.update(head_width=128, head_depth=2, head_mlp=512, dtype="float32")
-  c.data.source = dict(kind="builtin_images")
+  c.data.source = dict(kind="digits", split="train")
   c.global_batch, c.steps = 16, 300
   c.optim.update(warmup=15)
   c.log_every, c.ckpt_every = 10, 100

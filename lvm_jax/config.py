@@ -98,7 +98,8 @@ def aim_config(width: int, depth: int, heads: int, image_size: int = 224, patch:
   c.global_batch, c.steps = 4096, 125_000
   c.optim.update(lr=1e-3, end_lr=0.0, warmup=3125, weight_decay=0.05, no_decay=("bias", "norm"))
   # Random resized crops (area 0.4-1, aspect 3/4-4/3) and flips of a source's images.
-  c.data = dict(name="aim_images", source=dict(kind="image_folder", root=""), scale=(0.4, 1.0), seed=0)
+  c.data = dict(name="aim_images", source=dict(kind="image_folder", root=""), scale=(0.4, 1.0), seed=0,
+                threads=16)  # decode threads per process
   del c.vqgan
   return c
 

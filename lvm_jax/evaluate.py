@@ -112,24 +112,14 @@ def task_metrics(prompter: Any, tasks: tuple[str, ...], count: int, key: jax.Arr
   return out
 
 
-def digits(size: int, split_at: int = 1400) -> tuple:
-  """scikit-learn's 8x8 digits, upsampled (nearest) to `size` RGB: (train x, y), (test x, y)."""
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-  d = load_digits()
-  x = np.repeat(np.repeat((d.images / 16.0 * 255).astype(np.uint8), size // 8, 1), size // 8, 2)
-  x = np.repeat(x[..., None], 3, -1)
-  order = np.random.default_rng(0).permutation(len(x))
-  x, y = x[order], d.target[order].astype(np.int32)
-  return (x[:split_at], y[:split_at]), (x[split_at:], y[split_at:])
-
-
 def aim_probe(aim_model: Any, layers: tuple[int, ...], steps: int = 300, seed: int = 0) -> dict:
   """Attentive-probe accuracy on digits from the frozen trunk (mean of `layers`' outputs), next
   to a linear probe on raw pixels and the same probe on a randomly initialised trunk."""
   from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
   from lvm_jax.models import aim, probe  # pylint: disable=g-import-not-at-top
   cfg = aim_model.cfg
-  (xtr, ytr), (xte, yte) = digits(cfg.image_size)
+  # The demo's split: an AIM pretrained on the `digits` source (train split) never saw these test images.
+  (xtr, ytr), (xte, yte) = demo.digit_images("train", cfg.image_size), demo.digit_images("held_out", cfg.image_size)
 
   def features(model: Any, x: np.ndarray) -> np.ndarray:
     graphdef, state = nnx.split(model.trunk)

@@ -51,6 +51,8 @@ def plan(c: Any, opened: list) -> list[Unit]:
 
 
 def open_sources(c: Any) -> list:
+  if c.resize not in ("squash", "center_crop"):  # the tokenizer reads squares
+    raise ConfigError(f"resize={c.resize!r}: expected squash|center_crop")
   opened = []
   for spec in c.datasets:
     src = dict(spec["source"])

@@ -111,3 +111,10 @@ def test_folder_source_with_bad_files_is_reported_not_fatal(tmp_path, weights):
   assert "broken.jpg: not an image" in reasons and "dot.png" in reasons and "left over" in reasons, reasons
   s = store.Store(c.store)
   assert [s[i]["task"] for i in range(len(s))] == ["colorization"] * 2 and s[0]["images"] == 4
+
+
+def test_tokenizing_needs_square_images():
+  c = load_config("dataset_demo", "test")
+  c.resize = "short_side"  # AIM's crops read whole pictures; the tokenizer reads squares
+  with pytest.raises(make_dataset.ConfigError, match="resize='short_side'"):
+    make_dataset.open_sources(c)

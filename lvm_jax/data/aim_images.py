@@ -4,8 +4,11 @@ Each example is a function of its global index alone (data/rows.py): image index
 the source (data/sources.py: image folders, tfds, built-in pictures, ...), a crop of 40-100% of
 its area at an aspect ratio in [3/4, 4/3] (RandomResizedCrop, scale (0.4, 1.0)), resized bicubic
 to the model's size, flipped with probability 1/2, and a prefix length uniform in [1, N - 1].
-Sources load images at twice the model's size so that crops keep detail. An image that fails
-to load is replaced by the next index's, so a bad file never stops training.
+Sources load images with their shorter side at twice the model's size and their aspect ratio
+kept (mode short_side), so crops keep detail and the aspect jitter is the only distortion. An
+image that fails to load is replaced by the next index's, so a bad file never stops training.
+Decoding runs in `data.threads` threads (PIL releases the GIL while decoding and resampling);
+the batches do not depend on their number.
 """
 
 from typing import Any, Iterator
@@ -17,6 +20,7 @@ from lvm_jax.data import rows as rows_lib, sources
 
 
 def random_resized_crop(image_HW3: np.ndarray, size: int, scale: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
+  """A crop of `scale` of the area at an aspect in [3/4, 4/3], resized bicubic to size x size."""
   H, W = image_HW3.shape[:2]
   for _ in range(10):  # torchvision's rejection sampling, then the whole image
     area = H * W * rng.uniform(*scale)
@@ -34,7 +38,7 @@ def random_resized_crop(image_HW3: np.ndarray, size: int, scale: tuple[float, fl
 def make_iterator(c: Any, rows: np.ndarray) -> Iterator[dict]:
   """This process's rows of every global batch: images uint8 [local, S, S, 3], prefix int32 [local]."""
   m, d = c.model, c.data
-  source = sources.open_source({**dict(d.source), "size": 2 * m.image_size, "mode": "squash"})
+  source = sources.open_source({**dict(d.source), "size": 2 * m.image_size, "mode": "short_side"})
   keys = source.keys()
   if not keys:
     raise ValueError(f"data.source {dict(d.source)} has no images")
@@ -55,4 +59,4 @@ def make_iterator(c: Any, rows: np.ndarray) -> Iterator[dict]:
       crop = crop[:, ::-1]
     return {"images": np.ascontiguousarray(crop), "prefix": np.int32(rng.integers(1, patches))}
 
-  return rows_lib.iterate(rows, c.global_batch, example_at)
+  return rows_lib.iterate(rows, c.global_batch, example_at, threads=d.threads)

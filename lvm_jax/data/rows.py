@@ -11,8 +11,9 @@ import grain
 import numpy as np
 
 
-def iterate(rows: np.ndarray, global_batch: int, example_at: Callable[[int], dict]) -> Iterator[dict]:
-  """`rows` from sharding.local_rows; yields dicts of arrays with a leading [len(rows)] axis."""
+def iterate(rows: np.ndarray, global_batch: int, example_at: Callable[[int], dict], threads: int = 1) -> Iterator[dict]:
+  """`rows` from sharding.local_rows; yields dicts of arrays with a leading [len(rows)] axis.
+  `threads` call example_at concurrently (grain keeps the order)."""
   local = len(rows)
 
   def row_at(i: int) -> dict:
@@ -20,5 +21,5 @@ def iterate(rows: np.ndarray, global_batch: int, example_at: Callable[[int], dic
     return example_at(step * global_batch + int(rows[j]))
 
   ds = grain.MapDataset.range(np.iinfo(np.int64).max).map(row_at)
-  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * local))
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2 * local, threads)))
   return iter(ds.batch(local, drop_remainder=True))

@@ -16,10 +16,14 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
+import tensorstore as ts
 
-from lvm_jax.data import images
+from lvm_jax.data import images, store
 
-MODES = ("squash", "center_crop")
+MODES = ("squash", "center_crop", "short_side")
+# short_side keeps the aspect ratio up to this: a panorama's longer side is cropped to 4x the
+# shorter, so one 40000 x 500 banner cannot become a 358000 x 448 array.
+MAX_ASPECT = 4
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 # Below 8 px a file holds no scene: such files are icons, tracking pixels and spacers, and
@@ -111,7 +115,8 @@ def _check_mode(mode: str) -> None:
 
 def resize(image_HW3: np.ndarray | PIL.Image.Image, size: int, mode: str) -> np.ndarray:
   """uint8 [size, size, 3], bicubic like the LVM release; center_crop keeps the central square.
-  BadInput if a side is below MIN_SIDE."""
+  short_side: uint8 [H, W, 3] with min(H, W) == size, the aspect ratio kept (up to MAX_ASPECT),
+  for augmentations that crop from the whole picture. BadInput if a side is below MIN_SIDE."""
   _check_mode(mode)
   img = image_HW3
   if isinstance(img, np.ndarray):
@@ -121,14 +126,20 @@ def resize(image_HW3: np.ndarray | PIL.Image.Image, size: int, mode: str) -> np.
   img = to_rgb_uint8(img)
   (w, h), side = img.size, min(img.size)
   _check_side(w, h)
-  # One resample from the central square (PIL's box) is the same as resizing the short side and
-  # then cropping, without rounding the intermediate size.
-  box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2) if mode == "center_crop" else None
-  return np.asarray(img.resize((size, size), PIL.Image.Resampling.BICUBIC, box=box))
+  # One resample from a central box (PIL's box) is the same as resizing and then cropping,
+  # without rounding the intermediate size.
+  out_w, out_h, box = size, size, None
+  if mode == "center_crop":
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+  elif mode == "short_side":
+    bw, bh = min(w, MAX_ASPECT * side), min(h, MAX_ASPECT * side)
+    box = ((w - bw) / 2, (h - bh) / 2, (w + bw) / 2, (h + bh) / 2)
+    out_w, out_h = round(size * bw / side), round(size * bh / side)
+  return np.asarray(img.resize((out_w, out_h), PIL.Image.Resampling.BICUBIC, box=box))
 
 
 def decode_image(data: bytes, size: int, mode: str = "squash") -> np.ndarray:
-  """Encoded image file -> uint8 [size, size, 3]; raises BadInput."""
+  """Encoded image file -> uint8 [size, size, 3] (short_side: [H, W, 3]); raises BadInput."""
   _check_mode(mode)
   return resize(open_image(data), size, mode)
 
@@ -157,16 +168,23 @@ def _array_image(a: np.ndarray) -> PIL.Image.Image:
   return PIL.Image.fromarray(a, "L" if a.ndim == 2 else {3: "RGB", 4: "RGBA"}[a.shape[-1]])
 
 
+def _kv(root: str) -> ts.KvStore:
+  """The directory (or gs://bucket/prefix) as a TensorStore key-value store: one code path for
+  local disks and GCS, listing and reading alike."""
+  if not root.startswith("gs://") and not os.path.isdir(root):
+    raise ValueError(f"{root}: no such directory")
+  return ts.KvStore.open(store.kvstore(root)).result()
+
+
 def _files(root: str, exts: tuple[str, ...]) -> list[str]:
   """Paths relative to root ('/'-separated), sorted; hidden entries skipped (macOS writes
   '._name.jpg' AppleDouble files that carry image extensions but no image)."""
-  out = []
-  for d, dirs, names in os.walk(root):
-    dirs[:] = [n for n in dirs if not n.startswith(".")]
-    rel = os.path.relpath(d, root)
-    out += [n if rel == "." else f"{rel}/{n}".replace(os.sep, "/") for n in names
-            if not n.startswith(".") and n.lower().endswith(exts)]
-  return sorted(out)
+  keys = (k.decode() for k in _kv(root).list().result())
+  return sorted(k for k in keys if k.lower().endswith(exts) and not any(p.startswith(".") for p in k.split("/")))
+
+
+def _join(root: str, name: str) -> str:
+  return f"{root.rstrip('/')}/{name}"
 
 
 def _natural_key(name: str) -> tuple:
@@ -176,7 +194,8 @@ def _natural_key(name: str) -> tuple:
 
 
 class Source:
-  """Lists items (`keys`), loads one as uint8 [T, size, size, 3] (`load`), labels it (`label`)."""
+  """Lists items (`keys`), loads one as uint8 [T, size, size, 3] (`load`; [T, H, W, 3] with
+  min(H, W) == size in mode short_side), labels it (`label`)."""
   name: str
 
   def __init__(self, size: int, mode: str, root: str = ""):
@@ -186,6 +205,7 @@ class Source:
     self.size, self.mode, self.root = size, mode, root
     self.name = os.path.basename(os.path.normpath(root)) if root else type(self).__name__
     self._keys: list[str] | None = None
+    self._store: ts.KvStore | None = None
 
   def keys(self) -> list[str]:
     if self._keys is None:  # listing a million-file tree takes seconds: do it once
@@ -201,34 +221,45 @@ class Source:
   def label(self, key: str) -> int:
     return -1
 
-  def _image(self, path: str) -> np.ndarray:
+  def _read(self, path: str) -> bytes:
+    if self._store is None:
+      self._store = _kv(self.root)
     try:
-      with open(os.path.join(self.root, path), "rb") as f:
-        data = f.read()
-    except OSError as e:  # e.g. deleted since listing, or no permission
-      raise BadInput(f"unreadable file: {e.strerror}") from None
-    return decode_image(data, self.size, self.mode)
+      result = self._store.read(path).result()
+    except ValueError as e:  # e.g. no permission; TensorStore retries transient GCS errors itself
+      raise BadInput(f"unreadable file: {e}") from None
+    if result.state != "value":
+      raise BadInput("unreadable file: deleted since listing")
+    return result.value
+
+  def _image(self, path: str) -> np.ndarray:
+    return decode_image(self._read(path), self.size, self.mode)
 
   def _arrays(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
     return np.stack([resize(_array_image(a), self.size, self.mode) for a in arrays])
 
 
 class ImageFolder(Source):
-  """Every image file under root, recursively, T=1. labels_from_dirs: the index of the first-level
-  directory among all of them, sorted (torchvision's numbering); -1 for files directly in root."""
+  """Every image file under root (a directory or gs://bucket/prefix), recursively, T=1.
+  labels_from_dirs: the index of the first-level directory among those holding images, sorted
+  (torchvision's numbering when no class folder is empty); -1 for files directly in root."""
 
   def __init__(self, root: str, size: int, mode: str = "squash", labels_from_dirs: bool = False):
     super().__init__(size, mode, root)
-    dirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    self._classes = {d: i for i, d in enumerate(dirs)} if labels_from_dirs else {}
+    self.labels_from_dirs = labels_from_dirs
+    self._classes: dict[str, int] = {}
 
   def _list(self) -> list[str]:
-    return _files(self.root, IMAGE_EXTS)
+    keys = _files(self.root, IMAGE_EXTS)
+    if self.labels_from_dirs:
+      self._classes = {d: i for i, d in enumerate(sorted({k.split("/")[0] for k in keys if "/" in k}))}
+    return keys
 
   def load(self, key: str) -> np.ndarray:
     return self._image(key)[None]
 
   def label(self, key: str) -> int:
+    self.keys()
     return self._classes.get(key.split("/")[0], -1) if "/" in key else -1
 
 
@@ -275,7 +306,8 @@ class VideoFiles(_Clips):
   def load(self, key: str) -> np.ndarray:
     import av  # pylint: disable=g-import-not-at-top
     try:
-      container = av.open(os.path.join(self.root, key))
+      # Whole files in memory, from disk or GCS alike: video datasets are short clips.
+      container = av.open(io.BytesIO(self._read(key)))
     except av.error.FFmpegError as e:
       raise BadInput(f"not a video: {e}") from None
     frames = []
@@ -302,14 +334,16 @@ class AlignedFolders(Source):
   def __init__(self, root: str, modalities: Sequence[str], size: int, mode: str = "squash"):
     super().__init__(size, mode, root)
     self.modalities = tuple(modalities)
-    missing = [m for m in self.modalities if not os.path.isdir(os.path.join(root, m))]
-    if not self.modalities or missing:
-      raise ValueError(f"aligned folders {root}: no modality folder {missing or '(none given)'}")
+    if not self.modalities:
+      raise ValueError(f"aligned folders {root}: no modality given")
+    self.keys()  # a missing modality folder is a config error: say so now
 
   def _list(self) -> list[str]:
     self._files: dict[str, dict[str, list[str]]] = {m: {} for m in self.modalities}
     for m, by_stem in self._files.items():
-      for f in _files(os.path.join(self.root, m), IMAGE_EXTS):
+      if not (files := _files(_join(self.root, m), IMAGE_EXTS)):
+        raise ValueError(f"aligned folders {self.root}: no images in modality folder {m!r}")
+      for f in files:
         by_stem.setdefault(os.path.splitext(f)[0], []).append(f"{m}/{f}")
     return sorted(set.intersection(*(set(by_stem) for by_stem in self._files.values())))
 
@@ -426,10 +460,30 @@ class BuiltinImages(Source):
     return self._arrays([np.asarray(getattr(skimage.data, key)())])
 
 
+class Digits(Source):
+  """scikit-learn's 8x8 digits upsampled (bilinear), white on black, T=1: the demo's split
+  (data/demo.py; `held_out` is what evaluations test on). Keys are indices, labels the digits."""
+
+  def __init__(self, size: int, mode: str = "squash", split: str = "train"):
+    super().__init__(size, mode)
+    from lvm_jax.data import demo  # pylint: disable=g-import-not-at-top
+    self.name = f"digits/{split}"
+    self._images, self._labels = demo.digit_images(split, size)
+
+  def _list(self) -> list[str]:
+    return [str(i) for i in range(len(self._labels))]
+
+  def load(self, key: str) -> np.ndarray:
+    return self._images[int(key)][None]
+
+  def label(self, key: str) -> int:
+    return int(self._labels[int(key)])
+
+
 SOURCES: dict[str, type[Source]] = {
     "image_folder": ImageFolder, "frame_folders": FrameFolders, "video_files": VideoFiles,
     "aligned_folders": AlignedFolders, "numpy_arrays": NumpyArrays, "tfds_source": TfdsSource,
-    "builtin_images": BuiltinImages}
+    "builtin_images": BuiltinImages, "digits": Digits}
 
 
 def open_source(spec: Mapping[str, Any]) -> Source:

@@ -221,23 +221,55 @@ def grey(v: int, w: int = 24, h: int = 16) -> PIL.Image.Image:
   return PIL.Image.new("RGB", (w, h), (v, v, v))
 
 
-def test_image_folder(tmp_path):
+def test_short_side_keeps_the_aspect_ratio_up_to_the_cap():
+  wide = sources.decode_image(encode(halves(80, 40, RED, BLUE), "PNG"), 16, "short_side")
+  assert wide.shape == (16, 32, 3) and close(wide[8, 4], RED) and close(wide[8, 28], BLUE)
+  tall = sources.resize(np.zeros((400, 20, 3), np.uint8), 16, "short_side")
+  assert tall.shape == (16 * sources.MAX_ASPECT, 16, 3)  # the central 80 x 20 of a 400 x 20 strip
+
+
+def _upload(local, gs_root: str) -> None:
+  """Copies a directory tree to gs_root object by object (the emulator has no folders)."""
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  from lvm_jax.data import store  # pylint: disable=g-import-not-at-top
+  kv = ts.KvStore.open(store.kvstore(gs_root)).result()
+  for f in local.rglob("*"):
+    if f.is_file():
+      kv.write(f.relative_to(local).as_posix(), f.read_bytes()).result()
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_image_folder(tmp_path, where, request, monkeypatch):
   save(tmp_path / "b" / "x.PNG", grey(10))
   save(tmp_path / "a" / "deep" / "y.jpeg", grey(20))
   save(tmp_path / "a" / "z.tiff", grey(30))
   save(tmp_path / "top.webp", grey(40))
   (tmp_path / "a" / "notes.txt").write_text("not an image")
   (tmp_path / "a" / "._z.jpg").write_bytes(b"AppleDouble")  # hidden: macOS resource fork
+  (tmp_path / ".cache" / "c.png").parent.mkdir()
+  save(tmp_path / ".cache" / "c.png", grey(50))  # hidden folder
   (tmp_path / "b" / "broken.jpg").write_text("not a jpeg")
-  src = sources.ImageFolder(str(tmp_path), 16, "center_crop", labels_from_dirs=True)
+  root = str(tmp_path)
+  if where == "gcs":  # the same tree in a bucket, read through the same code
+    for k, v in request.getfixturevalue("gcs_emulator").items():
+      monkeypatch.setenv(k, v)
+    root = f"gs://lvm-test/image_folder/{tmp_path.name}"
+    _upload(tmp_path, root)
+  src = sources.ImageFolder(root, 16, "center_crop", labels_from_dirs=True)
   keys = src.keys()
   assert keys == ["a/deep/y.jpeg", "a/z.tiff", "b/broken.jpg", "b/x.PNG", "top.webp"]
-  assert keys == sources.ImageFolder(str(tmp_path), 16).keys()
+  assert keys == sources.ImageFolder(root, 16).keys()
   assert [src.label(k) for k in keys] == [0, 0, 1, 1, -1]
   out = src.load("a/z.tiff")
   assert out.shape == (1, 16, 16, 3) and out.dtype == np.uint8 and np.all(out == 30)
   assert "not an image" in str(pytest.raises(sources.BadInput, src.load, "b/broken.jpg").value)
-  assert sources.ImageFolder(str(tmp_path), 16).label("a/z.tiff") == -1
+  assert str(pytest.raises(sources.BadInput, src.load, "a/gone.png").value) == "unreadable file: deleted since listing"
+  assert sources.ImageFolder(root, 16).label("a/z.tiff") == -1
+
+
+def test_a_missing_folder_is_a_config_error(tmp_path):
+  with pytest.raises(ValueError, match="no such directory"):
+    sources.ImageFolder(str(tmp_path / "nope"), 16).keys()
 
 
 def test_frame_folders(tmp_path):
