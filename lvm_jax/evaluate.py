@@ -112,29 +112,41 @@ def task_metrics(prompter: Any, tasks: tuple[str, ...], count: int, key: jax.Arr
   return out
 
 
-def aim_probe(aim_model: Any, layers: tuple[int, ...], steps: int = 300, seed: int = 0) -> dict:
-  """Attentive-probe accuracy on digits from the frozen trunk (mean of `layers`' outputs), next
-  to a linear probe on raw pixels and the same probe on a randomly initialised trunk."""
+def _linear_pixels(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> float:
   from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
+  flat = lambda im: im.reshape(len(im), -1) / 255.0
+  return float(LogisticRegression(max_iter=3000).fit(flat(x), y).score(flat(x_test), y_test))
+
+
+def aim_probe(aim_model: Any, layers: tuple[int, ...], steps: int = 2000, per_class: int = 10, seed: int = 0) -> dict:
+  """Attentive-probe accuracy on digits from the frozen trunk (mean of `layers`' outputs), next
+  to a linear probe on raw pixels and the same probe on a randomly initialised trunk; with all
+  training labels and with `per_class` of them (label efficiency is where features differ)."""
   from lvm_jax.models import aim, probe  # pylint: disable=g-import-not-at-top
   cfg = aim_model.cfg
   # The demo's split: an AIM pretrained on the `digits` source (train split) never saw these test images.
   (xtr, ytr), (xte, yte) = demo.digit_images("train", cfg.image_size), demo.digit_images("held_out", cfg.image_size)
+  few = np.concatenate([np.random.default_rng(seed).choice(np.flatnonzero(ytr == k), per_class, replace=False)
+                        for k in range(10)])
 
   def features(model: Any, x: np.ndarray) -> np.ndarray:
     graphdef, state = nnx.split(model.trunk)
     run = jax.jit(lambda s, im: nnx.merge(graphdef, s)(aim.normalize(im), layers=layers)[1])
     return np.concatenate([np.asarray(run(state, jnp.asarray(x[i:i + 64]))) for i in range(0, len(x), 64)])
 
-  def probe_acc(model: Any) -> float:
-    p = probe.fit(features(model, xtr), ytr, cfg.heads, 10, steps=steps, seed=seed)
-    return probe.accuracy(p, features(model, xte), yte)
+  def probe_acc(model: Any) -> tuple[float, float]:
+    ftr, fte = features(model, xtr), features(model, xte)
+    # The probe is trained to convergence: a short budget would favour whichever features converge fastest.
+    full = probe.fit(ftr, ytr, cfg.heads, 10, steps=steps, seed=seed)
+    some = probe.fit(ftr[few], ytr[few], cfg.heads, 10, steps=steps // 2, seed=seed)
+    return probe.accuracy(full, fte, yte), probe.accuracy(some, fte, yte)
 
-  pixels = LogisticRegression(max_iter=3000).fit(xtr.reshape(len(xtr), -1) / 255.0, ytr)
-  random_trunk = aim.Model(cfg, rngs=nnx.Rngs(seed + 1))
-  return {"attentive_probe": probe_acc(aim_model), "random_trunk_probe": probe_acc(random_trunk),
-          "linear_probe_pixels": float(pixels.score(xte.reshape(len(xte), -1) / 255.0, yte)),
-          "chance": 0.1, "layers": list(layers), "train_images": len(ytr), "test_images": len(yte)}
+  (trained, trained_few), (rand, rand_few) = probe_acc(aim_model), probe_acc(aim.Model(cfg, rngs=nnx.Rngs(seed + 1)))
+  return {"attentive_probe": trained, "random_trunk_probe": rand,
+          "linear_probe_pixels": _linear_pixels(xtr, ytr, xte, yte), "chance": 0.1,
+          f"{per_class}_per_class": {"attentive_probe": trained_few, "random_trunk_probe": rand_few,
+                                     "linear_probe_pixels": _linear_pixels(xtr[few], ytr[few], xte, yte)},
+          "layers": list(layers), "train_images": len(ytr), "test_images": len(yte)}
 
 
 def cli_main() -> None:
@@ -147,6 +159,7 @@ def cli_main() -> None:
   demo_tasks = flags.DEFINE_bool("demo_tasks", False, "Also prompt the demo's held-out tasks.")
   probe_layers = flags.DEFINE_list("probe_layers", None, "AIM workdirs: blocks whose outputs the probe averages "
                                    "(default: the last min(6, depth)).")
+  probe_steps = flags.DEFINE_integer("probe_steps", 2000, "AIM workdirs: probe training steps (batch 64).")
   count = flags.DEFINE_integer("count", 32, "Held-out sentences per demo task.")
   out = flags.DEFINE_string("out", None, "JSON output path.")
 
@@ -160,7 +173,7 @@ def cli_main() -> None:
       nnx.update(model, jax.tree.map(jnp.asarray, params))
       depth = cfg.depth
       layers = tuple(int(i) for i in probe_layers.value) if probe_layers.value else tuple(range(max(0, depth - 6), depth))
-      report = {"probe": aim_probe(model, layers)}
+      report = {"probe": aim_probe(model, layers, steps=probe_steps.value)}
     else:
       p = prompt.from_workdir(workdir.value)
       root = store.value or c.data.mixture.main.path
