@@ -115,8 +115,8 @@ def _check_mode(mode: str) -> None:
 
 def resize(image_HW3: np.ndarray | PIL.Image.Image, size: int, mode: str) -> np.ndarray:
   """uint8 [size, size, 3], bicubic like the LVM release; center_crop keeps the central square.
-  short_side: uint8 [H, W, 3] with min(H, W) == size, the aspect ratio kept (up to MAX_ASPECT),
-  for augmentations that crop from the whole picture. BadInput if a side is below MIN_SIDE."""
+  short_side: uint8 [H, W, 3] with min(H, W) <= size (smaller pictures are not enlarged), the
+  aspect ratio kept up to MAX_ASPECT, for augmentations that crop from the whole picture. BadInput if a side is below MIN_SIDE."""
   _check_mode(mode)
   img = image_HW3
   if isinstance(img, np.ndarray):
@@ -131,10 +131,13 @@ def resize(image_HW3: np.ndarray | PIL.Image.Image, size: int, mode: str) -> np.
   out_w, out_h, box = size, size, None
   if mode == "center_crop":
     box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
-  elif mode == "short_side":
+  elif mode == "short_side":  # down to size, never up: crops then resample the original pixels once
     bw, bh = min(w, MAX_ASPECT * side), min(h, MAX_ASPECT * side)
     box = ((w - bw) / 2, (h - bh) / 2, (w + bw) / 2, (h + bh) / 2)
-    out_w, out_h = round(size * bw / side), round(size * bh / side)
+    scale = min(1.0, size / side)
+    out_w, out_h = round(bw * scale), round(bh * scale)
+    if (out_w, out_h) == (w, h):
+      return np.asarray(img)
   return np.asarray(img.resize((out_w, out_h), PIL.Image.Resampling.BICUBIC, box=box))
 
 
@@ -195,7 +198,7 @@ def _natural_key(name: str) -> tuple:
 
 class Source:
   """Lists items (`keys`), loads one as uint8 [T, size, size, 3] (`load`; [T, H, W, 3] with
-  min(H, W) == size in mode short_side), labels it (`label`)."""
+  min(H, W) <= size in mode short_side), labels it (`label`)."""
   name: str
 
   def __init__(self, size: int, mode: str, root: str = ""):

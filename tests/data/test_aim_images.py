@@ -3,7 +3,7 @@
 import ml_collections
 import numpy as np
 
-from lvm_jax.data import aim_images
+from lvm_jax.data import aim_images, sources
 
 
 def test_random_resized_crop_keeps_the_scale_range():
@@ -30,3 +30,16 @@ def test_batches_are_deterministic_with_valid_prefixes(tmp_path):
   assert a["prefix"].min() >= 1 and a["prefix"].max() <= 15
   rows = next(aim_images.make_iterator(c, np.array([2, 5])))  # a process's rows equal those of the whole batch
   np.testing.assert_array_equal(rows["images"], a["images"][[2, 5]])
+
+
+def test_batches_from_a_tfds_source(tfds_dir):
+  """AIM reads prepared TFDS datasets (array_record, no TensorFlow) like folders: each crop is of
+  one record (the records are flat greys 0, 50, ..., 200)."""
+  c = ml_collections.ConfigDict(dict(global_batch=10, model=dict(image_size=8, patch=4),
+                                     data=dict(source=dict(kind="tfds_source", name="lvm_sources_tiny", split="train",
+                                                           data_dir=tfds_dir), scale=(0.4, 1.0), seed=0, threads=2)))
+  images = next(aim_images.make_iterator(c, np.arange(10)))["images"]
+  assert images.shape == (10, 8, 8, 3)
+  records = sources.TfdsSource("lvm_sources_tiny", "train", 8, data_dir=tfds_dir)  # TFDS shuffled them
+  np.testing.assert_array_equal(images[:, 0, 0, 0], [records.load(str(i % 5))[0, 0, 0, 0] for i in range(10)])
+  assert all(len(np.unique(im)) == 1 for im in images)

@@ -226,6 +226,8 @@ def test_short_side_keeps_the_aspect_ratio_up_to_the_cap():
   assert wide.shape == (16, 32, 3) and close(wide[8, 4], RED) and close(wide[8, 28], BLUE)
   tall = sources.resize(np.zeros((400, 20, 3), np.uint8), 16, "short_side")
   assert tall.shape == (16 * sources.MAX_ASPECT, 16, 3)  # the central 80 x 20 of a 400 x 20 strip
+  small = np.random.default_rng(0).integers(0, 256, (10, 12, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(sources.resize(small, 16, "short_side"), small)  # never enlarged
 
 
 def _upload(local, gs_root: str) -> None:
@@ -392,38 +394,6 @@ def test_builtin_images():
   assert sources.BuiltinImages(16).keys() == sorted(set(sources.images.TRAIN + sources.images.HELD_OUT))
   with pytest.raises(ValueError, match="nope"):
     sources.BuiltinImages(16, names=("nope",))
-
-
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-  """A tiny TFDS dataset in array_record files, built without TensorFlow: image features are
-  handed over as PIL images, which TFDS encodes with PIL (numpy arrays would need TensorFlow)."""
-  tfds = pytest.importorskip("tensorflow_datasets")
-  data_dir = tmp_path_factory.mktemp("tfds")
-
-  class LvmSourcesTiny(tfds.core.GeneratorBasedBuilder):
-    # A one-part module name: for builders in a package, TFDS 4.9 on Python >= 3.11 looks up the
-    # `importlib_resources` backport, which none of its requirements install there.
-    __module__ = "lvm_sources_tiny"
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(None, None, 3)),
-          "grey": tfds.features.Image(shape=(None, None, 1)),
-          "clip": tfds.features.Sequence(tfds.features.Image(shape=(None, None, 3))),
-          "label": tfds.features.ClassLabel(num_classes=5)}))
-
-    def _split_generators(self, dl_manager):
-      return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-      for i in range(5):
-        yield i, {"image": grey(i * 50), "grey": PIL.Image.new("L", (9, 9), i),
-                  "clip": [grey(i * 50 + t) for t in range(3)], "label": i}
-
-  LvmSourcesTiny(data_dir=str(data_dir), file_format="array_record").download_and_prepare()
-  return str(data_dir)
 
 
 def test_tfds_source(tfds_dir):
