@@ -1,10 +1,12 @@
-"""A tiny AIM for CPUs and tests: 32x32 crops of scikit-image's pictures, 4x4 patches (64 per image).
+"""A tiny AIM for CPUs and tests: 32x32 crops of scikit-learn's digits (train split, no labels), 4x4 patches.
 
   python -m lvm_jax.train --config configs/aim_tiny.py --workdir /tmp/aim_tiny
+  python -m lvm_jax.evaluate --workdir /tmp/aim_tiny
 
 Width 128, 4 blocks, a 2-block head; prefix-causal pretraining on random resized crops and
-flips. Expect the normalized-pixel loss to fall from about 1 (predicting the mean) to ~0.5
-within the 300 steps, a minute or two on 2 CPU cores. `:test` is a few steps.
+flips of the 1438 train digits (64 patches per image). Expect the normalized-pixel loss to fall
+from ~0.55 at step 10 to ~0.14 at step 300, under a minute on 2 CPU cores; the probe of the
+held-out digits with 10 labels per class ~85-88% (a random trunk ~63%). `:test` is a few steps.
 """
 
 from lvm_jax.config import aim_config

@@ -1,7 +1,8 @@
 """AIM pretraining batches: random resized crops and flips of a source's images, with prefixes.
 
-Each example is a function of its global index alone (data/rows.py): image index % count of
-the source (data/sources.py: image folders, tfds, built-in pictures, ...), a crop of 40-100% of
+Each example is a function of its global index alone (data/rows.py): an image of the source
+(data/sources.py: image folders, local or gs://, tfds, built-in pictures, ...) in an order
+shuffled anew each epoch, a crop of 40-100% of
 its area at an aspect ratio in [3/4, 4/3] (RandomResizedCrop, scale (0.4, 1.0)), resized bicubic
 to the model's size, flipped with probability 1/2, and a prefix length uniform in [1, N - 1].
 Sources load images with their aspect ratio kept and their shorter side brought down to at most
@@ -14,6 +15,7 @@ the batches do not depend on their number.
 
 from typing import Any, Iterator
 
+import grain
 import numpy as np
 import PIL.Image
 
@@ -44,12 +46,15 @@ def make_iterator(c: Any, rows: np.ndarray) -> Iterator[dict]:
   if not keys:
     raise ValueError(f"data.source {dict(d.source)} has no images")
   patches = (m.image_size // m.patch) ** 2
+  # A fresh permutation of the images every epoch: folders are sorted by class, and batches of
+  # consecutive files would each hold a class or two.
+  order = grain.MapDataset.range(len(keys)).shuffle(seed=d.seed).repeat(None)
 
   def example_at(index: int) -> dict:
     rng = np.random.default_rng([d.seed, index])
     for attempt in range(len(keys)):
       try:
-        image = source.load(keys[(index + attempt) % len(keys)])[0]
+        image = source.load(keys[order[index + attempt]])[0]
         break
       except sources.BadInput:
         continue

@@ -34,12 +34,27 @@ def test_batches_are_deterministic_with_valid_prefixes(tmp_path):
 
 def test_batches_from_a_tfds_source(tfds_dir):
   """AIM reads prepared TFDS datasets (array_record, no TensorFlow) like folders: each crop is of
-  one record (the records are flat greys 0, 50, ..., 200)."""
+  one record (the records are flat greys 0, 50, ..., 200), every record once per epoch."""
   c = ml_collections.ConfigDict(dict(global_batch=10, model=dict(image_size=8, patch=4),
                                      data=dict(source=dict(kind="tfds_source", name="lvm_sources_tiny", split="train",
                                                            data_dir=tfds_dir), scale=(0.4, 1.0), seed=0, threads=2)))
   images = next(aim_images.make_iterator(c, np.arange(10)))["images"]
   assert images.shape == (10, 8, 8, 3)
-  records = sources.TfdsSource("lvm_sources_tiny", "train", 8, data_dir=tfds_dir)  # TFDS shuffled them
-  np.testing.assert_array_equal(images[:, 0, 0, 0], [records.load(str(i % 5))[0, 0, 0, 0] for i in range(10)])
+  records = sources.TfdsSource("lvm_sources_tiny", "train", 8, data_dir=tfds_dir)
+  greys = {records.load(k)[0, 0, 0, 0] for k in records.keys()}
+  assert set(images[:5, 0, 0, 0]) == set(images[5:, 0, 0, 0]) == greys  # each epoch sees every record
   assert all(len(np.unique(im)) == 1 for im in images)
+
+
+def test_every_epoch_is_a_new_permutation(tmp_path):
+  """Files sorted by class would make batches of one class: the order is shuffled, anew each epoch."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  for i in range(8):
+    Image.new("RGB", (20, 20), (i * 30,) * 3).save(tmp_path / f"class{i // 4}_{i}.png")
+  c = ml_collections.ConfigDict(dict(global_batch=8, model=dict(image_size=8, patch=4),
+                                     data=dict(source=dict(kind="image_folder", root=str(tmp_path)), scale=(0.4, 1.0),
+                                               seed=0, threads=1)))
+  it = aim_images.make_iterator(c, np.arange(8))
+  epochs = [tuple(next(it)["images"][:, 0, 0, 0] // 30) for _ in range(3)]
+  assert all(sorted(e) == list(range(8)) for e in epochs) and len(set(epochs)) == 3
+  assert epochs[0] != tuple(range(8))
