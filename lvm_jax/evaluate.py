@@ -126,8 +126,10 @@ def aim_probe(aim_model: Any, layers: tuple[int, ...], steps: int = 2000, per_cl
   cfg = aim_model.cfg
   # The demo's split: an AIM pretrained on the `digits` source (train split) never saw these test images.
   (xtr, ytr), (xte, yte) = demo.digit_images("train", cfg.image_size), demo.digit_images("held_out", cfg.image_size)
-  few = np.concatenate([np.random.default_rng(seed).choice(np.flatnonzero(ytr == k), per_class, replace=False)
-                        for k in range(10)])
+  if steps < 2:
+    raise config_lib.ConfigError(f"probe steps={steps}: need at least 2")
+  rng = np.random.default_rng(seed)
+  few = np.concatenate([rng.choice(np.flatnonzero(ytr == k), per_class, replace=False) for k in range(10)])
 
   def features(model: Any, x: np.ndarray) -> np.ndarray:
     graphdef, state = nnx.split(model.trunk)

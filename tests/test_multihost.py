@@ -39,16 +39,18 @@ def test_two_processes_pretrain_aim_like_one(tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from lvm_jax.data import demo  # pylint: disable=g-import-not-at-top
   digits, _ = demo.digit_images("train", 24)
+  folder = tmp_path / "images"
+  folder.mkdir()
   for i in range(12):  # varied aspect ratios: the crops read whole pictures
-    Image.fromarray(digits[i]).resize((24 + 4 * i, 24)).save(tmp_path / f"{i:02d}.png")
-  (tmp_path / "05b.jpg").write_bytes(b"truncated")
+    Image.fromarray(digits[i]).resize((24 + 4 * i, 24)).save(folder / f"{i:02d}.png")
+  (folder / "05b.jpg").write_bytes(b"truncated")
   config = tmp_path / "aim_folder.py"
   config.write_text(f"""from lvm_jax import config as config_lib
 
 
 def get_config(arg=None):
   c = config_lib.load_file({os.path.join(REPO, 'configs/aim_tiny.py:test')!r})
-  c.data.source = dict(kind="image_folder", root={str(tmp_path)!r})
+  c.data.source = dict(kind="image_folder", root={str(folder)!r})
   return c
 """)
   one = _run(tmp_path / "one", 1, 8, str(config), "--config.data.threads=2")

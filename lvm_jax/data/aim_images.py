@@ -22,6 +22,10 @@ import PIL.Image
 from lvm_jax.data import rows as rows_lib, sources
 
 
+# More unusable images in a row than this means the data, not a file, is broken: stop and say so.
+MAX_BAD_IN_A_ROW = 100
+
+
 def random_resized_crop(image_HW3: np.ndarray, size: int, scale: tuple[float, float], rng: np.random.Generator) -> np.ndarray:
   """A crop of `scale` of the area at an aspect in [3/4, 4/3], resized bicubic to size x size."""
   H, W = image_HW3.shape[:2]
@@ -48,18 +52,19 @@ def make_iterator(c: Any, rows: np.ndarray) -> Iterator[dict]:
   patches = (m.image_size // m.patch) ** 2
   # A fresh permutation of the images every epoch: folders are sorted by class, and batches of
   # consecutive files would each hold a class or two.
-  order = grain.MapDataset.range(len(keys)).shuffle(seed=d.seed).repeat(None)
+  order = grain.MapDataset.range(len(keys)).shuffle(seed=rows_lib.shuffle_seed(d.seed)).repeat(None)
 
   def example_at(index: int) -> dict:
     rng = np.random.default_rng([d.seed, index])
-    for attempt in range(len(keys)):
+    for attempt in range(min(len(keys), MAX_BAD_IN_A_ROW)):
       try:
         image = source.load(keys[order[index + attempt]])[0]
         break
-      except sources.BadInput:
-        continue
+      except sources.BadInput as e:
+        reason = str(e)
     else:
-      raise ValueError(f"data.source {dict(d.source)}: no image could be loaded")
+      raise ValueError(f"data.source {dict(d.source)}: {attempt + 1} images in a row could not be loaded; "
+                       f"the last: {reason}")
     crop = random_resized_crop(image, m.image_size, tuple(d.scale), rng)
     if rng.random() < 0.5:
       crop = crop[:, ::-1]

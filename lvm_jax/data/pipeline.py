@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from lvm_jax import config as config_lib
-from lvm_jax.data import store as store_lib
+from lvm_jax.data import rows as rows_lib, store as store_lib
 
 _STORES: dict[str, store_lib.Store] = {}
 
@@ -64,7 +64,8 @@ def sentences(mixture: dict, seed: int, max_tokens: int, tokens_per_image: int) 
     if not mixture[name].get("path"):
       raise config_lib.ConfigError(f"data.mixture.{name}.path is empty: set it to a token store "
                                    f"(--config.data.mixture.{name}.path=gs://... or a local path)")
-  parts = [_component(mixture[n], seed + 7919 * k, max_tokens, tokens_per_image) for k, n in enumerate(names)]
+  parts = [_component(mixture[n], rows_lib.shuffle_seed(seed, k), max_tokens, tokens_per_image)
+           for k, n in enumerate(names)]
   weights = [float(mixture[n].get("weight", 1.0)) for n in names]
   if min(weights) <= 0:
     raise config_lib.ConfigError(f"data.mixture weights must be > 0, got {weights}")

@@ -23,3 +23,9 @@ def iterate(rows: np.ndarray, global_batch: int, example_at: Callable[[int], dic
   ds = grain.MapDataset.range(np.iinfo(np.int64).max).map(row_at)
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2 * local, threads)))
   return iter(ds.batch(local, drop_remainder=True))
+
+
+def shuffle_seed(seed: int, *salt: int) -> int:
+  """A seed for grain's MapDataset.shuffle, which shuffles epoch e with seed + e: hashed, so that
+  seeds 0 and 1 (or two mixture components) do not replay each other's orders an epoch apart."""
+  return int(np.random.SeedSequence([seed, *salt]).generate_state(1)[0])

@@ -16,13 +16,12 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
-import tensorstore as ts
 
-from lvm_jax.data import images, store
+from lvm_jax.data import files, images
 
 MODES = ("squash", "center_crop", "short_side")
 # short_side keeps the aspect ratio up to this: a panorama's longer side is cropped to 4x the
-# shorter, so one 40000 x 500 banner cannot become a 358000 x 448 array.
+# shorter, so a 40000 x 500 banner becomes 1792 x 448 at 448, not 35840 x 448.
 MAX_ASPECT = 4
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm")
@@ -133,7 +132,8 @@ def resize(image_HW3: np.ndarray | PIL.Image.Image, size: int, mode: str) -> np.
     box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
   elif mode == "short_side":  # down to size, never up: crops then resample the original pixels once
     bw, bh = min(w, MAX_ASPECT * side), min(h, MAX_ASPECT * side)
-    box = ((w - bw) / 2, (h - bh) / 2, (w + bw) / 2, (h + bh) / 2)
+    x0, y0 = (w - bw) // 2, (h - bh) // 2  # whole pixels: an unscaled crop stays sharp
+    box = (x0, y0, x0 + bw, y0 + bh)
     scale = min(1.0, size / side)
     out_w, out_h = round(bw * scale), round(bh * scale)
     if (out_w, out_h) == (w, h):
@@ -152,10 +152,17 @@ def _check_side(w: int, h: int) -> None:
     raise BadInput(f"too small: {w}x{h} px (min side {MIN_SIDE})")
 
 
+def _stack(images_HW3: Sequence[np.ndarray]) -> np.ndarray:
+  """[T, H, W, 3]; BadInput if sizes differ, which mode short_side allows within one item."""
+  if len(sizes := {im.shape for im in images_HW3}) > 1:
+    raise BadInput(f"images of different sizes in one item: {sorted(s[:2] for s in sizes)}")
+  return np.stack(images_HW3)
+
+
 def _clip(frames: list[np.ndarray]) -> np.ndarray:
   if len(frames) < 2:
     raise BadInput(f"{len(frames)} frame(s): a video needs at least 2")
-  return np.stack(frames)
+  return _stack(frames)
 
 
 def _array_image(a: np.ndarray) -> PIL.Image.Image:
@@ -169,25 +176,6 @@ def _array_image(a: np.ndarray) -> PIL.Image.Image:
   a = np.ascontiguousarray(a, np.uint8)
   a = a[..., 0] if a.ndim == 3 and a.shape[-1] == 1 else a
   return PIL.Image.fromarray(a, "L" if a.ndim == 2 else {3: "RGB", 4: "RGBA"}[a.shape[-1]])
-
-
-def _kv(root: str) -> ts.KvStore:
-  """The directory (or gs://bucket/prefix) as a TensorStore key-value store: one code path for
-  local disks and GCS, listing and reading alike."""
-  if not root.startswith("gs://") and not os.path.isdir(root):
-    raise ValueError(f"{root}: no such directory")
-  return ts.KvStore.open(store.kvstore(root)).result()
-
-
-def _files(root: str, exts: tuple[str, ...]) -> list[str]:
-  """Paths relative to root ('/'-separated), sorted; hidden entries skipped (macOS writes
-  '._name.jpg' AppleDouble files that carry image extensions but no image)."""
-  keys = (k.decode() for k in _kv(root).list().result())
-  return sorted(k for k in keys if k.lower().endswith(exts) and not any(p.startswith(".") for p in k.split("/")))
-
-
-def _join(root: str, name: str) -> str:
-  return f"{root.rstrip('/')}/{name}"
 
 
 def _natural_key(name: str) -> tuple:
@@ -208,7 +196,6 @@ class Source:
     self.size, self.mode, self.root = size, mode, root
     self.name = os.path.basename(os.path.normpath(root)) if root else type(self).__name__
     self._keys: list[str] | None = None
-    self._store: ts.KvStore | None = None
 
   def keys(self) -> list[str]:
     if self._keys is None:  # listing a million-file tree takes seconds: do it once
@@ -225,21 +212,18 @@ class Source:
     return -1
 
   def _read(self, path: str) -> bytes:
-    if self._store is None:
-      self._store = _kv(self.root)
     try:
-      result = self._store.read(path).result()
-    except ValueError as e:  # e.g. no permission; TensorStore retries transient GCS errors itself
-      raise BadInput(f"unreadable file: {e}") from None
-    if result.state != "value":
-      raise BadInput("unreadable file: deleted since listing")
-    return result.value
+      return files.read(self.root, path)
+    except FileNotFoundError:
+      raise BadInput("unreadable file: deleted since listing") from None
+    except OSError as e:  # e.g. no permission, a folder named like an image
+      raise BadInput(f"unreadable file: {e.strerror or e}") from None
 
   def _image(self, path: str) -> np.ndarray:
     return decode_image(self._read(path), self.size, self.mode)
 
   def _arrays(self, arrays: Sequence[np.ndarray]) -> np.ndarray:
-    return np.stack([resize(_array_image(a), self.size, self.mode) for a in arrays])
+    return _stack([resize(_array_image(a), self.size, self.mode) for a in arrays])
 
 
 class ImageFolder(Source):
@@ -253,7 +237,7 @@ class ImageFolder(Source):
     self._classes: dict[str, int] = {}
 
   def _list(self) -> list[str]:
-    keys = _files(self.root, IMAGE_EXTS)
+    keys = files.list_files(self.root, IMAGE_EXTS)
     if self.labels_from_dirs:
       self._classes = {d: i for i, d in enumerate(sorted({k.split("/")[0] for k in keys if "/" in k}))}
     return keys
@@ -284,7 +268,7 @@ class FrameFolders(_Clips):
 
   def _list(self) -> list[str]:
     self._frames: dict[str, list[str]] = {}
-    for f in _files(self.root, IMAGE_EXTS):
+    for f in files.list_files(self.root, IMAGE_EXTS):
       self._frames.setdefault(f.rpartition("/")[0] or ".", []).append(f)
     return sorted(self._frames)
 
@@ -304,15 +288,16 @@ class VideoFiles(_Clips):
   (phones store portrait video sideways). Any decode error skips the video."""
 
   def _list(self) -> list[str]:
-    return _files(self.root, VIDEO_EXTS)
+    return files.list_files(self.root, VIDEO_EXTS)
 
   def load(self, key: str) -> np.ndarray:
     import av  # pylint: disable=g-import-not-at-top
     try:
-      # Whole files in memory, from disk or GCS alike: video datasets are short clips.
-      container = av.open(io.BytesIO(self._read(key)))
+      container = av.open(files.open_binary(self.root, key))
     except av.error.FFmpegError as e:
       raise BadInput(f"not a video: {e}") from None
+    except OSError as e:
+      raise BadInput(f"unreadable file: {e.strerror or e}") from None
     frames = []
     with container:
       if not container.streams.video:
@@ -344,9 +329,9 @@ class AlignedFolders(Source):
   def _list(self) -> list[str]:
     self._files: dict[str, dict[str, list[str]]] = {m: {} for m in self.modalities}
     for m, by_stem in self._files.items():
-      if not (files := _files(_join(self.root, m), IMAGE_EXTS)):
+      if not (paths := files.list_files(files.join(self.root, m), IMAGE_EXTS)):
         raise ValueError(f"aligned folders {self.root}: no images in modality folder {m!r}")
-      for f in files:
+      for f in paths:
         by_stem.setdefault(os.path.splitext(f)[0], []).append(f"{m}/{f}")
     return sorted(set.intersection(*(set(by_stem) for by_stem in self._files.values())))
 
@@ -361,7 +346,7 @@ class AlignedFolders(Source):
         out.append(self._image(files[0]))
       except BadInput as e:
         raise BadInput(f"{files[0]}: {e}") from None
-    return np.stack(out)
+    return _stack(out)
 
 
 def _load_arrays(path: str, array_key: str | None, labels: Any) -> tuple[np.ndarray, Any]:
@@ -438,8 +423,8 @@ class TfdsSource(Source):
     value = value if isinstance(value, (list, tuple)) or np.ndim(value) == 4 else [value]
     if len(value) == 0:
       raise BadInput("no image: empty sequence")
-    return np.stack([decode_image(v, self.size, self.mode) if isinstance(v, bytes)
-                     else self._arrays([np.asarray(v)])[0] for v in value])
+    return _stack([decode_image(v, self.size, self.mode) if isinstance(v, bytes)
+                   else self._arrays([np.asarray(v)])[0] for v in value])
 
   def label(self, key: str) -> int:
     return -1 if self._label_key is None else int(self._data[int(key)][self._label_key])

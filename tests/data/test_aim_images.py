@@ -2,6 +2,7 @@
 
 import ml_collections
 import numpy as np
+import pytest
 
 from lvm_jax.data import aim_images, sources
 
@@ -58,3 +59,13 @@ def test_every_epoch_is_a_new_permutation(tmp_path):
   epochs = [tuple(next(it)["images"][:, 0, 0, 0] // 30) for _ in range(3)]
   assert all(sorted(e) == list(range(8)) for e in epochs) and len(set(epochs)) == 3
   assert epochs[0] != tuple(range(8))
+
+
+def test_a_folder_of_broken_files_stops_with_the_reason(tmp_path):
+  for i in range(aim_images.MAX_BAD_IN_A_ROW + 5):
+    (tmp_path / f"{i:03d}.jpg").write_bytes(b"")
+  c = ml_collections.ConfigDict(dict(global_batch=2, model=dict(image_size=8, patch=4),
+                                     data=dict(source=dict(kind="image_folder", root=str(tmp_path)), scale=(0.4, 1.0),
+                                               seed=0, threads=1)))
+  with pytest.raises(ValueError, match="100 images in a row could not be loaded; the last: not an image: empty file"):
+    next(aim_images.make_iterator(c, np.arange(2)))

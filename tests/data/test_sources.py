@@ -226,8 +226,9 @@ def test_short_side_keeps_the_aspect_ratio_up_to_the_cap():
   assert wide.shape == (16, 32, 3) and close(wide[8, 4], RED) and close(wide[8, 28], BLUE)
   tall = sources.resize(np.zeros((400, 20, 3), np.uint8), 16, "short_side")
   assert tall.shape == (16 * sources.MAX_ASPECT, 16, 3)  # the central 80 x 20 of a 400 x 20 strip
-  small = np.random.default_rng(0).integers(0, 256, (10, 12, 3), dtype=np.uint8)
-  np.testing.assert_array_equal(sources.resize(small, 16, "short_side"), small)  # never enlarged
+  small = np.random.default_rng(0).integers(0, 256, (10, 45, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(sources.resize(small[:, :12], 16, "short_side"), small[:, :12])  # never enlarged
+  np.testing.assert_array_equal(sources.resize(small, 16, "short_side"), small[:, 2:42])  # cut on whole pixels
 
 
 def _upload(local, gs_root: str) -> None:
@@ -269,9 +270,15 @@ def test_image_folder(tmp_path, where, request, monkeypatch):
   assert sources.ImageFolder(root, 16).label("a/z.tiff") == -1
 
 
-def test_a_missing_folder_is_a_config_error(tmp_path):
+def test_a_missing_folder_is_a_config_error(tmp_path, gcs_emulator, monkeypatch):
   with pytest.raises(ValueError, match="no such directory"):
     sources.ImageFolder(str(tmp_path / "nope"), 16).keys()
+  with pytest.raises(ValueError, match="root is empty"):
+    sources.ImageFolder("", 16).keys()
+  for k, v in gcs_emulator.items():
+    monkeypatch.setenv(k, v)
+  with pytest.raises(ValueError, match="no objects under this prefix"):  # a typo in a bucket path
+    sources.ImageFolder("gs://lvm-test/no/such/prefix", 16).keys()
 
 
 def test_frame_folders(tmp_path):
