@@ -5,8 +5,8 @@
 
 Width 128, 4 blocks, a 2-block head; prefix-causal pretraining on random resized crops and
 flips of the 1438 train digits (64 patches per image). Expect the normalized-pixel loss to fall
-from ~0.55 at step 10 to ~0.14 at step 300, under a minute on 2 CPU cores; the probe of the
-held-out digits with 10 labels per class ~83-88% (a random trunk ~63%). `:test` is a few steps.
+from ~0.5 at step 10 to ~0.15 at step 300, under a minute on 2 CPU cores; the probe of the
+held-out digits with 10 labels per class ~80-88% (a random trunk ~63-65%). `:test` is a few steps.
 """
 
 from lvm_jax.config import aim_config
