@@ -75,27 +75,16 @@ def main() -> None:
   demand = host_demand()
   print(f"AIM input at 224 px from {args.images} JPEGs of ~500x375, batch {args.batch}, {cores} CPU cores; "
         f"one v5p host pretraining AIM-600M at {MFU:.0%} MFU eats {demand:.0f} images/s")
-  with tempfile.TemporaryDirectory() as tmp:
-    roots = {"local": os.path.join(tmp, "jpegs")}
-    server = None
-    if gcs.binary() is not None:
-      server, env = gcs.start(Path(tmp) / "gcs")
-      os.environ.update(env)
-      roots["emulator"] = "gs://lvm-test/jpegs"
-    try:
-      for where, root in roots.items():
-        os.makedirs(roots["local"], exist_ok=True)
-        write(root, args.images)
-        one = images_per_second(root, 1, args.batch, args.batches)
-        for threads in (1, cores, 4 * cores):
-          ips = one if threads == 1 else images_per_second(root, threads, args.batch, args.batches)
-          per_core = ips / min(threads, cores)
-          print(f"{where:9s} threads {threads:3d}: {ips:7.1f} images/s ({ips / one:4.2f}x one thread, "
-                f"{per_core:6.1f}/core busy: {demand / per_core:4.1f} such cores feed a v5p host)")
-    finally:
-      if server is not None:
-        server.terminate()
-
+  with tempfile.TemporaryDirectory() as tmp, gcs.local_and_emulated(Path(tmp), "jpegs") as roots:
+    os.makedirs(roots["local"])
+    for where, root in roots.items():
+      write(root, args.images)
+      one = images_per_second(root, 1, args.batch, args.batches)
+      for threads in (1, cores, 4 * cores):
+        ips = one if threads == 1 else images_per_second(root, threads, args.batch, args.batches)
+        per_core = ips / min(threads, cores)
+        print(f"{where:9s} threads {threads:3d}: {ips:7.1f} images/s ({ips / one:4.2f}x one thread, "
+              f"{per_core:6.1f}/core busy: {demand / per_core:4.1f} such cores feed a v5p host)")
 
 if __name__ == "__main__":
   main()

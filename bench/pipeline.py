@@ -66,23 +66,12 @@ def main() -> None:
   store.CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
   print(f"{args.sentences} sentences of {args.seq_len} tokens, batch {args.batch} x {args.seq_len}, "
         f"{args.threads} read threads, {os.cpu_count()} CPU cores")
-  with tempfile.TemporaryDirectory() as tmp:
-    roots = {"local": os.path.join(tmp, "store")}
-    proc = None
-    if gcs.binary() is not None:
-      proc, env = gcs.start(Path(tmp) / "gcs")
-      os.environ.update(env)
-      roots["emulator"] = "gs://lvm-test/bench"
-    try:
-      for where, root in roots.items():
-        write(root, args.sentences, args.seq_len)
-        rate = tokens_per_second(root, args)
-        print(f"{where:9s}: {rate / 1e6:6.2f}M tokens/s, {rate / TARGETS[where]:5.2f}x the target "
-              f"({TARGETS[where] / 1e6:g}M)")
-    finally:
-      if proc is not None:
-        proc.terminate()
-
+  with tempfile.TemporaryDirectory() as tmp, gcs.local_and_emulated(Path(tmp), "store") as roots:
+    for where, root in roots.items():
+      write(root, args.sentences, args.seq_len)
+      rate = tokens_per_second(root, args)
+      print(f"{where:9s}: {rate / 1e6:6.2f}M tokens/s, {rate / TARGETS[where]:5.2f}x the target "
+            f"({TARGETS[where] / 1e6:g}M)")
 
 if __name__ == "__main__":
   main()

@@ -5,6 +5,7 @@ sends no x-goog-generation header with object reads, which TensorStore's OCDBT f
 default) needs for its conditional writes ("Malformed StorageGeneration").
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -13,7 +14,7 @@ import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 
 def free_port() -> int:
@@ -66,3 +67,19 @@ def list_objects(env: dict, prefix: str) -> list[str]:
   bucket, name = prefix[len("gs://"):].split("/", 1)
   url = f"{env['STORAGE_EMULATOR_HOST']}/storage/v1/b/{bucket}/o?prefix={urllib.parse.quote(name)}"
   return [o["name"] for o in json.load(urllib.request.urlopen(url)).get("items", [])]
+
+
+@contextlib.contextmanager
+def local_and_emulated(tmp: Path, name: str) -> Iterator[dict[str, str]]:
+  """Roots to benchmark a reader on: {"local": tmp/name} and, when the server is installed,
+  {"emulator": gs://lvm-test/name} with this process's environment pointed at a running server."""
+  roots, proc = {"local": str(tmp / name)}, None
+  if binary() is not None:
+    proc, env = start(tmp / "gcs")
+    os.environ.update(env)
+    roots["emulator"] = f"gs://lvm-test/{name}"
+  try:
+    yield roots
+  finally:
+    if proc is not None:
+      proc.terminate()
