@@ -15,6 +15,10 @@ inpainting PSNR, colorization MSE against copying the query image; segmentation 
 palette classes against the query's own colours; counting accuracy of a digit classifier
 (logistic regression on held-out digits) against chance (0.1). Each also reports the score of
 the VQGAN's own reconstruction of the true answer: the ceiling the tokenizer leaves.
+
+An AIM workdir gets attentive probes of its frozen trunk instead (lvm_jax/probing.py):
+
+  python -m lvm_jax.evaluate --workdir /tmp/aim_tiny [--probe_train JSON --probe_test JSON]
 """
 
 import json
@@ -112,48 +116,21 @@ def task_metrics(prompter: Any, tasks: tuple[str, ...], count: int, key: jax.Arr
   return out
 
 
-def _linear_pixels(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> float:
-  from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
-  flat = lambda im: im.reshape(len(im), -1) / 255.0
-  return float(LogisticRegression(max_iter=3000).fit(flat(x), y).score(flat(x_test), y_test))
-
-
-def aim_probe(aim_model: Any, layers: tuple[int, ...], steps: int = 2000, per_class: int = 10, seed: int = 0) -> dict:
-  """Attentive-probe accuracy on digits from the frozen trunk (mean of `layers`' outputs), next
-  to a linear probe on raw pixels and the same probe on a randomly initialised trunk; with all
-  training labels and with `per_class` of them (label efficiency is where features differ)."""
-  from lvm_jax.models import aim, probe  # pylint: disable=g-import-not-at-top
-  cfg = aim_model.cfg
-  # The demo's split: an AIM pretrained on the `digits` source (train split) never saw these test images.
-  (xtr, ytr), (xte, yte) = demo.digit_images("train", cfg.image_size), demo.digit_images("held_out", cfg.image_size)
-  if steps < 2:
-    raise config_lib.ConfigError(f"probe steps={steps}: need at least 2")
-  rng = np.random.default_rng(seed)
-  few = np.concatenate([rng.choice(np.flatnonzero(ytr == k), per_class, replace=False) for k in range(10)])
-
-  def features(model: Any, x: np.ndarray) -> np.ndarray:
-    graphdef, state = nnx.split(model.trunk)
-    run = jax.jit(lambda s, im: nnx.merge(graphdef, s)(aim.normalize(im), layers=layers)[1])
-    return np.concatenate([np.asarray(run(state, jnp.asarray(x[i:i + 64]))) for i in range(0, len(x), 64)])
-
-  def probe_acc(model: Any) -> tuple[float, float]:
-    ftr, fte = features(model, xtr), features(model, xte)
-    # The probe is trained to convergence: a short budget would favour whichever features converge fastest.
-    full = probe.fit(ftr, ytr, cfg.heads, 10, steps=steps, seed=seed)
-    some = probe.fit(ftr[few], ytr[few], cfg.heads, 10, steps=steps // 2, seed=seed)
-    return probe.accuracy(full, fte, yte), probe.accuracy(some, fte, yte)
-
-  (trained, trained_few), (rand, rand_few) = probe_acc(aim_model), probe_acc(aim.Model(cfg, rngs=nnx.Rngs(seed + 1)))
-  return {"attentive_probe": trained, "random_trunk_probe": rand,
-          "linear_probe_pixels": _linear_pixels(xtr, ytr, xte, yte), "chance": 0.1,
-          f"{per_class}_per_class": {"attentive_probe": trained_few, "random_trunk_probe": rand_few,
-                                     "linear_probe_pixels": _linear_pixels(xtr[few], ytr[few], xte, yte)},
-          "layers": list(layers), "train_images": len(ytr), "test_images": len(yte)}
+def _source_flag(text: Optional[str], default: dict) -> dict:
+  if not text:
+    return default
+  try:
+    spec = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise config_lib.ConfigError(f"probe source {text!r}: not JSON ({e})") from None
+  if not isinstance(spec, dict):
+    raise config_lib.ConfigError(f"probe source {text!r}: expected a JSON object with a 'kind'")
+  return spec
 
 
 def cli_main() -> None:
   from lvm_jax import prompt  # pylint: disable=g-import-not-at-top
-  workdir = flags.DEFINE_string("workdir", None, "LVM training workdir.")
+  workdir = flags.DEFINE_string("workdir", None, "LVM or AIM training workdir.")
   store = flags.DEFINE_string("store", None, "Token store for perplexity (default: the config's main mixture path).")
   dataset = flags.DEFINE_string("dataset", None, "Dataset name pattern, e.g. '*_held_out'.")
   task = flags.DEFINE_string("task", None, "Task name pattern.")
@@ -162,20 +139,28 @@ def cli_main() -> None:
   probe_layers = flags.DEFINE_list("probe_layers", None, "AIM workdirs: blocks whose outputs the probe averages "
                                    "(default: the last min(6, depth)).")
   probe_steps = flags.DEFINE_integer("probe_steps", 2000, "AIM workdirs: probe training steps (batch 64).")
+  probe_train = flags.DEFINE_string("probe_train", None, "AIM workdirs: labeled source to train the probe on, as "
+                                    "JSON, e.g. '{\"kind\": \"image_folder\", \"root\": \"/data/train\", "
+                                    "\"labels_from_dirs\": true}' (default: the demo's digits, train split).")
+  probe_test = flags.DEFINE_string("probe_test", None, "AIM workdirs: labeled source to test on (default: the "
+                                   "held-out digits).")
+  probe_max_images = flags.DEFINE_integer("probe_max_images", 10_000, "AIM workdirs: images per split, at most.")
   count = flags.DEFINE_integer("count", 32, "Held-out sentences per demo task.")
   out = flags.DEFINE_string("out", None, "JSON output path.")
 
   def main(_):
     c = config_lib.load_from_workdir(workdir.value)
     if c.objective == "aim":  # attentive probing of the frozen trunk
-      from lvm_jax import train  # pylint: disable=g-import-not-at-top
+      from lvm_jax import probing, train  # pylint: disable=g-import-not-at-top
       from lvm_jax.models import aim  # pylint: disable=g-import-not-at-top
       cfg, params, _ = train.load_params(c, workdir.value)
       model = nnx.eval_shape(lambda: aim.Model(cfg, rngs=nnx.Rngs(0)))
       nnx.update(model, jax.tree.map(jnp.asarray, params))
       depth = cfg.depth
       layers = tuple(int(i) for i in probe_layers.value) if probe_layers.value else tuple(range(max(0, depth - 6), depth))
-      report = {"probe": aim_probe(model, layers, steps=probe_steps.value)}
+      splits = [_source_flag(f.value, default) for f, default in zip((probe_train, probe_test), probing.DIGITS)]
+      report = {"probe": probing.run(model, layers, *splits, steps=probe_steps.value,
+                                     max_images=probe_max_images.value)}
     else:
       p = prompt.from_workdir(workdir.value)
       root = store.value or c.data.mixture.main.path

@@ -4,6 +4,7 @@ baselines."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from lvm_jax import evaluate, prompt
@@ -66,6 +67,17 @@ def test_aim_probe_reports_against_pixels_and_a_random_trunk(tmp_path):
   assert r.returncode == 0, r.stderr[-3000:]
   report = json.load(open(out))["probe"]
   assert report["layers"] == [2, 3] and report["test_images"] == len(demo_data.digit_samples("held_out"))
+  assert report["classes"] == 10 and report["skipped_inputs"] == 0
   for k in ("attentive_probe", "random_trunk_probe", "linear_probe_pixels"):
     assert 0.2 < report[k] <= 1.0, report  # well above chance (0.1) on digits
     assert 0.1 < report["10_per_class"][k] <= report[k] + 0.05, report  # fewer labels, no better
+
+
+def test_probe_source_flags_are_json_objects():
+  from lvm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  assert evaluate._source_flag(None, {"kind": "digits"}) == {"kind": "digits"}
+  assert evaluate._source_flag('{"kind": "image_folder", "root": "/d"}', {}) == {"kind": "image_folder", "root": "/d"}
+  with pytest.raises(config_lib.ConfigError, match="not JSON"):
+    evaluate._source_flag("kind=image_folder", {})
+  with pytest.raises(config_lib.ConfigError, match="JSON object"):
+    evaluate._source_flag('["image_folder"]', {})

@@ -1,0 +1,100 @@
+"""Attentive probing of a frozen AIM trunk on labeled images: what `python -m lvm_jax.evaluate`
+reports for an AIM workdir.
+
+Train and test images come from any labeled source of data/sources.py (default: the demo's
+digits, whose train split the tiny AIM pretrains on without labels): an image folder with
+`labels_from_dirs`, a TFDS dataset, numpy arrays with labels. Images are centre-cropped to the
+model's size; up to `max_images` per split, spread evenly over the source, are decoded in
+threads, and their token features are kept in memory (float16), so this is a probe for datasets
+of thousands of images, not an ImageNet-scale training job. The attentive probe (models/probe.py)
+is trained to convergence with all training labels and with `per_class` of them, next to the same
+probe on a randomly initialised trunk and a logistic regression on raw pixels (box-filtered to at
+most 32 x 32, which keeps the regression tractable for large images).
+"""
+
+import concurrent.futures
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lvm_jax.config import ConfigError
+from lvm_jax.data import sources
+from lvm_jax.models import aim, probe
+
+DIGITS = ({"kind": "digits", "split": "train"}, {"kind": "digits", "split": "held_out"})
+
+
+def labeled_images(spec: dict, size: int, max_images: int, threads: int = 16) -> tuple[np.ndarray, np.ndarray, int]:
+  """uint8 [N, size, size, 3] centre crops, int32 labels [N], and how many inputs were skipped."""
+  try:
+    src = sources.open_source({**spec, "size": size, "mode": "center_crop"})
+    keys = src.keys()
+  except ValueError as e:  # unknown kind or key, missing folder, empty prefix
+    raise ConfigError(f"probe source {spec}: {e}") from None
+  if len(keys) > max_images:  # evenly spread: folders are sorted by class
+    keys = [keys[i] for i in np.linspace(0, len(keys) - 1, max_images).round().astype(int)]
+
+  def load(key: str) -> tuple[np.ndarray, int] | None:
+    try:
+      return src.load(key)[0], src.label(key)
+    except sources.BadInput:
+      return None
+
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    loaded = [r for r in pool.map(load, keys) if r is not None]
+  if not loaded:
+    raise ConfigError(f"probe source {spec}: no image could be loaded")
+  labels = np.array([label for _, label in loaded], np.int32)
+  if labels.min() < 0:
+    raise ConfigError(f"probe source {spec}: images without a label (image folders need labels_from_dirs=True)")
+  return np.stack([image for image, _ in loaded]), labels, len(keys) - len(loaded)
+
+
+def features(model: aim.Model, images: np.ndarray, layers: tuple[int, ...], batch: int = 64) -> np.ndarray:
+  """float16 [N, patches, D]: the mean of `layers`' outputs of the bidirectional trunk."""
+  graphdef, state = nnx.split(model.trunk)
+  run = jax.jit(lambda s, im: nnx.merge(graphdef, s)(aim.normalize(im), layers=layers)[1].astype(jnp.float16))
+  return np.concatenate([np.asarray(run(state, jnp.asarray(images[i:i + batch]))) for i in range(0, len(images), batch)])
+
+
+def _linear_pixels(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> float:
+  from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
+
+  def flat(im: np.ndarray) -> np.ndarray:
+    f = max(1, -(-im.shape[1] // 32))  # box filter down to at most 32 x 32
+    n, s = len(im), im.shape[1] // f * f
+    return im[:, :s, :s].reshape(n, s // f, f, s // f, f, 3).mean((2, 4)).reshape(n, -1) / 255.0
+
+  return float(LogisticRegression(max_iter=3000).fit(flat(x), y).score(flat(x_test), y_test))
+
+
+def run(model: aim.Model, layers: tuple[int, ...], train: dict = DIGITS[0], test: dict = DIGITS[1],
+        steps: int = 2000, per_class: int = 10, max_images: int = 10_000, seed: int = 0) -> dict:
+  """Probe accuracies on `test` after training on `train`, with all labels and `per_class` per class."""
+  if steps < 2:
+    raise ConfigError(f"probe steps={steps}: need at least 2")
+  cfg = model.cfg
+  xtr, ytr, skipped_tr = labeled_images(dict(train), cfg.image_size, max_images)
+  xte, yte, skipped_te = labeled_images(dict(test), cfg.image_size, max_images)
+  classes = int(max(ytr.max(), yte.max())) + 1
+  rng = np.random.default_rng(seed)
+  few = np.concatenate([rng.choice(idx, min(per_class, len(idx)), replace=False)
+                        for k in range(classes) if len(idx := np.flatnonzero(ytr == k))])
+
+  def accuracies(trunk: aim.Model) -> tuple[float, float]:
+    ftr, fte = features(trunk, xtr, layers), features(trunk, xte, layers)
+    # Trained to convergence: a short budget would favour whichever features converge fastest.
+    full = probe.fit(ftr, ytr, cfg.heads, classes, steps=steps, seed=seed)
+    some = probe.fit(ftr[few], ytr[few], cfg.heads, classes, steps=steps // 2, seed=seed)
+    return probe.accuracy(full, fte, yte), probe.accuracy(some, fte, yte)
+
+  (trained, trained_few), (rand, rand_few) = accuracies(model), accuracies(aim.Model(cfg, rngs=nnx.Rngs(seed + 1)))
+  return {"attentive_probe": trained, "random_trunk_probe": rand,
+          "linear_probe_pixels": _linear_pixels(xtr, ytr, xte, yte),
+          "chance": float(np.max(np.bincount(yte)) / len(yte)),  # always answering the commonest class
+          f"{per_class}_per_class": {"attentive_probe": trained_few, "random_trunk_probe": rand_few,
+                                     "linear_probe_pixels": _linear_pixels(xtr[few], ytr[few], xte, yte)},
+          "layers": list(layers), "classes": classes, "train_images": len(ytr), "test_images": len(yte),
+          "skipped_inputs": skipped_tr + skipped_te}
