@@ -128,6 +128,27 @@ def _source_flag(text: Optional[str], default: dict) -> dict:
   return spec
 
 
+def _aim_model(c: Any, workdir: Optional[str], ml_aim: Optional[str]) -> Any:
+  """The AIM of a training workdir, or the trunk of an ml-aim file (its pretraining head, never
+  released, stays random; probing does not use it)."""
+  from lvm_jax import train  # pylint: disable=g-import-not-at-top
+  from lvm_jax.convert import aim_torch  # pylint: disable=g-import-not-at-top
+  from lvm_jax.models import aim  # pylint: disable=g-import-not-at-top
+  if ml_aim:
+    cfg = aim.Config(**{**c.model, "attention": "auto"})
+    model = aim.Model(cfg, rngs=nnx.Rngs(0))
+    trunk, _ = aim_torch.from_ml_aim(aim_torch.load_safetensors(ml_aim))
+    abstract = nnx.to_pure_dict(nnx.state(model.trunk, nnx.Param))
+    if jax.tree.map(np.shape, abstract) != jax.tree.map(np.shape, trunk):
+      raise config_lib.ConfigError(f"{ml_aim}: its trunk does not have the shapes of the given --aim_config")
+    nnx.update(model.trunk, jax.tree.map(jnp.asarray, trunk))
+    return model
+  cfg, params, _ = train.load_params(c, workdir)
+  model = nnx.eval_shape(lambda: aim.Model(cfg, rngs=nnx.Rngs(0)))
+  nnx.update(model, jax.tree.map(jnp.asarray, params))
+  return model
+
+
 def cli_main() -> None:
   from lvm_jax import prompt  # pylint: disable=g-import-not-at-top
   workdir = flags.DEFINE_string("workdir", None, "LVM or AIM training workdir.")
@@ -145,18 +166,20 @@ def cli_main() -> None:
   probe_test = flags.DEFINE_string("probe_test", None, "AIM workdirs: labeled source to test on (default: the "
                                    "held-out digits).")
   probe_max_images = flags.DEFINE_integer("probe_max_images", 10_000, "AIM workdirs: images per split, at most.")
+  ml_aim = flags.DEFINE_string("ml_aim", None, "Instead of --workdir: an ml-aim v1 safetensors file (e.g. apple/aim-600M's "
+                               "model.safetensors) whose trunk is probed; needs --aim_config.")
+  aim_config = flags.DEFINE_string("aim_config", None, "With --ml_aim: the config of its size, e.g. configs/aim_600m.py.")
   count = flags.DEFINE_integer("count", 32, "Held-out sentences per demo task.")
   out = flags.DEFINE_string("out", None, "JSON output path.")
 
   def main(_):
-    c = config_lib.load_from_workdir(workdir.value)
+    if bool(workdir.value) == bool(ml_aim.value):
+      raise config_lib.ConfigError("give --workdir (LVM or AIM) or --ml_aim with --aim_config")
+    c = config_lib.load_file(aim_config.value or "") if ml_aim.value else config_lib.load_from_workdir(workdir.value)
     if c.objective == "aim":  # attentive probing of the frozen trunk
-      from lvm_jax import probing, train  # pylint: disable=g-import-not-at-top
-      from lvm_jax.models import aim  # pylint: disable=g-import-not-at-top
-      cfg, params, _ = train.load_params(c, workdir.value)
-      model = nnx.eval_shape(lambda: aim.Model(cfg, rngs=nnx.Rngs(0)))
-      nnx.update(model, jax.tree.map(jnp.asarray, params))
-      depth = cfg.depth
+      from lvm_jax import probing  # pylint: disable=g-import-not-at-top
+      model = _aim_model(c, workdir.value, ml_aim.value)
+      depth = model.cfg.depth
       layers = tuple(int(i) for i in probe_layers.value) if probe_layers.value else tuple(range(max(0, depth - 6), depth))
       splits = [_source_flag(f.value, default) for f, default in zip((probe_train, probe_test), probing.DIGITS)]
       report = {"probe": probing.run(model, layers, *splits, steps=probe_steps.value,
@@ -173,7 +196,7 @@ def cli_main() -> None:
         f.write(text)
     print(text)
 
-  cli.run(main, required=["workdir"])
+  cli.run(main, required=[])
 
 
 if __name__ == "__main__":

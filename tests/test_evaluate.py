@@ -52,7 +52,8 @@ def test_task_metrics_report_model_and_baseline():
 
 def test_aim_probe_reports_against_pixels_and_a_random_trunk(tmp_path):
   """python -m lvm_jax.evaluate on an AIM workdir: the attentive probe on digits, next to a
-  linear probe on raw pixels and the same probe on an untrained trunk."""
+  linear probe on raw pixels and the same probe on an untrained trunk; the trunk exported to
+  ml-aim's layout (python -m lvm_jax.convert.aim_torch) and probed from that file reports the same."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   import json  # pylint: disable=g-import-not-at-top
@@ -60,17 +61,24 @@ def test_aim_probe_reports_against_pixels_and_a_random_trunk(tmp_path):
   from lvm_jax import train  # pylint: disable=g-import-not-at-top
   from tests.conftest import REPO  # pylint: disable=g-import-not-at-top
   train.train(load_config("aim_tiny", "test"), str(tmp_path / "aim"))
-  out = tmp_path / "probe.json"
-  r = subprocess.run([sys.executable, "-m", "lvm_jax.evaluate", f"--workdir={tmp_path / 'aim'}", f"--out={out}",
-                      "--probe_layers=2,3", "--probe_steps=400"], cwd=REPO, capture_output=True, text=True, timeout=600,
-                     env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
-  assert r.returncode == 0, r.stderr[-3000:]
-  report = json.load(open(out))["probe"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+
+  def run(*args: str) -> None:
+    r = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+  probe_flags = ["--probe_layers=2,3", "--probe_steps=400"]
+  run("lvm_jax.evaluate", f"--workdir={tmp_path / 'aim'}", f"--out={tmp_path / 'probe.json'}", *probe_flags)
+  report = json.load(open(tmp_path / "probe.json"))["probe"]
   assert report["layers"] == [2, 3] and report["test_images"] == len(demo_data.digit_samples("held_out"))
   assert report["classes"] == 10 and report["skipped_inputs"] == 0
   for k in ("attentive_probe", "random_trunk_probe", "linear_probe_pixels"):
     assert 0.2 < report[k] <= 1.0, report  # well above chance (0.1) on digits
     assert 0.1 < report["10_per_class"][k] <= report[k] + 0.05, report  # fewer labels, no better
+  run("lvm_jax.convert.aim_torch", f"--workdir={tmp_path / 'aim'}", f"--out={tmp_path / 'aim.safetensors'}")
+  run("lvm_jax.evaluate", f"--ml_aim={tmp_path / 'aim.safetensors'}", "--aim_config=configs/aim_tiny.py",
+      f"--out={tmp_path / 'probe_ml_aim.json'}", *probe_flags)
+  assert json.load(open(tmp_path / "probe_ml_aim.json"))["probe"] == report
 
 
 def test_probe_source_flags_are_json_objects():
@@ -81,3 +89,14 @@ def test_probe_source_flags_are_json_objects():
     evaluate._source_flag("kind=image_folder", {})
   with pytest.raises(config_lib.ConfigError, match="JSON object"):
     evaluate._source_flag('["image_folder"]', {})
+
+
+def test_an_ml_aim_file_of_another_size_is_a_config_error(tmp_path):
+  from lvm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from lvm_jax.convert import aim_torch  # pylint: disable=g-import-not-at-top
+  from lvm_jax.models import aim  # pylint: disable=g-import-not-at-top
+  other = aim.Config(width=64, depth=2, heads=4, patch=4, image_size=16, head_width=32, head_depth=1, head_mlp=64)
+  trunk = nnx.to_pure_dict(nnx.state(aim.Model(other, rngs=nnx.Rngs(0)).trunk, nnx.Param))
+  aim_torch.save_safetensors(aim_torch.to_ml_aim(trunk), str(tmp_path / "other.safetensors"))
+  with pytest.raises(config_lib.ConfigError, match="does not have the shapes"):
+    evaluate._aim_model(load_config("aim_tiny"), None, str(tmp_path / "other.safetensors"))
