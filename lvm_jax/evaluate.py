@@ -16,9 +16,11 @@ palette classes against the query's own colours; counting accuracy of a digit cl
 (logistic regression on held-out digits) against chance (0.1). Each also reports the score of
 the VQGAN's own reconstruction of the true answer: the ceiling the tokenizer leaves.
 
-An AIM workdir gets attentive probes of its frozen trunk instead (lvm_jax/probing.py):
+An AIM workdir, or an ml-aim v1 safetensors file with the config of its size, gets attentive
+probes of its frozen trunk instead (lvm_jax/probing.py):
 
   python -m lvm_jax.evaluate --workdir /tmp/aim_tiny [--probe_train JSON --probe_test JSON]
+  python -m lvm_jax.evaluate --ml_aim model.safetensors --aim_config configs/aim_600m.py [...]
 """
 
 import json
@@ -128,25 +130,25 @@ def _source_flag(text: Optional[str], default: dict) -> dict:
   return spec
 
 
-def _aim_model(c: Any, workdir: Optional[str], ml_aim: Optional[str]) -> Any:
-  """The AIM of a training workdir, or the trunk of an ml-aim file (its pretraining head, never
-  released, stays random; probing does not use it)."""
+def _aim_trunk(c: Any, workdir: Optional[str], ml_aim: Optional[str]) -> Any:
+  """The AIM trunk of a training workdir, or of an ml-aim v1 safetensors file."""
   from lvm_jax import train  # pylint: disable=g-import-not-at-top
   from lvm_jax.convert import aim_torch  # pylint: disable=g-import-not-at-top
   from lvm_jax.models import aim  # pylint: disable=g-import-not-at-top
-  if ml_aim:
-    cfg = aim.Config(**{**c.model, "attention": "auto"})
-    model = aim.Model(cfg, rngs=nnx.Rngs(0))
-    trunk, _ = aim_torch.from_ml_aim(aim_torch.load_safetensors(ml_aim))
-    abstract = nnx.to_pure_dict(nnx.state(model.trunk, nnx.Param))
-    if jax.tree.map(np.shape, abstract) != jax.tree.map(np.shape, trunk):
-      raise config_lib.ConfigError(f"{ml_aim}: its trunk does not have the shapes of the given --aim_config")
-    nnx.update(model.trunk, jax.tree.map(jnp.asarray, trunk))
-    return model
-  cfg, params, _ = train.load_params(c, workdir)
-  model = nnx.eval_shape(lambda: aim.Model(cfg, rngs=nnx.Rngs(0)))
-  nnx.update(model, jax.tree.map(jnp.asarray, params))
-  return model
+  if not ml_aim:
+    cfg, params, _ = train.load_params(c, workdir)
+    trunk, weights = nnx.eval_shape(lambda: aim.Trunk(cfg, nnx.Rngs(0))), params["trunk"]
+  else:
+    trunk = nnx.eval_shape(lambda: aim.Trunk(aim.Config(**{**c.model, "attention": "auto"}), nnx.Rngs(0)))
+    try:
+      weights, _ = aim_torch.from_ml_aim(aim_torch.load_safetensors(ml_aim))
+    except Exception as e:  # pylint: disable=broad-except  # missing, not safetensors, not ml-aim v1
+      raise config_lib.ConfigError(f"--ml_aim {ml_aim}: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from None
+    shapes = jax.tree.map(np.shape, nnx.to_pure_dict(nnx.state(trunk, nnx.Param)))
+    if shapes != jax.tree.map(np.shape, weights):
+      raise config_lib.ConfigError(f"--ml_aim {ml_aim}: its trunk does not have the shapes of the given --aim_config")
+  nnx.update(trunk, jax.tree.map(jnp.asarray, weights))
+  return trunk
 
 
 def cli_main() -> None:
@@ -157,15 +159,15 @@ def cli_main() -> None:
   task = flags.DEFINE_string("task", None, "Task name pattern.")
   max_sentences = flags.DEFINE_integer("max_sentences", 512, "Sentences per run (in store order).")
   demo_tasks = flags.DEFINE_bool("demo_tasks", False, "Also prompt the demo's held-out tasks.")
-  probe_layers = flags.DEFINE_list("probe_layers", None, "AIM workdirs: blocks whose outputs the probe averages "
+  probe_layers = flags.DEFINE_list("probe_layers", None, "AIM: blocks whose outputs the probe averages "
                                    "(default: the last min(6, depth)).")
-  probe_steps = flags.DEFINE_integer("probe_steps", 2000, "AIM workdirs: probe training steps (batch 64).")
-  probe_train = flags.DEFINE_string("probe_train", None, "AIM workdirs: labeled source to train the probe on, as "
+  probe_steps = flags.DEFINE_integer("probe_steps", 2000, "AIM: probe training steps (batch 64).")
+  probe_train = flags.DEFINE_string("probe_train", None, "AIM: labeled source to train the probe on, as "
                                     "JSON, e.g. '{\"kind\": \"image_folder\", \"root\": \"/data/train\", "
                                     "\"labels_from_dirs\": true}' (default: the demo's digits, train split).")
-  probe_test = flags.DEFINE_string("probe_test", None, "AIM workdirs: labeled source to test on (default: the "
+  probe_test = flags.DEFINE_string("probe_test", None, "AIM: labeled source to test on (default: the "
                                    "held-out digits).")
-  probe_max_images = flags.DEFINE_integer("probe_max_images", 10_000, "AIM workdirs: images per split, at most.")
+  probe_max_images = flags.DEFINE_integer("probe_max_images", 10_000, "AIM: images per split, at most.")
   ml_aim = flags.DEFINE_string("ml_aim", None, "Instead of --workdir: an ml-aim v1 safetensors file (e.g. apple/aim-600M's "
                                "model.safetensors) whose trunk is probed; needs --aim_config.")
   aim_config = flags.DEFINE_string("aim_config", None, "With --ml_aim: the config of its size, e.g. configs/aim_600m.py.")
@@ -173,16 +175,21 @@ def cli_main() -> None:
   out = flags.DEFINE_string("out", None, "JSON output path.")
 
   def main(_):
-    if bool(workdir.value) == bool(ml_aim.value):
-      raise config_lib.ConfigError("give --workdir (LVM or AIM) or --ml_aim with --aim_config")
-    c = config_lib.load_file(aim_config.value or "") if ml_aim.value else config_lib.load_from_workdir(workdir.value)
+    if bool(workdir.value) == bool(ml_aim.value) or bool(ml_aim.value) != bool(aim_config.value):
+      raise config_lib.ConfigError("give --workdir (LVM or AIM), or --ml_aim with --aim_config")
+    c = config_lib.load_file(aim_config.value) if ml_aim.value else config_lib.load_from_workdir(workdir.value)
+    if ml_aim.value and c.get("objective") != "aim":
+      raise config_lib.ConfigError(f"--aim_config {aim_config.value}: not an AIM config (objective={c.get('objective')!r})")
     if c.objective == "aim":  # attentive probing of the frozen trunk
       from lvm_jax import probing  # pylint: disable=g-import-not-at-top
-      model = _aim_model(c, workdir.value, ml_aim.value)
-      depth = model.cfg.depth
-      layers = tuple(int(i) for i in probe_layers.value) if probe_layers.value else tuple(range(max(0, depth - 6), depth))
+      trunk = _aim_trunk(c, workdir.value, ml_aim.value)
+      depth = trunk.cfg.depth
+      try:
+        layers = tuple(int(i) for i in probe_layers.value) if probe_layers.value else tuple(range(max(0, depth - 6), depth))
+      except ValueError:
+        raise config_lib.ConfigError(f"--probe_layers={','.join(probe_layers.value)}: expected block numbers") from None
       splits = [_source_flag(f.value, default) for f, default in zip((probe_train, probe_test), probing.DIGITS)]
-      report = {"probe": probing.run(model, layers, *splits, steps=probe_steps.value,
+      report = {"probe": probing.run(trunk, layers, *splits, steps=probe_steps.value,
                                      max_images=probe_max_images.value)}
     else:
       p = prompt.from_workdir(workdir.value)

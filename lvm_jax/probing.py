@@ -13,6 +13,7 @@ most 32 x 32, which keeps the regression tractable for large images).
 """
 
 import concurrent.futures
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -26,8 +27,17 @@ from lvm_jax.models import aim, probe
 DIGITS = ({"kind": "digits", "split": "train"}, {"kind": "digits", "split": "held_out"})
 
 
-def labeled_images(spec: dict, size: int, max_images: int, threads: int = 16) -> tuple[np.ndarray, np.ndarray, int]:
-  """uint8 [N, size, size, 3] centre crops, int32 labels [N], and how many inputs were skipped."""
+class Labeled(NamedTuple):
+  images: np.ndarray  # uint8 [N, size, size, 3] centre crops
+  labels: np.ndarray  # int32 [N]
+  names: Optional[list[str]]  # class names by id, when the source has them (image folders)
+  skipped: int
+
+
+def labeled_images(spec: dict, size: int, max_images: int, threads: int = 16) -> Labeled:
+  """Up to max_images of a labeled source, spread evenly over it; unusable inputs skipped."""
+  if max_images < 1:
+    raise ConfigError(f"probe max_images={max_images}: need at least 1")
   try:
     src = sources.open_source({**spec, "size": size, "mode": "center_crop"})
     keys = src.keys()
@@ -36,27 +46,49 @@ def labeled_images(spec: dict, size: int, max_images: int, threads: int = 16) ->
   if len(keys) > max_images:  # evenly spread: folders are sorted by class
     keys = [keys[i] for i in np.linspace(0, len(keys) - 1, max_images).round().astype(int)]
 
-  def load(key: str) -> tuple[np.ndarray, int] | None:
+  def load(key: str) -> tuple[np.ndarray, int] | str:
     try:
       return src.load(key)[0], src.label(key)
-    except sources.BadInput:
-      return None
+    except sources.BadInput as e:
+      return f"{key}: {e}"
 
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-    loaded = [r for r in pool.map(load, keys) if r is not None]
+    try:
+      results = list(pool.map(load, keys))
+    except ValueError as e:  # storage failures (data/files.py), not one bad file
+      pool.shutdown(cancel_futures=True)
+      raise ConfigError(f"probe source {spec}: {e}") from None
+  loaded = [r for r in results if not isinstance(r, str)]
   if not loaded:
-    raise ConfigError(f"probe source {spec}: no image could be loaded")
-  labels = np.array([label for _, label in loaded], np.int32)
-  if labels.min() < 0:
-    raise ConfigError(f"probe source {spec}: images without a label (image folders need labels_from_dirs=True)")
-  return np.stack([image for image, _ in loaded]), labels, len(keys) - len(loaded)
+    raise ConfigError(f"probe source {spec}: no image could be loaded (first: {results[0] if results else 'none'})")
+  unlabeled = [k for k, r in zip(keys, results) if not isinstance(r, str) and r[1] < 0]
+  if unlabeled:
+    raise ConfigError(f"probe source {spec}: {len(unlabeled)} images without a label, e.g. {unlabeled[0]} "
+                      "(image folders: labels_from_dirs=True and images inside class folders)")
+  return Labeled(np.stack([image for image, _ in loaded]), np.array([label for _, label in loaded], np.int32),
+                 src.class_names(), len(keys) - len(loaded))
 
 
-def features(model: aim.Model, images: np.ndarray, layers: tuple[int, ...], batch: int = 64) -> np.ndarray:
+def _align(train: Labeled, test: Labeled) -> np.ndarray:
+  """Test labels in the train split's ids: folder roots number their own class folders."""
+  if train.names is None or test.names is None:
+    return test.labels
+  ids = {name: i for i, name in enumerate(train.names)}
+  if missing := sorted(set(test.names) - set(ids)):
+    raise ConfigError(f"probe test classes {missing[:3]} are not among the train classes")
+  return np.array([ids[test.names[k]] for k in test.labels], np.int32)
+
+
+def features(trunk: aim.Trunk, images: np.ndarray, layers: tuple[int, ...], batch: int = 64) -> np.ndarray:
   """float16 [N, patches, D]: the mean of `layers`' outputs of the bidirectional trunk."""
-  graphdef, state = nnx.split(model.trunk)
+  graphdef, state = nnx.split(trunk)
   run = jax.jit(lambda s, im: nnx.merge(graphdef, s)(aim.normalize(im), layers=layers)[1].astype(jnp.float16))
-  return np.concatenate([np.asarray(run(state, jnp.asarray(images[i:i + batch]))) for i in range(0, len(images), batch)])
+  out = None
+  for i in range(0, len(images), batch):  # filled in place: a split's features can be gigabytes
+    f = np.asarray(run(state, jnp.asarray(images[i:i + batch])))
+    out = np.empty((len(images), *f.shape[1:]), f.dtype) if out is None else out
+    out[i:i + len(f)] = f
+  return out
 
 
 def _linear_pixels(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> float:
@@ -70,31 +102,36 @@ def _linear_pixels(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.
   return float(LogisticRegression(max_iter=3000).fit(flat(x), y).score(flat(x_test), y_test))
 
 
-def run(model: aim.Model, layers: tuple[int, ...], train: dict = DIGITS[0], test: dict = DIGITS[1],
+def run(trunk: aim.Trunk, layers: tuple[int, ...], train: dict = DIGITS[0], test: dict = DIGITS[1],
         steps: int = 2000, per_class: int = 10, max_images: int = 10_000, seed: int = 0) -> dict:
   """Probe accuracies on `test` after training on `train`, with all labels and `per_class` per class."""
+  cfg = trunk.cfg
   if steps < 2:
     raise ConfigError(f"probe steps={steps}: need at least 2")
-  cfg = model.cfg
-  xtr, ytr, skipped_tr = labeled_images(dict(train), cfg.image_size, max_images)
-  xte, yte, skipped_te = labeled_images(dict(test), cfg.image_size, max_images)
+  if not layers or len(set(layers)) != len(layers) or not all(0 <= i < cfg.depth for i in layers):
+    raise ConfigError(f"probe layers={list(layers)}: need distinct blocks in [0, {cfg.depth})")
+  tr = labeled_images(dict(train), cfg.image_size, max_images)
+  te = labeled_images(dict(test), cfg.image_size, max_images)
+  xtr, ytr, xte, yte = tr.images, tr.labels, te.images, _align(tr, te)
+  if len(np.unique(ytr)) < 2:
+    raise ConfigError(f"probe source {train}: one class only; a classifier needs two")
   classes = int(max(ytr.max(), yte.max())) + 1
   rng = np.random.default_rng(seed)
   few = np.concatenate([rng.choice(idx, min(per_class, len(idx)), replace=False)
                         for k in range(classes) if len(idx := np.flatnonzero(ytr == k))])
 
-  def accuracies(trunk: aim.Model) -> tuple[float, float]:
-    ftr, fte = features(trunk, xtr, layers), features(trunk, xte, layers)
+  def accuracies(t: aim.Trunk) -> tuple[float, float]:
+    ftr, fte = features(t, xtr, layers), features(t, xte, layers)
     # Trained to convergence: a short budget would favour whichever features converge fastest.
     full = probe.fit(ftr, ytr, cfg.heads, classes, steps=steps, seed=seed)
     some = probe.fit(ftr[few], ytr[few], cfg.heads, classes, steps=steps // 2, seed=seed)
     return probe.accuracy(full, fte, yte), probe.accuracy(some, fte, yte)
 
-  (trained, trained_few), (rand, rand_few) = accuracies(model), accuracies(aim.Model(cfg, rngs=nnx.Rngs(seed + 1)))
+  (trained, trained_few), (rand, rand_few) = accuracies(trunk), accuracies(aim.Trunk(cfg, nnx.Rngs(seed + 1)))
   return {"attentive_probe": trained, "random_trunk_probe": rand,
           "linear_probe_pixels": _linear_pixels(xtr, ytr, xte, yte),
           "chance": float(np.max(np.bincount(yte)) / len(yte)),  # always answering the commonest class
           f"{per_class}_per_class": {"attentive_probe": trained_few, "random_trunk_probe": rand_few,
                                      "linear_probe_pixels": _linear_pixels(xtr[few], ytr[few], xte, yte)},
           "layers": list(layers), "classes": classes, "train_images": len(ytr), "test_images": len(yte),
-          "skipped_inputs": skipped_tr + skipped_te}
+          "skipped_inputs": tr.skipped + te.skipped}

@@ -99,4 +99,18 @@ def test_an_ml_aim_file_of_another_size_is_a_config_error(tmp_path):
   trunk = nnx.to_pure_dict(nnx.state(aim.Model(other, rngs=nnx.Rngs(0)).trunk, nnx.Param))
   aim_torch.save_safetensors(aim_torch.to_ml_aim(trunk), str(tmp_path / "other.safetensors"))
   with pytest.raises(config_lib.ConfigError, match="does not have the shapes"):
-    evaluate._aim_model(load_config("aim_tiny"), None, str(tmp_path / "other.safetensors"))
+    evaluate._aim_trunk(load_config("aim_tiny"), None, str(tmp_path / "other.safetensors"))
+
+
+@pytest.mark.parametrize("flags,error", [
+    (["--ml_aim=m.safetensors"], "give --workdir (LVM or AIM), or --ml_aim with --aim_config"),
+    (["--ml_aim=m.safetensors", "--aim_config=configs/lvm_tiny.py"], "not an AIM config (objective='lvm')"),
+    (["--ml_aim=missing.safetensors", "--aim_config=configs/aim_tiny.py"], "--ml_aim missing.safetensors: ")])
+def test_flag_mistakes_are_one_line_errors(flags, error):
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tests.conftest import REPO  # pylint: disable=g-import-not-at-top
+  r = subprocess.run([sys.executable, "-m", "lvm_jax.evaluate", *flags], cwd=REPO, capture_output=True, text=True,
+                     timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode != 0 and error in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -74,6 +74,13 @@ def from_ml_aim(state: dict[str, np.ndarray]) -> tuple[dict, Optional[dict]]:
                 for ours, theirs in _BLOCK.items()} for i in range(depth)]
   trunk["blocks"] = {ours: {k: np.stack([b[ours][k] for b in per_block]) for k in per_block[0][ours]}
                      for ours in _BLOCK}
+  used = {f"{p}.{w}" for p in ("preprocessor.patchifier.proj", "preprocessor.patchifier.norm", "trunk.post_trunk_norm",
+                                *(f"trunk.blocks.{i}.{t}" for i in range(depth) for t in _BLOCK.values()))
+          for w in ("weight", "bias")}
+  # Anything else in the trunk (a learned position table, a cls token: other ml-aim settings, or
+  # AIMv2's SwiGLU fc3) would be silently dropped and the features would be wrong.
+  if extra := sorted(k for k in state if k not in used and not k.startswith("head.")):
+    raise ValueError(f"not an ml-aim v1 trunk as lvm_jax builds it: unexpected {', '.join(extra[:3])}")
   if "head.cls_token" not in state:
     return trunk, None
   probe = {"query": np.asarray(state["head.cls_token"], np.float32),
@@ -84,8 +91,9 @@ def from_ml_aim(state: dict[str, np.ndarray]) -> tuple[dict, Optional[dict]]:
 
 
 def load_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  return load_file(path)
+  """Float32 arrays of a safetensors file, bfloat16 included (which safetensors.numpy cannot read)."""
+  from safetensors.flax import load_file  # pylint: disable=g-import-not-at-top
+  return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
 
 
 def probe_buffers(probe_state: Any) -> dict[str, np.ndarray]:
@@ -107,7 +115,10 @@ def cli_main() -> None:
   out = flags.DEFINE_string("out", None, "Output .safetensors in ml-aim's key layout.")
 
   def main(_):
-    model_cfg, params, step = train.load_params(config_lib.load_from_workdir(workdir.value), workdir.value)
+    c = config_lib.load_from_workdir(workdir.value)
+    if c.objective != "aim":
+      raise config_lib.ConfigError(f"{workdir.value}: objective={c.objective!r}, not an AIM workdir")
+    model_cfg, params, step = train.load_params(c, workdir.value)
     save_safetensors(to_ml_aim(params["trunk"]), out.value)
     print(f"step {step} of {workdir.value} -> {out.value} (ml-aim v1 trunk, depth {model_cfg.depth})")
 

@@ -211,6 +211,10 @@ class Source:
   def label(self, key: str) -> int:
     return -1
 
+  def class_names(self) -> list[str] | None:
+    """Names of the label ids, where the source has them."""
+    return None
+
   def _read(self, path: str) -> bytes:
     try:
       return files.read(self.root, path)
@@ -248,6 +252,10 @@ class ImageFolder(Source):
   def label(self, key: str) -> int:
     self.keys()
     return self._classes.get(key.split("/")[0], -1) if "/" in key else -1
+
+  def class_names(self) -> list[str] | None:
+    self.keys()
+    return list(self._classes) or None
 
 
 class _Clips(Source):
