@@ -81,6 +81,11 @@ def unit_sentences(c: Any, unit: Unit, source: Any) -> tuple[list[np.ndarray], s
       labels.append(source.label(key))
     except sources.BadInput as e:
       skipped.append(f"{key}: {e}")
+  if len(unit.keys) > 1 and not items and all("unreadable file" in r for r in skipped):
+    # Not bad files but a missing mount, permissions or dangling links: writing the shard empty
+    # would mark it done, and a rerun after the fix would skip it.
+    raise ConfigError(f"shard {unit.name}: none of its {len(unit.keys)} files could be read (first: {skipped[0]}); "
+                      "nothing written for it")
   params = {k: v for k, v in spec["sentence"].items() if k != "kind"}
   built, reasons = sentences.build(spec["sentence"]["kind"], items, labels, rng, **params)
   return built, spec.get("task", spec["sentence"]["kind"]), skipped + list(reasons)

@@ -113,6 +113,19 @@ def test_folder_source_with_bad_files_is_reported_not_fatal(tmp_path, weights):
   assert [s[i]["task"] for i in range(len(s))] == ["colorization"] * 2 and s[0]["images"] == 4
 
 
+def test_a_shard_of_unreadable_files_stops_the_job_unwritten(tmp_path, weights):
+  folder = tmp_path / "links"
+  folder.mkdir()
+  for i in range(3):  # a dataset of links into a mount that is not there
+    os.symlink(tmp_path / "unmounted" / f"{i}.png", folder / f"{i}.png")
+  c = demo_config(str(tmp_path / "store"), weights)
+  c.datasets = [dict(name="pics", source=dict(kind="image_folder", root=str(folder)),
+                     sentence=dict(kind="colorization", shots=1))]
+  with pytest.raises(make_dataset.ConfigError, match=r"none of its 3 files could be read \(first: \d.png: unreadable file: not found"):
+    make_dataset.make_dataset(c, show_progress=False)
+  assert not os.path.exists(tmp_path / "store" / "done")  # no shard marked done: a rerun redoes it
+
+
 def test_tokenizing_needs_square_images():
   c = load_config("dataset_demo", "test")
   c.resize = "short_side"  # AIM's crops read whole pictures; the tokenizer reads squares

@@ -219,7 +219,7 @@ class Source:
     try:
       return files.read(self.root, path)
     except FileNotFoundError:
-      raise BadInput("unreadable file: deleted since listing") from None
+      raise BadInput("unreadable file: not found (deleted since listing, or a dangling link)") from None
     except OSError as e:  # e.g. no permission, a folder named like an image
       raise BadInput(f"unreadable file: {e.strerror or e}") from None
 

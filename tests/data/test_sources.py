@@ -266,7 +266,7 @@ def test_image_folder(tmp_path, where, request, monkeypatch):
   out = src.load("a/z.tiff")
   assert out.shape == (1, 16, 16, 3) and out.dtype == np.uint8 and np.all(out == 30)
   assert "not an image" in str(pytest.raises(sources.BadInput, src.load, "b/broken.jpg").value)
-  assert str(pytest.raises(sources.BadInput, src.load, "a/gone.png").value) == "unreadable file: deleted since listing"
+  assert str(pytest.raises(sources.BadInput, src.load, "a/gone.png").value).startswith("unreadable file: not found")
   assert sources.ImageFolder(root, 16).label("a/z.tiff") == -1
 
 
