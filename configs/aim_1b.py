@@ -2,7 +2,7 @@
 
   python -m lvm_jax.compile --config configs/aim_1b.py --topology v5p-128    # memory check, no TPU
   bash launch/tpu_pod.sh NAME v5p-128 configs/aim_1b.py gs://BUCKET/aim_1b \\
-      --config.data.source.root=/path/to/images
+      --config.data.source.root=gs://BUCKET/imagenet/train    # or a local folder on every host
 
 Pretraining as ml-l3m's AIM v1 recipe (config.aim_config): batch 4096, AdamW 1e-3, wd 0.05,
 random resized crops (0.4-1.0) and flips, prefix lengths uniform in [1, 255]; the MLP head has
