@@ -72,7 +72,7 @@ def unit_sentences(c: Any, unit: Unit, source: Any) -> tuple[list[np.ndarray], s
     built = demo.sentences(src["task"], src.get("split", "train"), unit.keys[1], c.image_size, seed,
                            src.get("images", 8))
     return list(built), src["task"], []
-  items, labels, skipped = [], [], []
+  items, labels, skipped, unreadable = [], [], [], 0
   rng = np.random.default_rng(seed)
   # Builders group items in order; a shuffled unit gives random groups (pairs from across folders).
   for key in rng.permutation(np.array(unit.keys, dtype=object)):
@@ -81,7 +81,8 @@ def unit_sentences(c: Any, unit: Unit, source: Any) -> tuple[list[np.ndarray], s
       labels.append(source.label(key))
     except sources.BadInput as e:
       skipped.append(f"{key}: {e}")
-  if len(unit.keys) > 1 and not items and all("unreadable file" in r for r in skipped):
+      unreadable += isinstance(e, sources.Unreadable)
+  if len(unit.keys) > 1 and unreadable == len(unit.keys):
     # Not bad files but a missing mount, permissions or dangling links: writing the shard empty
     # would mark it done, and a rerun after the fix would skip it.
     raise ConfigError(f"shard {unit.name}: none of its {len(unit.keys)} files could be read (first: {skipped[0]}); "

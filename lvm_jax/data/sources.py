@@ -11,7 +11,7 @@ import inspect
 import io
 import os
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import PIL.Image
@@ -36,6 +36,15 @@ MAX_PIXELS = 2**26
 
 class BadInput(ValueError):
   """An input that is skipped; str(e) is the one-line reason."""
+
+
+class Unreadable(BadInput):
+  """A file that could not be read at all: gone, no permission, a dangling link."""
+
+
+def _unreadable(e: OSError) -> Unreadable:
+  gone = "not found (deleted since listing, or a dangling link)"
+  return Unreadable(f"unreadable file: {gone if isinstance(e, FileNotFoundError) else e.strerror or e}")
 
 
 class _EofTracker(io.BytesIO):
@@ -113,9 +122,9 @@ def _check_mode(mode: str) -> None:
 
 
 def resize(image_HW3: np.ndarray | PIL.Image.Image, size: int, mode: str) -> np.ndarray:
-  """uint8 [size, size, 3], bicubic like the LVM release; center_crop keeps the central square.
-  short_side: uint8 [H, W, 3] with min(H, W) <= size (smaller pictures are not enlarged), the
-  aspect ratio kept up to MAX_ASPECT, for augmentations that crop from the whole picture. BadInput if a side is below MIN_SIDE."""
+  """uint8 [size, size, 3], bicubic like the LVM release; center_crop keeps the central square;
+  short_side gives [H, W, 3], min(H, W) <= size (never enlarged), aspect kept up to MAX_ASPECT,
+  for augmentations that crop from the whole picture. BadInput if a side is below MIN_SIDE."""
   _check_mode(mode)
   img = image_HW3
   if isinstance(img, np.ndarray):
@@ -218,10 +227,8 @@ class Source:
   def _read(self, path: str) -> bytes:
     try:
       return files.read(self.root, path)
-    except FileNotFoundError:
-      raise BadInput("unreadable file: not found (deleted since listing, or a dangling link)") from None
-    except OSError as e:  # e.g. no permission, a folder named like an image
-      raise BadInput(f"unreadable file: {e.strerror or e}") from None
+    except OSError as e:  # e.g. gone, no permission, a folder named like an image
+      raise _unreadable(e) from None
 
   def _image(self, path: str) -> np.ndarray:
     return decode_image(self._read(path), self.size, self.mode)
@@ -287,7 +294,7 @@ class FrameFolders(_Clips):
       try:
         frames.append(self._image(f))
       except BadInput as e:
-        raise BadInput(f"frame {f.rpartition('/')[2]}: {e}") from None
+        raise type(e)(f"frame {f.rpartition('/')[2]}: {e}") from None
     return _clip(frames)
 
 
@@ -305,7 +312,7 @@ class VideoFiles(_Clips):
     except av.error.FFmpegError as e:
       raise BadInput(f"not a video: {e}") from None
     except OSError as e:
-      raise BadInput(f"unreadable file: {e.strerror or e}") from None
+      raise _unreadable(e) from None
     frames = []
     with container:
       if not container.streams.video:
@@ -353,7 +360,7 @@ class AlignedFolders(Source):
       try:
         out.append(self._image(files[0]))
       except BadInput as e:
-        raise BadInput(f"{files[0]}: {e}") from None
+        raise type(e)(f"{files[0]}: {e}") from None
     return _stack(out)
 
 
@@ -456,30 +463,20 @@ class BuiltinImages(Source):
     return self._arrays([np.asarray(getattr(skimage.data, key)())])
 
 
-class Digits(Source):
-  """scikit-learn's 8x8 digits upsampled (bilinear), white on black, T=1: the demo's split
-  (data/demo.py; `held_out` is what evaluations test on). Keys are indices, labels the digits."""
-
-  def __init__(self, size: int, mode: str = "squash", split: str = "train"):
-    super().__init__(size, mode)
-    from lvm_jax.data import demo  # pylint: disable=g-import-not-at-top
-    self.name = f"digits/{split}"
-    self._images, self._labels = demo.digit_images(split, size)
-
-  def _list(self) -> list[str]:
-    return [str(i) for i in range(len(self._labels))]
-
-  def load(self, key: str) -> np.ndarray:
-    return self._images[int(key)][None]
-
-  def label(self, key: str) -> int:
-    return int(self._labels[int(key)])
+def digits(size: int, mode: str = "squash", split: str = "train") -> NumpyArrays:
+  """scikit-learn's 8x8 digits upsampled (bilinear), white on black, labeled: the demo's split
+  (data/demo.py; `held_out` is what evaluations test on)."""
+  from lvm_jax.data import demo  # pylint: disable=g-import-not-at-top
+  pictures, labels = demo.digit_images(split, size)
+  source = NumpyArrays(pictures, size, mode, labels=labels)
+  source.name = f"digits/{split}"
+  return source
 
 
-SOURCES: dict[str, type[Source]] = {
+SOURCES: dict[str, Callable[..., Source]] = {
     "image_folder": ImageFolder, "frame_folders": FrameFolders, "video_files": VideoFiles,
     "aligned_folders": AlignedFolders, "numpy_arrays": NumpyArrays, "tfds_source": TfdsSource,
-    "builtin_images": BuiltinImages, "digits": Digits}
+    "builtin_images": BuiltinImages, "digits": digits}
 
 
 def open_source(spec: Mapping[str, Any]) -> Source:
