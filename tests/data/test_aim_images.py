@@ -7,6 +7,15 @@ import pytest
 from lvm_jax.data import aim_images, sources
 
 
+def config(source: dict, global_batch: int, image_size: int, threads: int = 1) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(global_batch=global_batch, model=dict(image_size=image_size, patch=4),
+                                        data=dict(source=source, scale=(0.4, 1.0), seed=0, threads=threads)))
+
+
+def folder(root) -> dict:
+  return dict(kind="image_folder", root=str(root))
+
+
 def test_random_resized_crop_keeps_the_scale_range():
   image = np.arange(64 * 64 * 3, dtype=np.uint32).reshape(64, 64, 3) % 251
   rng = np.random.default_rng(0)
@@ -20,9 +29,7 @@ def test_batches_are_deterministic_with_valid_prefixes(tmp_path):
   for i in range(3):
     Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 50, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
   (tmp_path / "bad.jpg").write_bytes(b"not an image")
-  c = ml_collections.ConfigDict(dict(global_batch=8, model=dict(image_size=16, patch=4),
-                                     data=dict(source=dict(kind="image_folder", root=str(tmp_path)), scale=(0.4, 1.0),
-                                               seed=0, threads=1)))
+  c = config(folder(tmp_path), 8, 16)
   a = next(aim_images.make_iterator(c, np.arange(8)))
   c.data.threads = 4  # more decode threads, the same batches
   b = next(aim_images.make_iterator(c, np.arange(8)))
@@ -36,9 +43,7 @@ def test_batches_are_deterministic_with_valid_prefixes(tmp_path):
 def test_batches_from_a_tfds_source(tfds_dir):
   """AIM reads prepared TFDS datasets (array_record, no TensorFlow) like folders: each crop is of
   one record (the records are flat greys 0, 50, ..., 200), every record once per epoch."""
-  c = ml_collections.ConfigDict(dict(global_batch=10, model=dict(image_size=8, patch=4),
-                                     data=dict(source=dict(kind="tfds_source", name="lvm_sources_tiny", split="train",
-                                                           data_dir=tfds_dir), scale=(0.4, 1.0), seed=0, threads=2)))
+  c = config(dict(kind="tfds_source", name="lvm_sources_tiny", split="train", data_dir=tfds_dir), 10, 8, threads=2)
   images = next(aim_images.make_iterator(c, np.arange(10)))["images"]
   assert images.shape == (10, 8, 8, 3)
   records = sources.TfdsSource("lvm_sources_tiny", "train", 8, data_dir=tfds_dir)
@@ -52,9 +57,7 @@ def test_every_epoch_is_a_new_permutation(tmp_path):
   from PIL import Image  # pylint: disable=g-import-not-at-top
   for i in range(8):
     Image.new("RGB", (20, 20), (i * 30,) * 3).save(tmp_path / f"class{i // 4}_{i}.png")
-  c = ml_collections.ConfigDict(dict(global_batch=8, model=dict(image_size=8, patch=4),
-                                     data=dict(source=dict(kind="image_folder", root=str(tmp_path)), scale=(0.4, 1.0),
-                                               seed=0, threads=1)))
+  c = config(folder(tmp_path), 8, 8)
   it = aim_images.make_iterator(c, np.arange(8))
   epochs = [tuple(next(it)["images"][:, 0, 0, 0] // 30) for _ in range(3)]
   assert all(sorted(e) == list(range(8)) for e in epochs) and len(set(epochs)) == 3
@@ -64,8 +67,6 @@ def test_every_epoch_is_a_new_permutation(tmp_path):
 def test_a_folder_of_broken_files_stops_with_the_reason(tmp_path):
   for i in range(aim_images.MAX_BAD_IN_A_ROW + 5):
     (tmp_path / f"{i:03d}.jpg").write_bytes(b"")
-  c = ml_collections.ConfigDict(dict(global_batch=2, model=dict(image_size=8, patch=4),
-                                     data=dict(source=dict(kind="image_folder", root=str(tmp_path)), scale=(0.4, 1.0),
-                                               seed=0, threads=1)))
+  c = config(folder(tmp_path), 2, 8)
   with pytest.raises(ValueError, match="100 images in a row could not be loaded; the last: not an image: empty file"):
     next(aim_images.make_iterator(c, np.arange(2)))
