@@ -4,10 +4,8 @@
   bash launch/tpu_pod.sh NAME v5p-128 configs/aim_600m.py gs://BUCKET/aim_600m \\
       --config.data.source.root=gs://BUCKET/imagenet/train    # or a local folder on every host
 
-Pretraining as ml-l3m's AIM v1 recipe (config.aim_config): batch 4096, AdamW 1e-3, wd 0.05,
-random resized crops (0.4-1.0) and flips, prefix lengths uniform in [1, 255]; the MLP head has
-12 blocks of 2048 / 8192. The loss (normalized-pixel MSE of the next patch) falls fastest in the
-first few thousand steps.
+The recipe is config.aim_config's (ml-l3m's AIM v1). Expect the normalized-pixel loss of the
+next patch to fall fastest in the first few thousand steps.
 """
 
 from lvm_jax.config import aim_config

@@ -86,8 +86,10 @@ def lvm_config(d_model: int, ffn: int, layers: int, heads: int) -> ml_collection
 
 def aim_config(width: int, depth: int, heads: int, image_size: int = 224, patch: int = 14) -> ml_collections.ConfigDict:
   """AIM v1 pretraining (models/aim.py) on the trainer of the LVM: the same mesh, checkpoints,
-  metrics; AdamW lr 1e-3, betas (0.9, 0.95), wd 0.05 (none on biases and norms; positions are
-  fixed, not parameters), warmup then cosine to 0, clip 1.0 (ml-l3m's AIM v1 recipe)."""
+  metrics; ml-l3m's AIM v1 recipe: batch 4096, AdamW lr 1e-3, betas (0.9, 0.95), wd 0.05 (none on
+  biases and norms; positions are fixed, not parameters), warmup then cosine to 0, clip 1.0;
+  random resized crops (0.4-1.0) and flips, prefix lengths uniform in [1, N-1]; an MLP head of
+  12 blocks of 2048 / 8192."""
   c = lvm_config(d_model=width, ffn=4 * width, layers=depth, heads=heads)
   c.objective, c.model_name = "aim", "aim"
   c.model = dict(width=width, depth=depth, heads=heads, patch=patch, image_size=image_size, mlp_ratio=4,

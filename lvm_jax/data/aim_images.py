@@ -2,15 +2,14 @@
 
 Each example is a function of its global index alone (data/rows.py): an image of the source
 (data/sources.py: image folders, local or gs://, tfds, built-in pictures, ...) in an order
-shuffled anew each epoch, a crop of 40-100% of
-its area at an aspect ratio in [3/4, 4/3] (RandomResizedCrop, scale (0.4, 1.0)), resized bicubic
-to the model's size, flipped with probability 1/2, and a prefix length uniform in [1, N - 1].
-Sources load images with their aspect ratio kept and their shorter side brought down to at most
-twice the model's size (mode short_side): crops keep detail, a typical photo is resampled once,
-and the aspect jitter is the only distortion. An
-image that fails to load is replaced by the next index's, so a bad file never stops training.
-Decoding runs in `data.threads` threads (PIL releases the GIL while decoding and resampling);
-the batches do not depend on their number.
+shuffled anew each epoch, a crop of 40-100% of its area at an aspect ratio in [3/4, 4/3]
+(RandomResizedCrop, scale (0.4, 1.0)), resized bicubic to the model's size, flipped with
+probability 1/2, and a prefix length uniform in [1, N - 1]. Sources load images with their
+aspect ratio kept and their shorter side brought down to at most twice the model's size (mode
+short_side): crops keep detail, a typical photo is resampled once, and the aspect jitter is the
+only distortion. An image that fails to load is replaced by the next index's, so a bad file
+never stops training. Decoding runs in `data.threads` threads (PIL releases the GIL while
+decoding and resampling); the batches do not depend on their number.
 """
 
 from typing import Any, Iterator
