@@ -1,31 +1,107 @@
-"""Orbax checkpoints of the train state and the data iterator, saved together in one step.
+"""Orbax checkpoints of the train state and the data iterator, saved together in one step, and
+verified when read back.
 
 Saves are asynchronous: the step loop goes on while arrays are written. A step counts only
 once complete (orbax writes to a temporary name and renames on local disks, and marks the step
 committed on gs://), so a killed job restarts from the last whole checkpoint.
+
+Every save also commits, as a third item of the step, a fingerprint of each array computed on
+the devices (two wrapping uint32 sums of the array's bits, one weighted by position: any
+flipped bit or moved element changes them) and refuses state that is not finite. A restore
+recomputes the fingerprints; a step that does not restore or does not match is moved aside to
+`<directory>.damaged/` (renamed, never deleted) with a one-line warning, and the run resumes
+from the newest step that verifies.
 """
 
+import functools
 import os
 from typing import Any, Callable, Optional
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 
 
 class CheckpointError(ValueError):
   """A checkpoint exists but cannot be restored into this run's state."""
 
 
+class Damaged(Exception):
+  """A step whose files cannot be read back as written; the message says what failed."""
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().split(" See full TensorStore details")[0]  # the rest is a repr of the spec
+  return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def _bits(x: jax.Array) -> jax.Array:
+  """The array's bit patterns as uint32 (elementwise, so a sharded array stays sharded)."""
+  if x.dtype == jnp.bool_ or x.dtype.itemsize == 1:
+    return x.astype(jnp.uint32)
+  if x.dtype.itemsize == 2:
+    return jax.lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32)
+  if x.dtype.itemsize == 4:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)
+  raise TypeError(f"no fingerprint for dtype {x.dtype}")
+
+
+def _leaf_fingerprint(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """([sum of bits, sum of bits x (2 * flat index + 1)] mod 2^32, all finite).
+
+  Integer sums wrap, so the result does not depend on how a sharded reduction is ordered; an
+  odd weight keeps every single-bit change visible in the second sum.
+  """
+  bits = _bits(x)
+  index = jnp.zeros(x.shape, jnp.uint32)
+  stride = 1
+  for d in reversed(range(x.ndim)):  # the flat index without a reshape (no resharding)
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(stride % (1 << 32))
+    stride *= x.shape[d]
+  sums = jnp.stack([jnp.sum(bits, dtype=jnp.uint32), jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)])
+  finite = jnp.all(jnp.isfinite(x)) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.bool_(True)
+  return sums, finite
+
+
+@functools.partial(jax.jit, out_shardings=None)
+def _fingerprints(state: Any) -> tuple[Any, Any]:
+  # Two maps, not one map of pairs: optax states are tuples themselves.
+  return (jax.tree.map(lambda x: _leaf_fingerprint(x)[0], state),
+          jax.tree.map(lambda x: _leaf_fingerprint(x)[1], state))
+
+
+def fingerprint(state: Any) -> tuple[dict[str, list[int]], list[str]]:
+  """({array path: [sum, weighted sum]}, paths of arrays holding NaN or inf) of a state."""
+  sums, finite = jax.device_get(_fingerprints(state))
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(sums)[0]]
+  values = [[int(v) for v in np.asarray(s)] for s in jax.tree.leaves(sums)]
+  bad = [p for p, ok in zip(paths, jax.tree.leaves(finite)) if not ok]
+  return dict(zip(paths, values)), bad
+
+
+def _name(path: tuple) -> str:
+  """'opt_state/1/0/mu/wq' for a tree path, whether containers are dicts, lists or named tuples
+  (orbax's metadata turns named tuples into dicts)."""
+  keys = (getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+  return "/".join(str(k) for k in keys)
+
+
 class Checkpointer:
-  """Keeps the newest `keep` checkpoints under `directory`, each {state, data}."""
+  """Keeps the newest `keep` checkpoints under `directory`, each {state, data, fingerprint}."""
 
   def __init__(self, directory: str, keep: int, every: int):
     self.every = every
+    self.directory = os.path.abspath(directory) if "://" not in directory else directory
     self.manager = ocp.CheckpointManager(
-        os.path.abspath(directory) if "://" not in directory else directory,
+        self.directory,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
-                       "data": grain.checkpoint.CheckpointHandler()},
+                       "data": grain.checkpoint.CheckpointHandler(),
+                       "fingerprint": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
                                              create=True),
     )
@@ -33,40 +109,113 @@ class Checkpointer:
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
+  def due(self, step: int, force: bool = False) -> bool:
+    """Whether `step` is on the save interval (or forced) and not saved already."""
+    on_interval = force or (self.every > 0 and step % self.every == 0)
+    return on_interval and step not in self.manager.all_steps()
+
   def save(self, step: int, state: Any, data_iter: Any, force: bool = False) -> bool:
-    """Saves if `step` is on the interval (or `force`); returns whether it saved."""
-    if not force and (self.every <= 0 or step % self.every):
+    """Saves if `step` is due (or `force`); returns whether it saved. Non-finite state is
+    never written: it raises instead."""
+    if not self.due(step, force):
       return False
-    if step in self.manager.all_steps():
-      return False
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iter)),
-        force=True)
+    prints, bad = fingerprint(state)
+    if bad:
+      raise CheckpointError(f"step {step}: not saved, the state holds NaN or inf in {', '.join(bad[:3])}")
+    items = {"state": ocp.args.StandardSave(state), "fingerprint": ocp.args.JsonSave(prints)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+  def _check_shapes(self, step: int, abstract_state: Any) -> None:
+    """A checkpoint of another architecture is the config's fault, not damage: say so, move nothing."""
+    try:
+      stored = self.manager.item_metadata(step)["state"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise Damaged(f"metadata unreadable: {_first_line(e)}") from None
+    if stored is None:
+      raise Damaged("no state metadata")
+    want = {_name(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    have = {_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]
+            if hasattr(x, "shape")}
+    params_first = lambda k: (not k.startswith("params"), k)
+    missing = sorted(want.keys() - have.keys(), key=params_first)
+    changed = sorted((k for k in want.keys() & have.keys() if tuple(want[k]) != have[k]), key=params_first)
+    if missing or changed:
+      what = (f"{changed[0]} is {have[changed[0]]} in the checkpoint, {tuple(want[changed[0]])} in this config"
+              if changed else f"the checkpoint has no {missing[0]}")
+      raise CheckpointError(f"cannot restore step {step} from {self.directory}: {what} (the config does not "
+                            "match the checkpoint's model; use the config it was trained with or a new workdir)")
 
   def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
     """Restores `state` onto the shardings in `abstract_state`, and the iterator in place
-    (without one, the state alone: for tools that only read the weights)."""
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    (without one, the state alone: for tools that only read the weights). Raises
+    CheckpointError for a config that does not match, Damaged for files that do not verify."""
+    self._check_shapes(step, abstract_state)
+    items = {"state": ocp.args.StandardRestore(abstract_state), "fingerprint": ocp.args.JsonRestore()}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
-      # Orbax and TensorStore raise plain Exceptions with multi-page specs for unreadable data;
-      # the first line names the problem. Nothing is deleted: the user decides.
-      first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-      raise CheckpointError(
-          f"cannot restore step {step} from {self.manager.directory}: {first} (a config that does not "
-          f"match the checkpoint, or damaged files: move {step}/ away to resume from the one before)"
-      ) from None
+      # Orbax and TensorStore raise plain Exceptions with multi-page specs: keep the first line.
+      raise Damaged(f"unreadable: {_first_line(e)}") from None
+    if not restored.fingerprint:
+      raise Damaged("no fingerprint recorded")
+    prints, _ = fingerprint(restored.state)
+    wrong = sorted(k for k in prints if restored.fingerprint.get(k) != prints[k])
+    if wrong:
+      raise Damaged(f"{len(wrong)} array(s) differ from what was saved ({', '.join(wrong[:3])})")
     return restored.state
 
+  def move_aside(self, step: int, reason: str) -> str:
+    """Renames step's directory into `<directory>.damaged/` (process 0; the others wait)."""
+    src = epath.Path(self.directory) / str(step)
+    dst = epath.Path(self.directory + ".damaged") / str(step)
+    if jax.process_index() == 0:
+      dst.parent.mkdir(parents=True, exist_ok=True)
+      n = 1
+      while dst.exists():
+        dst, n = epath.Path(self.directory + ".damaged") / f"{step}.{n}", n + 1
+      src.rename(dst)
+      (epath.Path(str(dst) + ".reason.txt")).write_text(reason + "\n")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint_move_aside_{step}")
+    self.manager.reload()
+    return str(dst)
+
   def restore_or_init(self, abstract_state: Any, data_iter: Any, init: Callable[[], Any]) -> tuple[Any, int]:
-    """(state, step) from the newest checkpoint, or (init(), 0) when there is none."""
-    start = self.latest_step()
-    if start is None:
-      return init(), 0
-    return self.restore(start, abstract_state, data_iter), start
+    """(state, step) from the newest checkpoint that verifies, or (init(), 0) when there is none.
+
+    Damaged steps are moved aside one by one; if every step was damaged the run stops rather
+    than silently starting over."""
+    moved = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        return self.restore(step, abstract_state, data_iter), step
+      except Damaged as e:
+        where = self.move_aside(step, str(e))
+        logging.warning("checkpoint step %d is damaged (%s): moved to %s", step, e, where)
+        print(f"warning: checkpoint step {step} is damaged ({e}): moved to {where}", flush=True)
+        moved.append(step)
+    if moved:
+      raise CheckpointError(f"no checkpoint in {self.directory} verifies (steps {', '.join(map(str, moved))} "
+                            f"moved to {self.directory}.damaged/); start a new workdir or restore a copy")
+    return init(), 0
+
+  def restore_latest(self, abstract_state: Any) -> tuple[Any, int]:
+    """The newest step that verifies, state only, moving nothing: for tools that read weights."""
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    if not steps:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    errors = []
+    for step in steps:
+      try:
+        return self.restore(step, abstract_state), step
+      except Damaged as e:
+        logging.warning("checkpoint step %d is damaged (%s): trying the one before", step, e)
+        errors.append(f"step {step}: {e}")
+    raise CheckpointError(f"no checkpoint in {self.directory} verifies ({'; '.join(errors)})")
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -5,16 +5,25 @@ quiet logging, and joining a multi-process job.
       defaults from $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID
   --distributed          JAX detects the cluster (SLURM, Kubernetes); on by itself on TPU VMs
   --cpu_devices=K        K CPU devices per process (tests, launch/local.sh)
+
+SIGTERM (a preemption, `kill`, a scheduler's time limit) is handled from process start: until a
+job reaches a point where it can stop cleanly it ends the process with exit 0 and one line (there
+is nothing to save yet); inside `stop_requests()` it only sets a flag that the job polls (the
+trainers save and exit 0, make_dataset finishes its shard).
 """
 
+import contextlib
 import glob
 import os
+import signal
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+import lvm_jax
 
 from lvm_jax import checkpoint, config, sharding
 from lvm_jax.data import store
@@ -35,6 +44,33 @@ _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "CPU devices per proces
 USER_ERRORS: tuple[type[BaseException], ...] = (config.ConfigError, sharding.MeshError,
                                                 checkpoint.CheckpointError, store.StoreError,
                                                 flash_attention.FlashError, PermissionError)
+
+
+class Terminated(BaseException):
+  """SIGTERM outside `stop_requests()`: a BaseException, so no `except Exception` swallows it."""
+
+
+def _raise_terminated(*_) -> None:
+  _note_terminated()
+  raise Terminated()
+
+
+_note_terminated = lvm_jax.note_sigterm  # the handler lvm_jax/__init__.py installs at import
+
+
+def terminated() -> bool:
+  """Whether this process has received SIGTERM (at any time since it started)."""
+  return lvm_jax.sigterm_received
+
+
+@contextlib.contextmanager
+def stop_requests() -> Iterator[None]:
+  """Within: SIGTERM only sets the flag `terminated()` reads; the caller stops when it can."""
+  previous = signal.signal(signal.SIGTERM, _note_terminated)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def _fail(prog: str, message: str) -> None:
@@ -102,9 +138,18 @@ def run(main: Callable[[list[str]], None], required: list[str]) -> None:
 
   def wrapped(argv: list[str]) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    initialize()
+    prog = os.path.basename(argv[0])
     try:
+      # Multi-process jobs leave SIGTERM to JAX's preemption service (train.py's Preemption).
+      if not (_COORDINATOR.value or _AUTO.value or (_AUTO.value is None and _on_tpu_vm())):
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        if terminated():  # it came while Python was still importing
+          raise Terminated()
+      initialize()
       main(argv)
+    except Terminated:
+      print(f"{prog}: SIGTERM before there was anything to save: exiting", flush=True)
+      sys.exit(0)
     except USER_ERRORS as e:
       _fail(argv[0], str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
 

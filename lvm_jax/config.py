@@ -71,6 +71,7 @@ def lvm_config(d_model: int, ffn: int, layers: int, heads: int) -> ml_collection
       seed=0,
       threads=16,  # tensorstore reads in flight per process (GCS latency)
       bos=-1,  # a BOS id to start every sentence with; -1 = none, as the release
+      allow_new_tokenizer=False,  # resume a workdir on stores of another tokenizer (workdir.py)
   )
 
   # The VQGAN of the data (python -m lvm_jax.train_vqgan workdir or safetensors weights with its
@@ -78,6 +79,7 @@ def lvm_config(d_model: int, ffn: int, layers: int, heads: int) -> ml_collection
   c.vqgan = dict(config="", workdir="", weights="", layout="diffusers")
 
   c.log_every = 50
+  c.max_skipped_steps = 10  # non-finite updates in a row before the run stops (loop.py)
   c.ckpt_every = 1000
   c.ckpt_keep = 3
   c.peak_tflops = 0.0  # per device; 0 = look up the TPU generation, or measure on CPU
@@ -129,6 +131,7 @@ def vqgan_config(model: dict, image_size: int) -> ml_collections.ConfigDict:
   c.mesh = dict(ici=dict(data=-1, fsdp=1, tensor=1), dcn=dict(data=1, fsdp=1, tensor=1))
   c.rules = DEFAULT_RULES
   c.log_every, c.eval_every = 100, 2000
+  c.max_skipped_steps = 10
   c.ckpt_every, c.ckpt_keep = 5000, 3
   return c
 
@@ -200,6 +203,7 @@ def validate(c: Any) -> None:
   _check(c.seq_len > 1, f"seq_len={c.seq_len} must be > 1")
   _check(c.tokens_per_image >= 0, f"tokens_per_image={c.tokens_per_image} must be >= 0 (0: no image grid)")
   _check(c.log_every >= 1, f"log_every={c.log_every} must be >= 1")
+  _check(c.max_skipped_steps >= 1, f"max_skipped_steps={c.max_skipped_steps} must be >= 1")
   if c.tokens_per_image:
     _check(c.seq_len % c.tokens_per_image == 0,
            f"seq_len={c.seq_len} is not a multiple of tokens_per_image={c.tokens_per_image}")

@@ -1,16 +1,15 @@
 """Sharded LVM training: python -m lvm_jax.train --config configs/lvm_tiny.py --workdir W.
 
-Reads top to bottom: config -> processes -> mesh -> model and optimizer shapes -> shardings ->
-jit(init) -> data -> restore -> jit(step) -> loop. Restarting with the same workdir resumes from
-the newest checkpoint, data iterator included; SIGTERM saves a checkpoint and exits cleanly.
+Reads top to bottom: config -> mesh -> the data checked against the model -> model and optimizer
+shapes -> shardings -> the step -> loop.run (lvm_jax/loop.py: workdir record, verified restore,
+non-finite guard, checkpoints, preemption). Restarting with the same workdir resumes from the
+newest checkpoint that verifies, data iterator included; SIGTERM saves a checkpoint and exits 0.
 """
 
 import dataclasses
 import functools
 import importlib
-import signal
-import time
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +18,8 @@ import optax
 from absl import flags
 from etils import epath
 from flax import nnx
-from jax.experimental import multihost_utils
 
-from lvm_jax import checkpoint, cli, config as config_lib, metrics, optim, sharding
+from lvm_jax import checkpoint, cli, config as config_lib, loop, metrics, optim, sharding, workdir as workdir_lib
 from lvm_jax.kernels import attention
 from lvm_jax.models import transformer
 
@@ -60,8 +58,10 @@ def aim_loss(params: Any, graphdef: Any, batch: dict, z_loss: float = 0.0) -> tu
 
 
 def train_step(state: dict, batch: dict, *, graphdef: Any, tx: optax.GradientTransformation,
-               grad_accum: int, z_loss: float, lr_schedule: optax.Schedule, objective: str = "lvm") -> tuple[dict, dict]:
-  """One optimizer update from `grad_accum` micro-batches scanned in sequence."""
+               grad_accum: int, z_loss: float, lr_schedule: optax.Schedule, objective: str = "lvm",
+               vocab_size: int = 0) -> tuple[dict, dict]:
+  """One optimizer update from `grad_accum` micro-batches scanned in sequence; a non-finite
+  update is skipped (loop.guard). With `vocab_size`, token ids outside it are counted."""
   params = state["params"]
   # Strided split: micro-batch g takes rows g, g+G, ..., so each stays spread over the batch shards.
   micro = jax.tree.map(
@@ -80,11 +80,16 @@ def train_step(state: dict, batch: dict, *, graphdef: Any, tx: optax.GradientTra
   # however the batch was split or packed.
   grads = jax.tree.map(lambda g: g / jnp.maximum(weight, 1.0), grads)
   updates, opt_state = tx.update(grads, state["opt_state"], params)
-  new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-               "opt_state": opt_state}
-  loss = nll / jnp.maximum(weight, 1.0)
-  return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                     "learning_rate": lr_schedule(state["step"]), "target_tokens": weight}
+  new_params = optax.apply_updates(params, updates)
+  loss, grad_norm, param_norm = nll / jnp.maximum(weight, 1.0), optax.tree.norm(grads), optax.tree.norm(new_params)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(param_norm)
+  new_state, count = loop.guard(state, {"params": new_params, "opt_state": opt_state}, finite)
+  out = {"loss": loss, "grad_norm": grad_norm, "param_norm": param_norm,
+         "learning_rate": lr_schedule(state["step"]), "target_tokens": weight, **count}
+  if vocab_size:
+    tokens = batch["tokens"]
+    out["bad_ids"] = jnp.sum((tokens < 0) | (tokens >= vocab_size))
+  return new_state, out
 
 
 # ---------------------------------------------------------------------------- set-up helpers
@@ -102,13 +107,14 @@ def build(c: Any, mesh: jax.sharding.Mesh) -> dict:
 
   def init(key: jax.Array) -> dict:
     params = nnx.to_pure_dict(nnx.state(model_lib.Model(model_cfg, rngs=nnx.Rngs(key)), nnx.Param))
-    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), **loop.counters()}
 
   abstract_state = jax.eval_shape(init, jax.random.key(0))
   param_specs = sharding.param_specs(abstract_model, c.rules)
   state_specs = {"step": jax.sharding.PartitionSpec(), "params": param_specs,
                  "opt_state": sharding.tree_specs_like(abstract_state["opt_state"],
-                                                       abstract_state["params"], param_specs)}
+                                                       abstract_state["params"], param_specs),
+                 **{k: jax.sharding.PartitionSpec() for k in loop.COUNTERS}}
   state_shardings = sharding.named(mesh, state_specs)
   return dict(model_cfg=model_cfg, graphdef=graphdef, tx=tx, init=init,
               abstract_state=checkpoint.abstract_like(abstract_state, state_shardings),
@@ -121,60 +127,11 @@ def jit_train_step(c: Any, b: dict) -> Any:
   """The sharded step: state in and out on its shardings, donated so it is updated in place."""
   return jax.jit(
       functools.partial(train_step, graphdef=b["graphdef"], tx=b["tx"], grad_accum=c.grad_accum,
-                        z_loss=c.optim.z_loss, lr_schedule=optim.schedule(c), objective=c.objective),
+                        z_loss=c.optim.z_loss, lr_schedule=optim.schedule(c), objective=c.objective,
+                        vocab_size=c.model.vocab_size if c.objective == "lvm" else 0),
       in_shardings=(b["state_shardings"], b["batch_sharding"]),
       out_shardings=(b["state_shardings"], None),
       donate_argnums=0)
-
-
-def check_workdir(workdir: str) -> None:
-  """Fail in one line, before compiling, if the workdir (local or gs://) cannot be written."""
-  probe = epath.Path(workdir) / f".write_test_{jax.process_index()}"
-  try:
-    probe.parent.mkdir(parents=True, exist_ok=True)
-    probe.write_text("ok")
-    probe.unlink()
-  except Exception as e:  # pylint: disable=broad-except
-    # OSError locally; the gs:// clients raise their own types (no bucket, no permission).
-    reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0][:200]
-    raise PermissionError(f"workdir {workdir} is not writable: {reason}") from None
-
-
-class Preemption:
-  """SIGTERM -> save and stop. Multi-host jobs agree on the step through the JAX coordinator.
-
-  `stop_at` ends the run after that step as if preempted: a job with a time budget trains
-  N steps per submission, and the resume test uses it to stop at a known step.
-  """
-
-  def __init__(self, stop_at: int | None = None):
-    self.requested = False
-    self.stop_at = stop_at
-    self.previous = None
-
-  def __enter__(self) -> "Preemption":
-    if jax.process_count() == 1:
-      self.previous = signal.signal(signal.SIGTERM, self._handle)
-    return self
-
-  def __exit__(self, *exc: Any) -> None:
-    if self.previous is not None:
-      signal.signal(signal.SIGTERM, self.previous)
-
-  def _handle(self, *_: Any) -> None:
-    self.requested = True
-
-  def reached(self, step: int) -> bool:
-    if self.stop_at is not None and step >= self.stop_at:
-      return True
-    if jax.process_count() > 1:
-      return multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
-
-
-def batches(c: Any, data_iter: Iterator[dict], batch_sharding: jax.sharding.Sharding) -> Iterator[dict]:
-  for local in data_iter:
-    yield sharding.global_batch_array(local, batch_sharding, c.global_batch)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -185,10 +142,7 @@ def load_params(c: Any, workdir: str) -> tuple[transformer.Config, dict, int]:
   mesh = sharding.make_mesh(c.mesh)
   b = build(c, mesh)
   with checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), c.ckpt_keep, c.ckpt_every) as ckpt:
-    step = ckpt.latest_step()
-    if step is None:
-      raise checkpoint.CheckpointError(f"no checkpoint in {workdir}/checkpoints (train with python -m lvm_jax.train)")
-    state = ckpt.restore(step, b["abstract_state"])
+    state, step = ckpt.restore_latest(b["abstract_state"])
   inference = {"attention": "auto", **({"remat": "none"} if hasattr(b["model_cfg"], "remat") else {})}
   model_cfg = dataclasses.replace(b["model_cfg"], **inference)
   return model_cfg, jax.tree.map(np.asarray, state["params"]), step
@@ -197,70 +151,29 @@ def load_params(c: Any, workdir: str) -> tuple[transformer.Config, dict, int]:
 def train(c: Any, workdir: str, stop_at: int | None = None) -> dict:
   """Trains to c.steps (or until SIGTERM, or `stop_at`); returns the final state."""
   config_lib.validate(c)
-  check_workdir(workdir)
-  config_lib.save_to_workdir(c, workdir)
+  workdir_lib.check_writable(workdir)
+  with c.unlocked():
+    workdir_lib.absolute_paths(c)
   mesh = sharding.make_mesh(c.mesh)
   sharding.check_batch(c.global_batch, c.grad_accum, mesh, c.rules)
-  b = build(c, mesh)
-  batch_sharding = b["batch_sharding"]
   data_module = importlib.import_module(f"lvm_jax.data.{c.data.name}")
-  data_iter = data_module.make_iterator(c, sharding.local_rows(batch_sharding, c.global_batch))
+  # The data's identity, checked against the model and the workdir before anything compiles.
+  data = data_module.identity(c) if hasattr(data_module, "identity") else None
+  b = build(c, mesh)
+  data_iter = data_module.make_iterator(c, sharding.local_rows(b["batch_sharding"], c.global_batch))
+  flops_per_step = metrics.train_flops_per_step(b["model_cfg"], c.seq_len, c.global_batch)
+  peak = metrics.peak_flops_total(c.peak_tflops, c.model.dtype)
 
-  ckpt = checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), c.ckpt_keep, c.ckpt_every)
-  with ckpt, jax.set_mesh(mesh), sharding.axis_rules(c.rules):
-    init = jax.jit(b["init"], out_shardings=b["state_shardings"])
-    state, start = ckpt.restore_or_init(b["abstract_state"], data_iter, lambda: init(jax.random.key(c.seed)))
-    if start:
-      print(f"restored step {start} from {workdir}", flush=True)
+  def row(m: dict, step_time: float) -> dict:
+    loss = float(m["loss"])
+    extra = {"perplexity": float(np.exp(min(loss, 50.0)))} if c.objective == "lvm" else {}
+    return {"loss": loss, **extra, "grad_norm": m["grad_norm"], "param_norm": m["param_norm"],
+            "learning_rate": m["learning_rate"], "step_time": step_time,
+            "tokens_per_sec": c.global_batch * c.seq_len / step_time, "mfu": flops_per_step / step_time / peak}
 
-    step_fn = jit_train_step(c, b)
-
-    if stop_at is not None and start >= stop_at:
-      print(f"step {start} already reaches --stop_at={stop_at}: nothing to do", flush=True)
-      return state
-    flops_per_step = metrics.train_flops_per_step(b["model_cfg"], c.seq_len, c.global_batch)
-    peak = metrics.peak_flops_total(c.peak_tflops, c.model.dtype)
-    with metrics.Writer(workdir, enabled=jax.process_index() == 0, resume_step=start) as writer, \
-        Preemption(stop_at) as preemption:
-      pending, clock, step = None, (time.perf_counter(), start), start
-      for step, batch in zip(range(start + 1, c.steps + 1), batches(c, data_iter, batch_sharding)):
-        state, step_metrics = step_fn(state, batch)
-        # Read the previous step's metrics only now, so the host never waits on the step it
-        # just dispatched.
-        if pending is not None:
-          clock = _log(writer, *pending, clock, flops_per_step, peak, c)
-          pending = None
-        if step % c.log_every == 0 or step == c.steps:
-          pending = (step, step_metrics)
-        stop = preemption.reached(step)
-        ckpt.save(step, state, data_iter, force=stop or step == c.steps)
-        if stop:
-          print(f"stopping early: saved step {step} in {workdir}", flush=True)
-          break
-      if pending is not None:
-        _log(writer, *pending, clock, flops_per_step, peak, c)
-      ckpt.wait()
-  return state
-
-
-def _log(writer: metrics.Writer, step: int, m: dict, clock: tuple[float, int], flops_per_step: float,
-         peak: float, c: Any) -> tuple[float, int]:
-  """Writes step's metrics; `clock` is (time, step) of the previous log, returned updated.
-
-  The first row after a (re)start includes compilation in its step time.
-  """
-  m = jax.device_get(m)
-  now = time.perf_counter()
-  step_time = (now - clock[0]) / max(step - clock[1], 1)
-  loss = float(m["loss"])
-  extra = {"perplexity": float(np.exp(min(loss, 50.0)))} if c.objective == "lvm" else {}
-  writer.write(step, {
-      "loss": loss, **extra, "grad_norm": m["grad_norm"],
-      "learning_rate": m["learning_rate"], "step_time": step_time,
-      "tokens_per_sec": c.global_batch * c.seq_len / step_time,
-      "mfu": flops_per_step / step_time / peak,
-  })
-  return now, step
+  trainer = loop.Trainer(abstract_state=b["abstract_state"], state_shardings=b["state_shardings"], init=b["init"],
+                         batch_sharding=b["batch_sharding"], step_fn=jit_train_step(c, b), row=row, data=data)
+  return loop.run(c, workdir, trainer, data_iter, mesh, stop_at)
 
 
 def cli_main() -> None:

@@ -5,9 +5,11 @@ PatchGAN hinge loss scaled by taming's adaptive weight |grad nll| / |grad gan| a
 last layer. Why PatchGAN + hinge + adaptive weight rather than StyleGAN + R1 + LeCAM: it is what
 taming and LlamaGen train f16 tokenizers with, needs no second-order gradient (R1), and the
 adaptive weight keeps the GAN term from swamping reconstruction whatever the loss scales.
-Data-parallel over the mesh (params replicated, batch sharded), generator EMA, orbax checkpoints
-of everything plus the data iterator, metrics.jsonl + TensorBoard with reconstruction grids,
-PSNR of the EMA model on held-out crops.
+Data-parallel over the mesh (params replicated, batch sharded), generator EMA, PSNR of the EMA
+model on held-out crops with reconstruction grids in TensorBoard. The loop is the LVM trainer's
+(loop.py): verified orbax checkpoints of everything plus the data iterator, exact resume,
+SIGTERM, the non-finite guard (a step whose generator or discriminator loss or gradients are not
+finite changes nothing), metrics.jsonl + TensorBoard.
 """
 
 import functools
@@ -24,7 +26,7 @@ from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lvm_jax import checkpoint, cli, config as config_lib, metrics, sharding, train
+from lvm_jax import checkpoint, cli, config as config_lib, loop, metrics, sharding, workdir as workdir_lib
 from lvm_jax.data import images as images_lib
 from lvm_jax.models import discriminator, lpips, vqgan
 
@@ -79,11 +81,13 @@ def train_step(state: dict, batch: dict, *, c: Any, gdef: Any, ddef: Any, percep
   d_updates, d_opt = d_tx.update(d_grads, state["d_opt"], state["d"])
   g = optax.apply_updates(state["g"], g_updates)
   ema = jax.tree.map(lambda e, p: c.ema * e + (1.0 - c.ema) * p, state["ema"], g)
-  new = {"step": state["step"] + 1, "g": g, "d": optax.apply_updates(state["d"], d_updates),
-         "ema": ema, "g_opt": g_opt, "d_opt": d_opt}
+  new = {"g": g, "d": optax.apply_updates(state["d"], d_updates), "ema": ema, "g_opt": g_opt, "d_opt": d_opt}
+  finite = (jnp.isfinite(g_total) & jnp.isfinite(d_value) & jnp.isfinite(optax.tree.norm(g_grads))
+            & jnp.isfinite(optax.tree.norm(d_grads)) & jnp.isfinite(optax.tree.norm(g)))
+  new, count = loop.guard(state, new, finite)
   stats = vqgan.codebook_stats(aux.pop("ids"), c.model.codes)
   psnr = -10.0 * jnp.log10(jnp.mean(jnp.square(jnp.clip(recon, 0, 1) - images)))
-  return new, {"loss": g_total, "d_loss": d_value, "train_psnr": psnr, **aux, **stats}
+  return new, {"loss": g_total, "d_loss": d_value, "train_psnr": psnr, **aux, **stats, **count}
 
 
 def load_perceptual(c: Any) -> Any:
@@ -108,7 +112,7 @@ def build(c: Any, mesh: jax.sharding.Mesh) -> dict:
     g = nnx.to_pure_dict(nnx.state(vqgan.Model(cfg, rngs=nnx.Rngs(kg)), nnx.Param))
     d = nnx.to_pure_dict(nnx.state(discriminator.Model(nnx.Rngs(kd), c.gan.width, c.gan.layers), nnx.Param))
     return {"step": jnp.zeros((), jnp.int32), "g": g, "d": d, "ema": g, "g_opt": g_tx.init(g),
-            "d_opt": d_tx.init(d)}
+            "d_opt": d_tx.init(d), **loop.counters()}
 
   abstract = jax.eval_shape(init, jax.random.key(0))
   replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
@@ -126,10 +130,12 @@ def evaluate(reconstruct: Any, ema: Any, held_out: np.ndarray) -> tuple[float, n
   return psnr, np.concatenate(list(pairs), axis=0)
 
 
-def train_vqgan(c: Any, workdir: str) -> dict:
-  """Trains to c.steps, resuming from the newest checkpoint in workdir; returns the final state."""
-  train.check_workdir(workdir)
-  config_lib.save_to_workdir(c, workdir)
+def train_vqgan(c: Any, workdir: str, stop_at: int | None = None) -> dict:
+  """Trains to c.steps (or SIGTERM, or `stop_at`), resuming from the newest checkpoint that
+  verifies in workdir, through the LVM trainer's loop (loop.py); returns the final state."""
+  workdir_lib.check_writable(workdir)
+  with c.unlocked():
+    workdir_lib.absolute_paths(c)
   mesh = sharding.make_mesh(c.mesh)
   sharding.check_batch(c.global_batch, 1, mesh, c.rules)
   b = build(c, mesh)
@@ -141,27 +147,17 @@ def train_vqgan(c: Any, workdir: str) -> dict:
                                       g_tx=b["g_tx"], d_tx=b["d_tx"]),
                     in_shardings=(b["state_shardings"], b["batch_sharding"]),
                     out_shardings=(b["state_shardings"], None), donate_argnums=0)
-  ckpt = checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), c.ckpt_keep, c.ckpt_every)
-  with ckpt, jax.set_mesh(mesh):
-    init = jax.jit(b["init"], out_shardings=b["state_shardings"])
-    state, start = ckpt.restore_or_init(b["abstract_state"], data_iter, lambda: init(jax.random.key(c.seed)))
-    with metrics.Writer(workdir, enabled=jax.process_index() == 0, resume_step=start) as writer:
-      for step in range(start + 1, c.steps + 1):
-        local = next(data_iter)
-        batch = sharding.global_batch_array(local, b["batch_sharding"], c.global_batch)
-        state, m = step_fn(state, batch)
-        scalars = {}
-        if step % c.log_every == 0 or step == c.steps:
-          scalars = {k: float(v) for k, v in jax.device_get(m).items()}
-        if step % c.eval_every == 0 or step == c.steps:
-          scalars["psnr"], grid = evaluate(reconstruct, state["ema"], held_out)
-          if writer.tb is not None:
-            writer.tb.add_image("held_out/original|reconstruction", grid, step, dataformats="HWC")
-        if scalars:
-          writer.write(step, scalars)
-        ckpt.save(step, state, data_iter, force=step == c.steps)
-      ckpt.wait()
-  return state
+
+  def held_out_eval(state: dict, step: int, writer: metrics.Writer) -> dict:
+    psnr, grid = evaluate(reconstruct, state["ema"], held_out)
+    writer.image("held_out/original|reconstruction", grid, step)
+    return {"psnr": psnr}
+
+  row = lambda m, step_time: {k: float(v) for k, v in m.items() if k not in loop.COUNTERS}
+  trainer = loop.Trainer(abstract_state=b["abstract_state"], state_shardings=b["state_shardings"], init=b["init"],
+                         batch_sharding=b["batch_sharding"], step_fn=step_fn, row=row, evaluate=held_out_eval,
+                         eval_every=c.eval_every)
+  return loop.run(c, workdir, trainer, data_iter, mesh, stop_at)
 
 
 def load_ema(c: Any, workdir: str) -> vqgan.Model:
@@ -169,11 +165,7 @@ def load_ema(c: Any, workdir: str) -> vqgan.Model:
   mesh = sharding.make_mesh(c.mesh, jax.local_devices())
   b = build(c, mesh)
   with checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), c.ckpt_keep, c.ckpt_every) as ckpt:
-    step = ckpt.latest_step()
-    if step is None:
-      raise checkpoint.CheckpointError(f"no VQGAN checkpoint in {workdir}/checkpoints (train one with "
-                                       "python -m lvm_jax.train_vqgan)")
-    state = ckpt.restore(step, b["abstract_state"])
+    state, _ = ckpt.restore_latest(b["abstract_state"])
   model = nnx.eval_shape(lambda: vqgan.Model(b["cfg"], rngs=nnx.Rngs(0)))
   nnx.update(model, state["ema"])
   return model
@@ -198,7 +190,8 @@ def load_vqgan(spec: Any) -> tuple[vqgan.Model, int]:
 def cli_main() -> None:
   config = cli.define_config()
   workdir = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard go here.")
-  cli.run(lambda _: train_vqgan(config.value, workdir.value), required=["config", "workdir"])
+  stop_at = flags.DEFINE_integer("stop_at", None, "Save and exit after this step (a job's budget).")
+  cli.run(lambda _: train_vqgan(config.value, workdir.value, stop_at.value), required=["config", "workdir"])
 
 
 if __name__ == "__main__":

@@ -37,6 +37,42 @@ def open_store(path: str) -> store_lib.Store:
   return _STORES[path]
 
 
+def _paths(mixture: dict) -> dict[str, str]:
+  """{component name: store path}, sorted; one line for an empty mixture or path."""
+  if not mixture:
+    raise config_lib.ConfigError("data.mixture is empty: name at least one token store")
+  for name in mixture:
+    if not mixture[name].get("path"):
+      raise config_lib.ConfigError(f"data.mixture.{name}.path is empty: set it to a token store "
+                                   f"(--config.data.mixture.{name}.path=gs://... or a local path)")
+  return {name: mixture[name]["path"] for name in sorted(mixture)}
+
+
+def identity(c: Any) -> dict:
+  """The stores' tokenizer, tokens per image and vocabulary, after checking them against the
+  model: ids the stores can hold fit model.vocab_size, images have config.tokens_per_image
+  tokens, and every component comes from the same tokenizer. One line for each mismatch."""
+  manifests = {name: open_store(path).manifest for name, path in _paths(dict(c.data.mixture)).items()}
+  vocab_size, bos = c.model.vocab_size, c.data.get("bos", -1)
+  for name, m in manifests.items():
+    path = c.data.mixture[name]["path"]
+    if m.tokens_per_image != c.tokens_per_image:
+      raise config_lib.ConfigError(f"{path} has {m.tokens_per_image} tokens per image, the config "
+                                   f"tokens_per_image={c.tokens_per_image}")
+    if m.vocab > vocab_size:
+      raise config_lib.ConfigError(f"{path} holds token ids up to {m.vocab - 1}, outside model.vocab_size="
+                                   f"{vocab_size}: raise model.vocab_size to at least {m.vocab}")
+    if 0 <= bos < m.vocab or bos >= vocab_size:
+      raise config_lib.ConfigError(f"data.bos={bos} must be an id after the store's {m.vocab} image codes and "
+                                   f"below model.vocab_size={vocab_size}")
+  tokenizers = {m.tokenizer for m in manifests.values()}
+  if len(tokenizers) > 1:
+    raise config_lib.ConfigError("the mixture's stores come from different tokenizers: " + ", ".join(
+        f"{n}={m.tokenizer}" for n, m in manifests.items()))
+  return {"tokenizer": tokenizers.pop(), "tokens_per_image": c.tokens_per_image,
+          "vocab": max(m.vocab for m in manifests.values())}
+
+
 def _component(spec: Any, seed: int, max_tokens: int, tokens_per_image: int) -> grain.MapDataset:
   store = open_store(spec["path"])
   if store.manifest.tokens_per_image != tokens_per_image:
@@ -57,13 +93,7 @@ def _component(spec: Any, seed: int, max_tokens: int, tokens_per_image: int) -> 
 
 def sentences(mixture: dict, seed: int, max_tokens: int, tokens_per_image: int) -> grain.MapDataset:
   """Token arrays of the mixture's sentences, in this process's shuffled order."""
-  names = sorted(mixture)
-  if not names:
-    raise config_lib.ConfigError("data.mixture is empty: name at least one token store")
-  for name in names:
-    if not mixture[name].get("path"):
-      raise config_lib.ConfigError(f"data.mixture.{name}.path is empty: set it to a token store "
-                                   f"(--config.data.mixture.{name}.path=gs://... or a local path)")
+  names = list(_paths(mixture))
   parts = [_component(mixture[n], rows_lib.shuffle_seed(seed, k), max_tokens, tokens_per_image)
            for k, n in enumerate(names)]
   weights = [float(mixture[n].get("weight", 1.0)) for n in names]
