@@ -150,7 +150,10 @@ def run(main: Callable[[list[str]], None], required: list[str]) -> None:
     except Terminated:
       print(f"{prog}: SIGTERM before there was anything to save: exiting", flush=True)
       sys.exit(0)
-    except USER_ERRORS as e:
+    except Exception as e:  # pylint: disable=broad-except
+      from lvm_jax import loop  # pylint: disable=g-import-not-at-top  (loop imports this module)
+      if not isinstance(e, USER_ERRORS + (loop.RunError,)):
+        raise
       _fail(argv[0], str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
 
   app.run(wrapped, flags_parser=_parse)

@@ -92,7 +92,7 @@ class Trainer:
   data: Optional[dict] = None  # the data's identity (tokenizer, ...) for the workdir record
 
 
-def _check(step: int, health: dict, c: Any) -> None:
+def _check(step: int, health: dict, c: Any, newest: Optional[int]) -> None:
   """Raises if `step`'s metrics say the run went wrong."""
   bad_ids = int(health.get("bad_ids", 0))
   if bad_ids:
@@ -100,9 +100,10 @@ def _check(step: int, health: dict, c: Any) -> None:
                    f"[0, {c.model.vocab_size}): the data does not match the model (model.vocab_size)")
   limit = c.get("max_skipped_steps", 10)
   if int(health["skip_streak"]) >= limit:
+    kept = f"the newest checkpoint, step {newest}, is from before them" if newest else "no checkpoint was saved"
     raise RunError(f"step {step}: loss or gradients not finite for {limit} steps in a row (updates skipped, "
-                   f"{int(health['skipped_steps'])} in all); stopping. The newest checkpoint is from before "
-                   "(lower optim.lr, check the data, or raise max_skipped_steps)")
+                   f"{int(health['skipped_steps'])} in all); stopping: {kept} (lower optim.lr, check the data, "
+                   "or raise max_skipped_steps)")
 
 
 def _batches(c: Any, data_iter: Iterator[dict], sharding_: jax.sharding.Sharding) -> Iterator[dict]:
@@ -141,7 +142,7 @@ def _loop(c: Any, workdir: str, t: Trainer, state: Any, start: int, data_iter: A
   for step, batch in zip(range(start + 1, c.steps + 1), _batches(c, data_iter, t.batch_sharding)):
     state, m = t.step_fn(state, batch)
     if previous is not None:
-      _check(previous[0], jax.device_get(previous[1]), c)
+      _check(previous[0], jax.device_get(previous[1]), c, ckpt.latest_step())
     if pending is not None:
       clock = _write(writer, pending, clock, t)
       pending = None
@@ -162,7 +163,7 @@ def _loop(c: Any, workdir: str, t: Trainer, state: Any, start: int, data_iter: A
       print(f"stopping early: saved step {ckpt.latest_step()} in {workdir}", flush=True)
       break
   if previous is not None:
-    _check(previous[0], jax.device_get(previous[1]), c)
+    _check(previous[0], jax.device_get(previous[1]), c, ckpt.latest_step())
   if pending is not None:
     _write(writer, pending, clock, t)
   return state

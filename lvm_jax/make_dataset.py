@@ -9,13 +9,21 @@ wait for each other. A unit whose shard is complete is skipped, so a killed job 
 stopped; a unit's sentences depend only on (seed, dataset, unit), so reruns and any process count
 give the same store. Inputs that cannot be used (corrupt files, videos too short, ...) are
 skipped, listed with their reasons in reports/<shard>.json and summed in the final report.
+
+A shard's done marker records a digest of what it was built from: the dataset's entry of the
+config, image_size, resize, seed and the unit's source keys. Files added to, removed from or
+renamed in a source shift the units, and a changed dataset entry or seed changes every unit: on a
+rerun each unit whose digest differs loses its marker first (readers stop seeing it) and is built
+again, and the shards of this config's datasets past the new plan (a shrunk source) lose theirs;
+the job logs one line naming both ("corpus changed: rebuilding ..."). A file overwritten under the
+same name is not noticed: give it a new name, or use a new store.
 """
 
 import dataclasses
 import hashlib
 import json
 import time
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import numpy as np
@@ -34,6 +42,24 @@ class Unit:
   number: int
   keys: tuple  # source keys, or (first, count) of demo sentences
   name: str
+  digest: str = ""  # of everything its shard's content depends on (unit_digest)
+
+
+def _plain(x: Any) -> Any:
+  """JSON for config values that are not plain (a ConfigDict, a numpy scalar)."""
+  if hasattr(x, "to_dict"):
+    return x.to_dict()
+  if isinstance(x, np.generic):
+    return x.item()
+  # Not str(x): an object's str may hold its address, and the digest would differ every run.
+  raise TypeError(f"{type(x).__name__} in a dataset entry cannot be recorded in the store")
+
+
+def unit_digest(c: Any, spec: Any, keys: tuple) -> str:
+  """sha256 of what a unit's shard is built from, recorded in its done marker: a rerun whose
+  sources or config differ rebuilds the shard instead of keeping one made from other inputs."""
+  what = {"dataset": spec, "image_size": c.image_size, "resize": c.resize, "seed": c.seed, "keys": keys}
+  return hashlib.sha256(json.dumps(what, sort_keys=True, default=_plain).encode()).hexdigest()
 
 
 def plan(c: Any, opened: list) -> list[Unit]:
@@ -46,8 +72,37 @@ def plan(c: Any, opened: list) -> list[Unit]:
     else:
       all_keys = source.keys()
       keys = [tuple(all_keys[i:i + c.items_per_shard]) for i in range(0, len(all_keys), c.items_per_shard)]
-    units += [Unit(d, k, tuple(ks), f"{spec['name']}-{k:05d}") for k, ks in enumerate(keys)]
+    units += [Unit(d, k, tuple(ks), f"{spec['name']}-{k:05d}", unit_digest(c, spec, tuple(ks)))
+              for k, ks in enumerate(keys)]
   return units
+
+
+def sort_out(root: str, mine: list[Unit]) -> tuple[list[Unit], list[str]]:
+  """(units to build, names of those among them whose existing shard was built from other
+  inputs): a unit is done only when its marker holds its digest. Markers of jobs before digests
+  were recorded hold none, so such shards are rebuilt once."""
+  markers = store.done_markers(root, [u.name for u in mine])
+  todo = [u for u in mine if (markers[u.name] or {}).get("digest") != u.digest]
+  return todo, [u.name for u in todo if markers[u.name] is not None]
+
+
+def stale_shards(c: Any, units: list[Unit]) -> list[str]:
+  """Complete shards of this config's datasets whose unit is not in the plan: the source shrank.
+  Shards of datasets not in the config are other data in the same store, never touched."""
+  planned = {u.name for u in units}
+  prefixes = [f"{spec['name']}-" for spec in c.datasets]
+  # <dataset>-<digits> only: dataset "a" must not claim the shards of a dataset "a-2".
+  return [name for name in store.done_names(c.store) if name not in planned
+          and any(name.startswith(p) and name[len(p):].isdigit() for p in prefixes)]
+
+
+def change_message(rebuilt: list[str], removed: list[str]) -> str:
+  def some(names: list[str], what: str) -> str:
+    shown = ", ".join(names[:10]) + (f", ... {len(names) - 10} more" if len(names) > 10 else "")
+    return f"{len(names)} {what}{'s' if len(names) != 1 else ''} ({shown})"
+  parts = ([f"rebuilding {some(rebuilt, 'shard')}"] if rebuilt else []) + (
+      [f"removing {some(removed, 'stale shard')}"] if removed else [])
+  return "corpus changed: " + "; ".join(parts)
 
 
 def open_sources(c: Any) -> list:
@@ -103,7 +158,7 @@ def tokenize_unit(c: Any, unit: Unit, source: Any, tok: vqgan.Tokenizer, manifes
   # The report goes first: a unit counts as done only once its shard marker follows.
   kv = ts.KvStore.open(store.kvstore(c.store)).result()
   kv.write(f"reports/{unit.name}.json", json.dumps(report).encode()).result()
-  marker = writer.close()
+  marker = writer.close({"digest": unit.digest})
   return {**report, "tokens": marker["tokens"]}
 
 
@@ -117,10 +172,12 @@ def tokenizer_id(cfg: vqgan.Config, model: vqgan.Model) -> str:
 
 
 def load_tokenizer(c: Any) -> tuple[vqgan.Tokenizer, store.Manifest]:
-  from lvm_jax import train_vqgan  # pylint: disable=g-import-not-at-top
-  model, image_size = train_vqgan.load_vqgan(c.vqgan)
+  from lvm_jax import load  # pylint: disable=g-import-not-at-top
+  # The job's vqgan spec is the user's own config: its config file may run (vqgan_record).
+  model, image_size = load.load_vqgan(load.vqgan_record(c.vqgan))
   if image_size != c.image_size:
-    raise ConfigError(f"image_size={c.image_size} but the VQGAN of {c.vqgan.config} takes {image_size}")
+    named = c.vqgan.get("config") or c.vqgan.get("workdir") or c.vqgan.get("weights")
+    raise ConfigError(f"image_size={c.image_size} but the VQGAN of {named} takes {image_size}")
   tok = vqgan.Tokenizer(model, c.image_size, c.batch_size)  # this process's devices
   manifest = store.Manifest(tokens_per_image=tok.grid ** 2, vocab=model.cfg.codes,
                             tokenizer=tokenizer_id(model.cfg, model))
@@ -128,7 +185,8 @@ def load_tokenizer(c: Any) -> tuple[vqgan.Tokenizer, store.Manifest]:
 
 
 def make_dataset(c: Any, show_progress: bool = True) -> dict:
-  """Runs the job for this process's units; returns the report of the whole store so far."""
+  """Runs the job for this process's units; returns the report of the planned shards so far, with
+  the names of those this process found changed and rebuilt ("rebuilt") or removed ("removed")."""
   if not c.store:
     raise ConfigError("store is empty: set --config.store to a local path or gs://bucket/path")
   opened = open_sources(c)
@@ -136,29 +194,44 @@ def make_dataset(c: Any, show_progress: bool = True) -> dict:
   tok, manifest = load_tokenizer(c)
   store.create(c.store, manifest)  # every process: the same bytes, and each checks an existing one
   mine = units[jax.process_index()::jax.process_count()]
-  todo = [u for u in mine if not store.shard_done(c.store, u.name)]
+  todo, rebuilt = sort_out(c.store, mine)
+  removed = stale_shards(c, units) if jax.process_index() == 0 else []  # one process lists and deletes
+  # This process's changed markers go before any of its shards is rebuilt: a job killed midway
+  # leaves no old shard visible next to new ones holding its images. Only its own: another
+  # process's marker may already be the fresh one when this one gets to delete it.
+  store.unmark_done(c.store, rebuilt + removed)
+  if rebuilt or removed:
+    logging.warning("%s", change_message(rebuilt, removed))
   logging.info("%d units in all, %d for this process, %d already done", len(units), len(mine), len(mine) - len(todo))
   t0 = time.time()
-  for i, unit in enumerate(todo):
-    r = tokenize_unit(c, unit, opened[unit.dataset], tok, manifest)
-    if show_progress:
-      rate = (i + 1) / (time.time() - t0)
-      print(f"[{i + 1}/{len(todo)}] {unit.name}: {r['sentences']} sentences, {r['tokens']} tokens, "
-            f"{len(r['skipped'])} skipped ({rate:.2f} units/s, ~{(len(todo) - i - 1) / rate:.0f} s left)", flush=True)
-  return summary(c.store, [u.name for u in units])
+  with cli.stop_requests():  # SIGTERM: finish the shard being written, then stop (a rerun goes on)
+    for i, unit in enumerate(todo):
+      r = tokenize_unit(c, unit, opened[unit.dataset], tok, manifest)
+      if show_progress:
+        rate = (i + 1) / (time.time() - t0)
+        print(f"[{i + 1}/{len(todo)}] {unit.name}: {r['sentences']} sentences, {r['tokens']} tokens, "
+              f"{len(r['skipped'])} skipped ({rate:.2f} units/s, ~{(len(todo) - i - 1) / rate:.0f} s left)", flush=True)
+      if cli.terminated() and i + 1 < len(todo):
+        print(f"SIGTERM: stopped after {i + 1}/{len(todo)} shards of this process; rerun the same command to "
+              "finish", flush=True)
+        break
+  return {**summary(c.store, units), "rebuilt": rebuilt, "removed": removed}
 
 
-def summary(root: str, names: Optional[list[str]] = None) -> dict:
-  """Totals over the complete shards' reports: sentences, images, tokens, skipped inputs with reasons."""
+def summary(root: str, units: list[Unit]) -> dict:
+  """Totals over the planned units' complete shards (other processes' shards not yet rebuilt do
+  not count): sentences, images, tokens, skipped inputs with reasons."""
   kv = ts.KvStore.open(store.kvstore(root)).result()
+  markers = store.done_markers(root, [u.name for u in units])
+  reports = {u.name: kv.read(f"reports/{u.name}.json") for u in units}
   out = {"shards": 0, "sentences": 0, "images": 0, "tokens": 0, "skipped": []}
-  for name in names if names is not None else []:
-    marker, report = (kv.read(f"{d}/{name}.json").result() for d in ("done", "reports"))
-    if marker.state != "value" or report.state != "value":
+  for u in units:
+    marker, report = markers[u.name], reports[u.name].result()
+    if marker is None or marker.get("digest") != u.digest or report.state != "value":
       continue
     r = json.loads(report.value)
     out["shards"] += 1
-    out["tokens"] += json.loads(marker.value)["tokens"]
+    out["tokens"] += marker["tokens"]
     for k in ("sentences", "images"):
       out[k] += r[k]
     out["skipped"] += r["skipped"]

@@ -1,12 +1,15 @@
 """The tokenization job end to end: demo data -> VQGAN -> store; deterministic, resumable, reported;
-and the trainer reading the store through the pipeline."""
+rebuilt where sources or config changed; and the trainer reading the store through the pipeline."""
 
 import json
+import logging
 import os
+import zlib
 
 import jax
 import numpy as np
 import pytest
+import tensorstore as ts
 from flax import nnx
 
 from lvm_jax import make_dataset, train
@@ -131,3 +134,132 @@ def test_tokenizing_needs_square_images():
   c.resize = "short_side"  # AIM's crops read whole pictures; the tokenizer reads squares
   with pytest.raises(make_dataset.ConfigError, match="resize='short_side'"):
     make_dataset.open_sources(c)
+
+
+def pictures(folder, names: list[str]) -> None:
+  """Random pictures, each's pixels fixed by its name: the same file whether made first or later."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  folder.mkdir(exist_ok=True)
+  for name in names:
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{name}.png")
+
+
+def folder_config(root: str, weights: str, folder, names=("pics",)):
+  """One sentence a picture (its gray and colour images), two pictures a shard."""
+  c = demo_config(root, weights)
+  c.datasets = [dict(name=n, source=dict(kind="image_folder", root=str(folder)),
+                     sentence=dict(kind="colorization", shots=1)) for n in names]
+  c.items_per_shard = 2
+  return c
+
+
+def sentences_of(root: str, dataset: str = "*") -> list[tuple]:
+  # A cache of its own: the process-wide one never rechecks, so it would still hold the chunks
+  # of a shard read before it was rebuilt.
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(store, "CONTEXT", ts.Context({"cache_pool": {"total_bytes_limit": 1 << 24}}))
+    s = store.Store(root)
+    return [(s[i]["dataset"], s[i]["task"], s[i]["images"], s[i]["tokens"].tobytes()) for i in s.indices(dataset)]
+
+
+def assert_as_if_built_fresh(c, fresh_root: str, report: dict, dataset: str = "*") -> None:
+  """The store after a rerun holds exactly what a new store of the same config and sources would,
+  and its report says so: no image twice, none missing, nothing of the old sources."""
+  root, c.store = c.store, fresh_root
+  expected = make_dataset.make_dataset(c, show_progress=False)
+  c.store = root
+  assert {**report, "rebuilt": [], "removed": []} == expected
+  assert sentences_of(root, dataset) == sentences_of(fresh_root, dataset)
+
+
+def test_files_added_or_removed_rebuild_the_shards_they_shift(tmp_path, weights, caplog):
+  folder, done = tmp_path / "pictures", tmp_path / "store" / "done"
+  pictures(folder, ["p0", "p1", "p2", "p3", "p4", "p5"])
+  c = folder_config(str(tmp_path / "store"), weights, folder)
+  make_dataset.make_dataset(c, show_progress=False)  # units [p0 p1] [p2 p3] [p4 p5]
+  untouched = (done / "pics-00000.json").stat().st_mtime_ns
+  pictures(folder, ["p2a"])  # sorts after p2: [p0 p1] [p2 p2a] [p3 p4] [p5]
+  with caplog.at_level(logging.WARNING):
+    report = make_dataset.make_dataset(c, show_progress=False)
+  assert (report["rebuilt"], report["removed"]) == (["pics-00001", "pics-00002"], [])
+  assert "corpus changed: rebuilding 2 shards (pics-00001, pics-00002)" in caplog.messages
+  assert (done / "pics-00000.json").stat().st_mtime_ns == untouched
+  assert_as_if_built_fresh(c, str(tmp_path / "fresh1"), report)
+  # Each picture once: the colour images (a sentence's second half) are 7 different ones.
+  assert len({tokens[len(tokens) // 2:] for *_, tokens in sentences_of(c.store)}) == report["sentences"] == 7
+  os.remove(folder / "p1.png")  # [p0 p2] [p2a p3] [p4 p5]: every unit shifts, pics-00003 is past the plan
+  caplog.clear()
+  with caplog.at_level(logging.WARNING):
+    report = make_dataset.make_dataset(c, show_progress=False)
+  assert report["rebuilt"] == ["pics-00000", "pics-00001", "pics-00002"] and report["removed"] == ["pics-00003"]
+  assert caplog.messages == [("corpus changed: rebuilding 3 shards (pics-00000, pics-00001, pics-00002); "
+                              "removing 1 stale shard (pics-00003)")]
+  assert_as_if_built_fresh(c, str(tmp_path / "fresh2"), report)
+
+
+def test_a_changed_sentence_config_or_seed_rebuilds_the_same_rewrites_nothing(tmp_path, weights):
+  folder, done = tmp_path / "pictures", tmp_path / "store" / "done"
+  pictures(folder, ["p0", "p1", "p2", "p3"])
+  c = folder_config(str(tmp_path / "store"), weights, folder)
+  make_dataset.make_dataset(c, show_progress=False)
+  c.datasets = [dict(c.datasets[0], sentence=dict(kind="colorization", shots=2))]
+  report = make_dataset.make_dataset(c, show_progress=False)
+  assert report["rebuilt"] == ["pics-00000", "pics-00001"]
+  assert [images for _, _, images, _ in sentences_of(c.store)] == [4, 4]  # no 2-image sentence left
+  c.seed = 1  # the pictures of a sentence in another order
+  report = make_dataset.make_dataset(c, show_progress=False)
+  assert report["rebuilt"] == ["pics-00000", "pics-00001"]
+  assert_as_if_built_fresh(c, str(tmp_path / "fresh"), report)
+  before = {p: p.stat().st_mtime_ns for p in done.iterdir()}
+  again = make_dataset.make_dataset(c, show_progress=False)
+  assert again == {**report, "rebuilt": []}
+  assert {p: p.stat().st_mtime_ns for p in done.iterdir()} == before
+
+
+@pytest.fixture(params=["local", "gcs"])
+def store_root(request, tmp_path, monkeypatch) -> str:
+  if request.param == "local":
+    return str(tmp_path / "store")
+  for k, v in request.getfixturevalue("gcs_emulator").items():
+    monkeypatch.setenv(k, v)
+  return f"gs://lvm-test/make_dataset/{tmp_path.name}"
+
+
+def test_a_shrunk_source_leaves_no_stale_shard_visible(tmp_path, weights, store_root):
+  folder = tmp_path / "pictures"
+  pictures(folder, ["p0", "p1", "p2", "p3", "p4", "p5"])
+  # "pics-2" is another dataset in the same store; its shard names start with "pics-" too.
+  c = folder_config(store_root, weights, folder, names=("pics", "pics-2"))
+  make_dataset.make_dataset(c, show_progress=False)
+  os.remove(folder / "p4.png")
+  os.remove(folder / "p5.png")
+  c.datasets = c.datasets[:1]  # pics-2 is no longer this config's: its shards are left alone
+  report = make_dataset.make_dataset(c, show_progress=False)
+  assert (report["rebuilt"], report["removed"], report["shards"]) == ([], ["pics-00002"], 2)
+  assert len(sentences_of(store_root, "pics")) == 4 and len(sentences_of(store_root, "pics-2")) == 6
+  assert_as_if_built_fresh(c, str(tmp_path / "fresh"), report, dataset="pics")
+
+
+def test_sigterm_mid_job_finishes_the_shard_exits_0_and_a_rerun_completes(tmp_path, weights):
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from tests.conftest import REPO  # pylint: disable=g-import-not-at-top
+  root = str(tmp_path / "store")
+  cmd = [sys.executable, "-m", "lvm_jax.make_dataset", "--config", "configs/dataset_demo.py:test",
+         f"--config.store={root}", f"--config.vqgan.weights={weights}", "--config.batch_size=16"]
+  proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for line in proc.stdout:
+    if line.startswith("[1/"):
+      proc.send_signal(signal.SIGTERM)
+      break
+  out = proc.communicate(timeout=120)[0]
+  assert proc.returncode == 0 and "SIGTERM: stopped after" in out, out[-3000:]
+  done = len(os.listdir(os.path.join(root, "done")))
+  assert 1 <= done < len(demo.TASKS) * 3  # stopped early, every written shard complete
+  c = demo_config(root, weights)
+  report = make_dataset.make_dataset(c, show_progress=False)
+  assert report["shards"] == len(demo.TASKS) * 3 and report["rebuilt"] == []
+  assert_as_if_built_fresh(c, str(tmp_path / "fresh"), report)

@@ -6,7 +6,8 @@ Layout under a root (a local path or gs://bucket/prefix, the same code for both)
   shards/<name>/tokens   uint16 [tokens]: the shard's sentences back to back
   shards/<name>/offsets  int64 [sentences + 1]: sentence i is tokens[offsets[i]:offsets[i + 1]]
   shards/<name>/meta     int32 [sentences, 3]: dataset id, task id, images in the sentence
-  done/<name>.json       written last: counts and the dataset / task names the ids index
+  done/<name>.json       written last: counts, the dataset / task names the ids index, and what
+                         the writer adds (make_dataset: a digest of the shard's inputs)
 
 Readers see a shard only once its done/ marker exists, so a job killed mid-shard never leaves a
 half shard visible, and a rerun rewrites that shard from scratch. The markers sit under their own
@@ -80,6 +81,29 @@ def shard_done(root: str, name: str) -> bool:
   return kv.read(f"done/{name}.json").result().state == "value"
 
 
+def done_names(root: str) -> list[str]:
+  """Names of the complete shards, sorted."""
+  kv = ts.KvStore.open(kvstore(root)).result()
+  keys = kv.list(ts.KvStore.KeyRange("done/", "done0")).result()
+  return sorted(k.decode()[len("done/"):-len(".json")] for k in keys)
+
+
+def done_markers(root: str, names: list[str]) -> dict[str, Optional[dict]]:
+  """Each shard's done marker, None where it has none; the reads run concurrently (on GCS, one
+  wait for all of them instead of one per shard)."""
+  kv = ts.KvStore.open(kvstore(root)).result()
+  reads = {name: kv.read(f"done/{name}.json") for name in names}
+  return {name: json.loads(r.result().value) if r.result().state == "value" else None for name, r in reads.items()}
+
+
+def unmark_done(root: str, names: list[str]) -> None:
+  """Deletes these shards' done markers (missing ones are fine): readers stop seeing the shards
+  at once, and their arrays are overwritten when a shard of the same name is written again."""
+  kv = ts.KvStore.open(kvstore(root)).result()
+  for w in [kv.write(f"done/{name}.json", None) for name in names]:  # writing None deletes
+    w.result()
+
+
 class ShardWriter:
   """Collects one shard's sentences in memory and writes it whole on `close()`.
 
@@ -106,8 +130,9 @@ class ShardWriter:
     self.tokens.append(tokens.astype(np.uint16))
     self.meta.append((d, t, tokens.size // tpi))
 
-  def close(self) -> dict:
-    """Writes the arrays, then the done marker; returns the marker's contents."""
+  def close(self, extra: Optional[dict] = None) -> dict:
+    """Writes the arrays, then the done marker (with the fields of `extra` too, e.g. what the
+    shard was built from); returns the marker's contents."""
     lengths = np.array([len(t) for t in self.tokens], np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     tokens = np.concatenate(self.tokens) if self.tokens else np.zeros(0, np.uint16)
@@ -126,7 +151,7 @@ class ShardWriter:
     for w in writes:
       w.result()
     marker = {"sentences": len(self.meta), "tokens": int(offsets[-1]),
-              "datasets": list(self.datasets), "tasks": list(self.tasks)}
+              "datasets": list(self.datasets), "tasks": list(self.tasks), **(extra or {})}
     kv = ts.KvStore.open(base).result()
     kv.write(f"done/{self.name}.json", json.dumps(marker).encode()).result()
     return marker
@@ -146,8 +171,7 @@ class Store:
     if manifest is None:
       raise StoreError(f"{root}: no {MANIFEST}; not a token store (make one with python -m lvm_jax.make_dataset)")
     self.manifest = Manifest(**manifest)
-    names = sorted(k.decode()[len("done/"):-len(".json")]
-                   for k in kv.list(ts.KvStore.KeyRange("done/", "done0")).result())
+    names = done_names(root)
     if not names:
       raise StoreError(f"{root}: the store has no complete shard yet")
     self.shards, offsets, metas, self.datasets, self.tasks = [], [], [], [], []
