@@ -91,6 +91,24 @@ def _name(path: tuple) -> str:
   return "/".join(str(k) for k in keys)
 
 
+def _move(src: str, dst: str) -> None:
+  """Renames a directory; on gs://, which has no directories, copies its objects then deletes them
+  (what `gsutil mv` does), so an interrupted move leaves a full copy behind, never a partial one."""
+  if "://" not in src:
+    os.rename(src, dst)
+    return
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  bucket, _, prefix = src[len("gs://"):].partition("/")
+  new_prefix = dst[len("gs://"):].partition("/")[2]
+  kv = ts.KvStore.open({"driver": "gcs", "bucket": bucket, "path": ""}).result()
+  keys = [k.decode() for k in kv.list(ts.KvStore.KeyRange(prefix + "/", prefix + "0")).result()]
+  for key in keys:
+    kv.write(new_prefix + key[len(prefix):], kv.read(key).result().value).result()
+  kv.delete_range(ts.KvStore.KeyRange(prefix + "/", prefix + "0")).result()
+  # Orbax lists steps through etils.epath's gcsfs instance, which caches listings.
+  epath.backend.fsspec_backend.fs(dst).invalidate_cache()
+
+
 class Checkpointer:
   """Keeps the newest `keep` checkpoints under `directory`, each {state, data, fingerprint}."""
 
@@ -177,7 +195,7 @@ class Checkpointer:
       n = 1
       while dst.exists():
         dst, n = epath.Path(self.directory + ".damaged") / f"{step}.{n}", n + 1
-      src.rename(dst)
+      _move(str(src), str(dst))
       (epath.Path(str(dst) + ".reason.txt")).write_text(reason + "\n")
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"checkpoint_move_aside_{step}")
@@ -196,7 +214,6 @@ class Checkpointer:
       except Damaged as e:
         where = self.move_aside(step, str(e))
         logging.warning("checkpoint step %d is damaged (%s): moved to %s", step, e, where)
-        print(f"warning: checkpoint step {step} is damaged ({e}): moved to {where}", flush=True)
         moved.append(step)
     if moved:
       raise CheckpointError(f"no checkpoint in {self.directory} verifies (steps {', '.join(map(str, moved))} "
