@@ -27,6 +27,8 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from lvm_jax import storage
+
 
 class CheckpointError(ValueError):
   """A checkpoint exists but cannot be restored into this run's state."""
@@ -121,8 +123,8 @@ def _move(src: str, dst: str) -> None:
 class Checkpointer:
   """Keeps the newest `keep` checkpoints under `directory`, each {state, data, fingerprint}."""
 
-  def __init__(self, directory: str, keep: int, every: int):
-    self.every = every
+  def __init__(self, directory: str, keep: int, every: int, deadline_s: float = storage.DEADLINE_S):
+    self.every, self.deadline_s = every, deadline_s
     self.directory = os.path.abspath(directory) if "://" not in directory else directory
     self.manager = ocp.CheckpointManager(
         self.directory,
@@ -141,9 +143,10 @@ class Checkpointer:
     on_interval = force or (self.every > 0 and step % self.every == 0)
     return on_interval and step not in self.manager.all_steps()
 
-  def save(self, step: int, state: Any, data_iter: Any, force: bool = False) -> bool:
+  def save(self, step: int, state: Any, data_iter: Any, force: bool = False, wait: bool = False) -> bool:
     """Saves if `step` is due (or `force`); returns whether it saved. Non-finite state is
-    never written: it raises instead."""
+    never written: it raises instead. Storage outages are retried up to the deadline, then a
+    one-line storage.StorageError; with `wait`, until the step is committed (a run's last save)."""
     if not self.due(step, force):
       return False
     prints, bad = fingerprint(state)
@@ -152,7 +155,20 @@ class Checkpointer:
     items = {"state": ocp.args.StandardSave(state), "fingerprint": ocp.args.JsonSave(prints)}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+
+    def attempt() -> bool:
+      # A failed earlier attempt (or an earlier step's background write) raises here first.
+      if step not in self.manager.all_steps():
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+      if wait:
+        self.manager.wait_until_finished()
+        self.manager.reload()
+        if step not in self.manager.all_steps():
+          raise ConnectionError(f"step {step} was not committed")  # transient: save it again
+      return True
+
+    return storage.retry(attempt, what=f"saving checkpoint step {step} in {self.directory}",
+                         deadline_s=self.deadline_s)
 
   def _check_shapes(self, step: int, abstract_state: Any) -> None:
     """A checkpoint of another architecture is the config's fault, not damage: say so, move nothing."""
@@ -244,7 +260,12 @@ class Checkpointer:
     raise CheckpointError(f"no checkpoint in {self.directory} verifies ({'; '.join(errors)})")
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the pending save; a write that failed in the background is reported in one
+    line (the steps committed before it are intact)."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise storage.StorageError(f"checkpoint write in {self.directory} failed: {storage.first_line(e)}") from None
 
   def close(self) -> None:
     self.manager.close()

@@ -25,7 +25,7 @@ from ml_collections import config_flags
 
 import lvm_jax
 
-from lvm_jax import checkpoint, config, sharding
+from lvm_jax import checkpoint, config, sharding, storage
 from lvm_jax.data import store
 from lvm_jax.kernels import flash_attention
 
@@ -43,7 +43,8 @@ _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "CPU devices per proces
 # else is a bug and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (config.ConfigError, sharding.MeshError,
                                                 checkpoint.CheckpointError, store.StoreError,
-                                                flash_attention.FlashError, PermissionError)
+                                                flash_attention.FlashError, PermissionError,
+                                                storage.StorageError)
 
 
 class Terminated(BaseException):

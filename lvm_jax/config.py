@@ -80,6 +80,7 @@ def lvm_config(d_model: int, ffn: int, layers: int, heads: int) -> ml_collection
 
   c.log_every = 50
   c.max_skipped_steps = 10  # non-finite updates in a row before the run stops (loop.py)
+  c.storage_deadline_s = 600.0  # how long writes to the workdir wait out a storage outage
   c.ckpt_every = 1000
   c.ckpt_keep = 3
   c.peak_tflops = 0.0  # per device; 0 = look up the TPU generation, or measure on CPU
@@ -131,7 +132,7 @@ def vqgan_config(model: dict, image_size: int) -> ml_collections.ConfigDict:
   c.mesh = dict(ici=dict(data=-1, fsdp=1, tensor=1), dcn=dict(data=1, fsdp=1, tensor=1))
   c.rules = DEFAULT_RULES
   c.log_every, c.eval_every = 100, 2000
-  c.max_skipped_steps = 10
+  c.max_skipped_steps, c.storage_deadline_s = 10, 600.0
   c.ckpt_every, c.ckpt_keep = 5000, 3
   return c
 

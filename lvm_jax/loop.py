@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from lvm_jax import checkpoint, cli, metrics, sharding, workdir as workdir_lib
+from lvm_jax import checkpoint, cli, metrics, sharding, storage, workdir as workdir_lib
 
 # Counters in every trainer's state: total skipped updates and the current run of them.
 COUNTERS = ("skipped_steps", "skip_streak")
@@ -114,7 +114,8 @@ def _batches(c: Any, data_iter: Iterator[dict], sharding_: jax.sharding.Sharding
 def run(c: Any, workdir: str, t: Trainer, data_iter: Any, mesh: jax.sharding.Mesh,
         stop_at: Optional[int] = None) -> Any:
   """Restores or initialises, trains to c.steps (or SIGTERM, or `stop_at`); returns the state."""
-  ckpt = checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), c.ckpt_keep, c.ckpt_every)
+  deadline = c.get("storage_deadline_s", storage.DEADLINE_S)
+  ckpt = checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), c.ckpt_keep, c.ckpt_every, deadline)
   with ckpt, jax.set_mesh(mesh), sharding.axis_rules(c.rules):
     workdir_lib.check_data(c, workdir, t.data)  # before anything compiles
     init = jax.jit(t.init, out_shardings=t.state_shardings)
@@ -126,7 +127,7 @@ def run(c: Any, workdir: str, t: Trainer, data_iter: Any, mesh: jax.sharding.Mes
     if stop_at is not None and start >= stop_at:
       print(f"step {start} already reaches --stop_at={stop_at}: nothing to do", flush=True)
       return state
-    with metrics.Writer(workdir, enabled=jax.process_index() == 0, resume_step=start) as writer, \
+    with metrics.Writer(workdir, enabled=jax.process_index() == 0, resume_step=start, deadline_s=deadline) as writer, \
         Preemption(stop_at) as preemption:
       state = _loop(c, workdir, t, state, start, data_iter, ckpt, writer, preemption)
       ckpt.wait()
@@ -156,7 +157,7 @@ def _loop(c: Any, workdir: str, t: Trainer, state: Any, start: int, data_iter: A
     if ckpt.due(step, force=stop or step == c.steps):
       # The one host wait on the current step, at save steps only: is its state a good one?
       if int(jax.device_get(state["skip_streak"])) == 0:
-        ckpt.save(step, state, data_iter, force=True)
+        ckpt.save(step, state, data_iter, force=True, wait=stop or step == c.steps)
       else:
         print(f"step {step}: not saved, its update was skipped (non-finite)", flush=True)
     if stop:

@@ -93,8 +93,8 @@ def record_start(c: ml_collections.ConfigDict, workdir: str, start: int, data: O
   if jax.process_index() != 0:
     return
   history = root / "configs"
-  history.mkdir(parents=True, exist_ok=True)
-  n = len([p for p in history.iterdir() if p.name.endswith(".json")])
+  history.mkdir(parents=True, exist_ok=True)  # a no-op on gs://, where folders exist through their objects
+  n = len([p for p in history.iterdir() if p.name.endswith(".json")]) if history.exists() else 0
   text = json.dumps(new, indent=1)
   (history / f"{n:04d}-step{start}.json").write_text(text)
   (root / "config.json").write_text(text)

@@ -83,3 +83,43 @@ def local_and_emulated(tmp: Path, name: str) -> Iterator[dict[str, str]]:
   finally:
     if proc is not None:
       proc.terminate()
+
+
+class Restartable:
+  """A server that can be stopped and started again on the same port with its objects kept,
+  for tests of how clients ride out an outage.
+
+  The filesystem backend keeps objects under `root` across restarts (the memory backend loses
+  them); the port is fixed at construction so clients that cached the endpoint reconnect.
+  """
+
+  def __init__(self, root: Path, bucket: str = "lvm-test"):
+    self.root, self.bucket, self.port = root, bucket, free_port()
+    self.url = f"http://127.0.0.1:{self.port}"
+    self.env = {"STORAGE_EMULATOR_HOST": self.url, "TENSORSTORE_GCS_HTTP_URL": self.url,
+                "GOOGLE_CLOUD_PROJECT": "lvm-test"}
+    self.proc: Optional[subprocess.Popen] = None
+    (root / bucket).mkdir(parents=True, exist_ok=True)  # a folder under the root is a bucket
+
+  def start(self) -> None:
+    self.proc = subprocess.Popen([str(binary()), "-backend", "filesystem", "-filesystem-root", str(self.root),
+                                  "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
+                                  "-log-level", "error"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 30
+    while True:
+      try:
+        urllib.request.urlopen(f"{self.url}/storage/v1/b/{self.bucket}", timeout=2)
+        return
+      except OSError:
+        if time.time() > deadline or self.proc.poll() is not None:
+          self.stop()
+          raise RuntimeError("fake-gcs-server did not start") from None
+        time.sleep(0.1)
+
+  def stop(self) -> None:
+    """Kills the server: connections are refused, as when a bucket's endpoint is unreachable."""
+    if self.proc is not None:
+      self.proc.kill()
+      self.proc.wait(timeout=10)
+      self.proc = None

@@ -148,3 +148,50 @@ def test_guard_keeps_every_state_entry_but_the_step():
   assert (int(count["skipped_steps"]), int(count["skip_streak"])) == (1, 1)
   took, count = loop.guard(kept, new, jnp.bool_(True))
   assert float(took["w"][0]) == 2.0 and (int(count["skipped_steps"]), int(count["skip_streak"])) == (1, 0)
+
+
+def _train_on_restartable_gcs(tmp_path, *flags):
+  """A tiny run on a gs:// workdir whose emulator is stopped after step 4 (and the process)."""
+  from tests import gcs  # pylint: disable=g-import-not-at-top
+  if gcs.binary() is None:
+    pytest.skip("fake-gcs-server not installed")
+  server = gcs.Restartable(tmp_path / "gcs")
+  server.start()
+  cmd = [sys.executable, "-m", "lvm_jax.train", "--config", "configs/lvm_tiny.py:test", "--workdir=gs://lvm-test/run",
+         "--config.steps=10", "--config.ckpt_every=5", *flags]
+  proc = subprocess.Popen(cmd, cwd=REPO, env={**ENV, **server.env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  for line in proc.stdout:
+    if line.startswith("step 4:"):
+      server.stop()
+      break
+  return server, proc
+
+
+def test_a_gcs_outage_during_training_is_waited_out(tmp_path):
+  from tests import gcs  # pylint: disable=g-import-not-at-top
+  server, proc = _train_on_restartable_gcs(tmp_path)
+  try:
+    time.sleep(5)
+    server.start()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    rows = [json.loads(x) for x in gcs.read(server.env, "gs://lvm-test/run/metrics.jsonl").splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 11))
+    names = gcs.list_objects(server.env, "gs://lvm-test/run/checkpoints/")
+    assert any(n.startswith("run/checkpoints/10/state/") for n in names)
+  finally:
+    proc.kill()
+    server.stop()
+
+
+def test_a_gcs_outage_past_the_deadline_ends_in_one_line(tmp_path):
+  server, proc = _train_on_restartable_gcs(tmp_path, "--config.storage_deadline_s=3")
+  try:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-3000:]
+    assert "storage unreachable for" in err.strip().splitlines()[-1], err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+  finally:
+    proc.kill()
+    server.stop()

