@@ -39,6 +39,9 @@ def configs(workdir: str, quick: bool) -> tuple:
 
 
 def demo(workdir: str, quick: bool = False, count: int = 16) -> dict:
+  # Absolute: the LVM workdir's config.json names the store and the VQGAN, and must mean them from
+  # wherever prompt / evaluate later run.
+  workdir = os.path.abspath(workdir)
   vq, data, lvm = configs(workdir, quick)
   print("[1/5] tiny VQGAN on built-in pictures", flush=True)
   train_vqgan.train_vqgan(vq, os.path.join(workdir, "vqgan"))

@@ -52,6 +52,9 @@ def perplexity(lvm: transformer.Model, root: str, dataset: Optional[str] = None,
   """{"dataset/task": {corpus_ppl, mean_ppl, sentences, tokens}} over the last image of each sentence."""
   store = store_lib.Store(root)
   tpi = store.manifest.tokens_per_image
+  if store.manifest.vocab > lvm.cfg.vocab_size:  # ids past the head would read as NaN perplexity
+    raise config_lib.ConfigError(f"{root} holds token ids up to {store.manifest.vocab - 1}, outside the model's "
+                                 f"vocabulary of {lvm.cfg.vocab_size}: a store of another tokenizer?")
   graphdef, params = nnx.split(lvm)
   nll_fn = jax.jit(_answer_nll, static_argnums=(0, 3))
   groups: dict[str, list[float]] = {}
@@ -132,11 +135,11 @@ def _source_flag(text: Optional[str], default: dict) -> dict:
 
 def _aim_trunk(c: Any, workdir: Optional[str], ml_aim: Optional[str]) -> Any:
   """The AIM trunk of a training workdir, or of an ml-aim v1 safetensors file."""
-  from lvm_jax import train  # pylint: disable=g-import-not-at-top
+  from lvm_jax import load  # pylint: disable=g-import-not-at-top
   from lvm_jax.convert import aim_torch  # pylint: disable=g-import-not-at-top
   from lvm_jax.models import aim  # pylint: disable=g-import-not-at-top
   if not ml_aim:
-    cfg, params, _ = train.load_params(c, workdir)
+    cfg, params, _ = load.load_params(c, workdir)
     trunk, weights = nnx.eval_shape(lambda: aim.Trunk(cfg, nnx.Rngs(0))), params["trunk"]
   else:
     trunk = nnx.eval_shape(lambda: aim.Trunk(aim.Config(**{**c.model, "attention": "auto"}), nnx.Rngs(0)))
@@ -173,6 +176,7 @@ def cli_main() -> None:
   aim_config = flags.DEFINE_string("aim_config", None, "With --ml_aim: the config of its size, e.g. configs/aim_600m.py.")
   count = flags.DEFINE_integer("count", 32, "Held-out sentences per demo task.")
   out = flags.DEFINE_string("out", None, "JSON output path.")
+  vqgan_spec = prompt.define_vqgan_flags()  # LVM: another VQGAN than the workdir's, named by the user
 
   def main(_):
     if bool(workdir.value) == bool(ml_aim.value) or bool(ml_aim.value) != bool(aim_config.value):
@@ -192,8 +196,11 @@ def cli_main() -> None:
       report = {"probe": probing.run(trunk, layers, *splits, steps=probe_steps.value,
                                      max_images=probe_max_images.value)}
     else:
-      p = prompt.from_workdir(workdir.value)
-      root = store.value or c.data.mixture.main.path
+      from lvm_jax import load  # pylint: disable=g-import-not-at-top
+      # The training command's relative store path means the same from any directory.
+      root = store.value or load.resolve(c.data.mixture.main.path, workdir.value, "data.mixture.main.path",
+                                         f" in {workdir.value}/config.json")
+      p = prompt.from_workdir(workdir.value, vqgan_spec())
       report = {"perplexity": perplexity(p.lvm, root, dataset.value, task.value, max_sentences.value)}
       if demo_tasks.value:
         report["tasks"] = task_metrics(p, demo.TASKS, count.value, jax.random.key(0))

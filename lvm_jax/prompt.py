@@ -5,14 +5,15 @@
       --vqgan_weights amused_vqgan.safetensors --images x1.png,y1.png,x2.png --out o.png
 
 The LVM comes from a training workdir (its newest checkpoint and config.json; the VQGAN named in
-that config) or from a Hugging Face directory (convert/hf_llama.py). The images are read as the
-tokenizer job reads them (data/sources.py: any format, squashed to the tokenizer's size); the
-grid has one row per candidate: the prompt, then the generated images.
+that config, read as data by lvm_jax/load.py, or the --vqgan_* flags) or from a Hugging Face
+directory (convert/hf_llama.py). The images are read as the tokenizer job reads them
+(data/sources.py: any format, squashed to the tokenizer's size); the grid has one row per
+candidate: the prompt, then the generated images.
 """
 
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -45,22 +46,30 @@ class Prompter:
 
 
 def from_workdir(workdir: str, vqgan_spec: Optional[dict] = None, batch_size: int = 8) -> Prompter:
-  """The newest checkpoint of an LVM workdir and the VQGAN its config names (or `vqgan_spec`)."""
-  from lvm_jax import train, train_vqgan  # pylint: disable=g-import-not-at-top
+  """The newest checkpoint of an LVM workdir and the VQGAN its config names, or `vqgan_spec`: the
+  caller's own spec (command-line flags), whose config file may run as the user asked."""
+  from lvm_jax import load  # pylint: disable=g-import-not-at-top
   c = config_lib.load_from_workdir(workdir)
-  cfg, params, _ = train.load_params(c, workdir)
-  spec = vqgan_spec or dict(c.vqgan)
-  if not (spec.get("workdir") or spec.get("weights")):
-    raise config_lib.ConfigError(f"{workdir}/config.json names no VQGAN (vqgan.workdir / vqgan.weights): "
-                                 "pass --vqgan_workdir or --vqgan_weights")
-  return _prompter(cfg, params, *train_vqgan.load_vqgan(spec), batch_size)
+  if vqgan_spec:
+    vq = load.load_vqgan(load.vqgan_record(vqgan_spec))
+  else:
+    spec = dict(c.vqgan)
+    if not (spec.get("workdir") or spec.get("weights")):
+      raise config_lib.ConfigError(f"{workdir}/config.json names no VQGAN (vqgan.workdir / vqgan.weights): "
+                                   "pass --vqgan_workdir or --vqgan_weights")
+    # The workdir's record is data: it never runs a file, and its relative paths are the workdir's.
+    vq = load.load_vqgan(spec, relative_to=workdir)
+  cfg, params, _ = load.load_params(c, workdir)  # after the VQGAN: its errors come before a long restore
+  return _prompter(cfg, params, *vq, batch_size)
 
 
 def from_hf(hf_dir: str, vqgan_spec: dict, batch_size: int = 8) -> Prompter:
-  from lvm_jax import train_vqgan  # pylint: disable=g-import-not-at-top
+  """A LlamaForCausalLM directory and the caller's own VQGAN spec (as on the command line)."""
+  from lvm_jax import load  # pylint: disable=g-import-not-at-top
   from lvm_jax.convert import hf_llama  # pylint: disable=g-import-not-at-top
+  vq = load.load_vqgan(load.vqgan_record(vqgan_spec))
   cfg, params = hf_llama.load_pretrained(hf_dir)
-  return _prompter(cfg, params, *train_vqgan.load_vqgan(vqgan_spec), batch_size)
+  return _prompter(cfg, params, *vq, batch_size)
 
 
 def _prompter(cfg: transformer.Config, params: Any, vq: vqgan.Model, image_size: int, batch_size: int) -> Prompter:
@@ -95,13 +104,28 @@ def read_images(paths: list[str], size: int) -> np.ndarray:
   return np.stack(images)
 
 
+def define_vqgan_flags() -> Callable[[], Optional[dict]]:
+  """--vqgan_workdir, --vqgan_weights, --vqgan_config, --vqgan_layout (prompt and evaluate); returns
+  what gives their spec once parsed, None without them (the LVM workdir's own VQGAN)."""
+  vq_workdir = flags.DEFINE_string("vqgan_workdir", None, "VQGAN train_vqgan workdir (default: the LVM config's).")
+  vq_weights = flags.DEFINE_string("vqgan_weights", None, "Or: VQGAN safetensors weights (with --vqgan_config).")
+  vq_config = flags.DEFINE_string("vqgan_config", None, "VQGAN config file for --vqgan_weights (it is run: "
+                                  "name only a file you trust).")
+  vq_layout = flags.DEFINE_enum("vqgan_layout", "diffusers", ["diffusers", "muse"], "Layout of --vqgan_weights.")
+
+  def spec() -> Optional[dict]:
+    if not (vq_workdir.value or vq_weights.value):
+      return None
+    return dict(config=vq_config.value or "", workdir=vq_workdir.value or "", weights=vq_weights.value or "",
+                layout=vq_layout.value)
+
+  return spec
+
+
 def cli_main() -> None:
   workdir = flags.DEFINE_string("workdir", None, "LVM training workdir (checkpoints + config.json).")
   hf = flags.DEFINE_string("hf", None, "Or: a LlamaForCausalLM directory with safetensors weights.")
-  vq_workdir = flags.DEFINE_string("vqgan_workdir", None, "VQGAN train_vqgan workdir (default: the LVM config's).")
-  vq_weights = flags.DEFINE_string("vqgan_weights", None, "Or: VQGAN safetensors weights (with --vqgan_config).")
-  vq_config = flags.DEFINE_string("vqgan_config", None, "VQGAN config file for --vqgan_weights.")
-  vq_layout = flags.DEFINE_enum("vqgan_layout", "diffusers", ["diffusers", "muse"], "Layout of --vqgan_weights.")
+  vqgan_spec = define_vqgan_flags()
   images = flags.DEFINE_list("images", None, "Prompt images, in sentence order.")
   out = flags.DEFINE_string("out", None, "Output PNG: prompt | generated, one row per candidate.")
   new_images = flags.DEFINE_integer("new_images", 1, "Images to generate.")
@@ -112,10 +136,7 @@ def cli_main() -> None:
   seed = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
   def main(_):
-    spec = None
-    if vq_workdir.value or vq_weights.value:
-      spec = dict(config=vq_config.value or "", workdir=vq_workdir.value or "", weights=vq_weights.value or "",
-                  layout=vq_layout.value)
+    spec = vqgan_spec()
     if bool(workdir.value) == bool(hf.value):
       raise config_lib.ConfigError("give exactly one of --workdir and --hf")
     if hf.value and spec is None:

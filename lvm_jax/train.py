@@ -6,7 +6,6 @@ non-finite guard, checkpoints, preemption). Restarting with the same workdir res
 newest checkpoint that verifies, data iterator included; SIGTERM saves a checkpoint and exits 0.
 """
 
-import dataclasses
 import functools
 import importlib
 from typing import Any
@@ -16,12 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import flags
-from etils import epath
 from flax import nnx
 
-from lvm_jax import checkpoint, cli, config as config_lib, loop, metrics, optim, sharding, workdir as workdir_lib
+from lvm_jax import checkpoint, cli, config as config_lib, load, loop, metrics, optim, sharding, workdir as workdir_lib
 from lvm_jax.kernels import attention
-from lvm_jax.models import transformer
 
 
 
@@ -134,26 +131,14 @@ def jit_train_step(c: Any, b: dict) -> Any:
       donate_argnums=0)
 
 
-# ---------------------------------------------------------------------------- the loop
-
-
-def load_params(c: Any, workdir: str) -> tuple[transformer.Config, dict, int]:
-  """(model config, params as numpy pure dicts, step) of the newest checkpoint in a workdir."""
-  mesh = sharding.make_mesh(c.mesh)
-  b = build(c, mesh)
-  with checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), c.ckpt_keep, c.ckpt_every) as ckpt:
-    state, step = ckpt.restore_latest(b["abstract_state"])
-  inference = {"attention": "auto", **({"remat": "none"} if hasattr(b["model_cfg"], "remat") else {})}
-  model_cfg = dataclasses.replace(b["model_cfg"], **inference)
-  return model_cfg, jax.tree.map(np.asarray, state["params"]), step
-
-
 def train(c: Any, workdir: str, stop_at: int | None = None) -> dict:
   """Trains to c.steps (or until SIGTERM, or `stop_at`); returns the final state."""
   config_lib.validate(c)
   workdir_lib.check_writable(workdir)
   with c.unlocked():
     workdir_lib.absolute_paths(c)
+    if "vqgan" in c:  # the tokenizer as data (architecture, absolute paths): tools never run its file
+      c.vqgan = load.vqgan_record(c.vqgan)
   mesh = sharding.make_mesh(c.mesh)
   sharding.check_batch(c.global_batch, c.grad_accum, mesh, c.rules)
   data_module = importlib.import_module(f"lvm_jax.data.{c.data.name}")

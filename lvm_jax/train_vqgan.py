@@ -22,11 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import flags
-from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lvm_jax import checkpoint, cli, config as config_lib, loop, metrics, sharding, workdir as workdir_lib
+from lvm_jax import checkpoint, cli, loop, metrics, sharding, workdir as workdir_lib
 from lvm_jax.data import images as images_lib
 from lvm_jax.models import discriminator, lpips, vqgan
 
@@ -158,33 +157,6 @@ def train_vqgan(c: Any, workdir: str, stop_at: int | None = None) -> dict:
                          batch_sharding=b["batch_sharding"], step_fn=step_fn, row=row, evaluate=held_out_eval,
                          eval_every=c.eval_every)
   return loop.run(c, workdir, trainer, data_iter, mesh, stop_at)
-
-
-def load_ema(c: Any, workdir: str) -> vqgan.Model:
-  """The EMA generator of the newest checkpoint in a train_vqgan workdir, on this process's devices."""
-  mesh = sharding.make_mesh(c.mesh, jax.local_devices())
-  b = build(c, mesh)
-  with checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), c.ckpt_keep, c.ckpt_every) as ckpt:
-    state, _ = ckpt.restore_latest(b["abstract_state"])
-  model = nnx.eval_shape(lambda: vqgan.Model(b["cfg"], rngs=nnx.Rngs(0)))
-  nnx.update(model, state["ema"])
-  return model
-
-
-def load_vqgan(spec: Any) -> tuple[vqgan.Model, int]:
-  """(model, image size) from a spec dict(config=FILE, workdir=W, weights=FILE, layout=...):
-  safetensors weights (e.g. the released amused tokenizer) if given, else W's EMA generator."""
-  from lvm_jax.convert import vqgan_torch  # pylint: disable=g-import-not-at-top
-  vq_config = config_lib.load_file(spec["config"]) if spec.get("config") else config_lib.load_from_workdir(spec["workdir"])
-  if not spec.get("weights"):
-    return load_ema(vq_config, spec["workdir"]), vq_config.image_size
-  cfg = vqgan.Config(**vq_config.model)
-  model = vqgan.Model(cfg, rngs=nnx.Rngs(0))
-  try:
-    nnx.update(model, vqgan_torch.load_safetensors(spec["weights"], cfg, spec.get("layout", "diffusers")))
-  except (OSError, vqgan_torch.WeightsError) as e:
-    raise config_lib.ConfigError(f"vqgan.weights={spec['weights']}: {e}") from None
-  return model, vq_config.image_size
 
 
 def cli_main() -> None:

@@ -34,6 +34,21 @@ def binary() -> Optional[Path]:
       f"fake-gcs-server-linux-*{arch}"), None)
 
 
+def _wait_until_up(proc: subprocess.Popen, url: str, bucket: str) -> None:
+  """Polls the bucket until the server answers; kills it and raises if it never does."""
+  deadline = time.time() + 30
+  while True:
+    try:
+      urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}", timeout=2)
+      return
+    except OSError:
+      if time.time() > deadline or proc.poll() is not None:
+        proc.kill()
+        proc.wait(timeout=10)
+        raise RuntimeError("fake-gcs-server did not start") from None
+      time.sleep(0.1)
+
+
 def start(data: Path, bucket: str = "lvm-test") -> tuple[subprocess.Popen, dict]:
   """Starts the server with an empty `bucket`; returns it and the environment that points
   gcsfs, google-cloud-storage and TensorStore at it."""
@@ -43,16 +58,7 @@ def start(data: Path, bucket: str = "lvm-test") -> tuple[subprocess.Popen, dict]
                            "-port", str(port), "-data", str(data), "-log-level", "error"],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   url = f"http://127.0.0.1:{port}"
-  deadline = time.time() + 30
-  while True:
-    try:
-      urllib.request.urlopen(f"{url}/storage/v1/b/{bucket}", timeout=2)
-      break
-    except OSError:
-      if time.time() > deadline or proc.poll() is not None:
-        proc.kill()
-        raise RuntimeError("fake-gcs-server did not start") from None
-      time.sleep(0.2)
+  _wait_until_up(proc, url, bucket)
   return proc, {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_CLOUD_PROJECT": "lvm-test"}
 
 
@@ -106,16 +112,11 @@ class Restartable:
                                   "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
                                   "-log-level", "error"],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 30
-    while True:
-      try:
-        urllib.request.urlopen(f"{self.url}/storage/v1/b/{self.bucket}", timeout=2)
-        return
-      except OSError:
-        if time.time() > deadline or self.proc.poll() is not None:
-          self.stop()
-          raise RuntimeError("fake-gcs-server did not start") from None
-        time.sleep(0.1)
+    try:
+      _wait_until_up(self.proc, self.url, self.bucket)
+    except RuntimeError:
+      self.proc = None
+      raise
 
   def stop(self) -> None:
     """Kills the server: connections are refused, as when a bucket's endpoint is unreachable."""

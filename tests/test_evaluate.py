@@ -114,3 +114,12 @@ def test_flag_mistakes_are_one_line_errors(flags, error):
   r = subprocess.run([sys.executable, "-m", "lvm_jax.evaluate", *flags], cwd=REPO, capture_output=True, text=True,
                      timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode != 0 and error in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_perplexity_refuses_a_store_beyond_the_models_vocabulary(tmp_path):
+  from lvm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from tests.test_workdir import _store  # pylint: disable=g-import-not-at-top
+  root = _store(str(tmp_path / "store"), "tok-a", vocab=256)
+  lvm = transformer.Model(transformer.Config(d_model=32, ffn=64, layers=1, heads=2, vocab_size=100), rngs=nnx.Rngs(0))
+  with pytest.raises(config_lib.ConfigError, match="holds token ids up to 255, outside the model's vocabulary of 100"):
+    evaluate.perplexity(lvm, root)

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from lvm_jax import prompt, train
+from lvm_jax import load, prompt, train
 from lvm_jax.convert import vqgan_torch
 from lvm_jax.models import vqgan
 from tests.conftest import REPO, load_config
@@ -28,7 +28,8 @@ def lvm_workdir(tmp_path_factory):
   c = load_config("lvm_tiny", "test")
   c.model.vocab_size, c.tokens_per_image, c.seq_len = 256, 64, 128
   c.steps, c.optim.warmup = 2, 1
-  c.vqgan = dict(config=VQ_CONFIG, workdir="", weights=weights, layout="diffusers")
+  # What training stores of the user's spec: absolute paths, the architecture as data.
+  c.vqgan = load.vqgan_record(dict(config=VQ_CONFIG, workdir="", weights=weights, layout="diffusers"))
   train.train(c, str(root / "lvm"))
   return str(root / "lvm"), weights
 
@@ -76,7 +77,7 @@ def test_hf_export_prompts_like_the_workdir(lvm_workdir, tmp_path):
   from lvm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from lvm_jax.convert import hf_llama  # pylint: disable=g-import-not-at-top
   workdir, weights = lvm_workdir
-  cfg, params, _ = train.load_params(config_lib.load_from_workdir(workdir), workdir)
+  cfg, params, _ = load.load_params(config_lib.load_from_workdir(workdir), workdir)
   hf_llama.save_pretrained(params, cfg, str(tmp_path / "hf"), codes=256)
   spec = dict(config=VQ_CONFIG, workdir="", weights=weights, layout="diffusers")
   greedy = lambda p: p.continue_images(pictures(2), 1, jax.random.key(0), temperature=0.0)

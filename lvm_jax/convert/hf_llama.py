@@ -120,14 +120,14 @@ def load_pretrained(hf_dir: str, dtype: str = "float32") -> tuple[transformer.Co
 
 def cli_main() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from lvm_jax import cli, train  # pylint: disable=g-import-not-at-top
+  from lvm_jax import cli, load  # pylint: disable=g-import-not-at-top
   config = cli.define_config()
   workdir = flags.DEFINE_string("workdir", None, "Training workdir whose newest checkpoint is exported.")
   out = flags.DEFINE_string("out", None, "Output directory for LlamaForCausalLM.from_pretrained.")
   codes = flags.DEFINE_integer("codes", 8192, "VQGAN codebook size: generation never leaves [0, codes).")
 
   def main(_):
-    model_cfg, params, step = train.load_params(config.value, workdir.value)
+    model_cfg, params, step = load.load_params(config.value, workdir.value)
     save_pretrained(params, model_cfg, out.value, codes.value, config.value.seq_len)
     print(f"step {step} of {workdir.value} -> {out.value} (LlamaForCausalLM, {transformer.count_params(model_cfg):,} params)")
 

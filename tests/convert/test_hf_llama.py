@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lvm_jax import train
+from lvm_jax import load, train
 from lvm_jax.convert import hf_llama
 from lvm_jax.models import transformer
 
@@ -78,7 +78,7 @@ def test_round_trip_is_exact(tmp_path):
 def test_training_checkpoint_exports(tiny_config, tmp_path):
   tiny_config.steps, tiny_config.optim.warmup = 2, 1
   train.train(tiny_config, str(tmp_path / "run"))
-  cfg, params, step = train.load_params(tiny_config, str(tmp_path / "run"))
+  cfg, params, step = load.load_params(tiny_config, str(tmp_path / "run"))
   assert step == 2
   hf_llama.save_pretrained(params, cfg, str(tmp_path / "hf"), codes=32)
   hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()
