@@ -197,6 +197,9 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+      # Reads may finish after restore returns; a failed one must raise here, not in the next
+      # computation that uses the array.
+      jax.block_until_ready(restored.state)
     except Exception as e:  # pylint: disable=broad-except
       # Orbax and TensorStore raise plain Exceptions with multi-page specs: keep the first line.
       raise Damaged(f"unreadable: {_first_line(e)}") from None

@@ -138,7 +138,7 @@ def _loop(c: Any, workdir: str, t: Trainer, state: Any, start: int, data_iter: A
           ckpt: checkpoint.Checkpointer, writer: metrics.Writer, preemption: Preemption) -> Any:
   """The steps. A logged step's metrics are fetched after the next step is dispatched, and every
   step's health one step late, so the device always has the next step queued."""
-  pending, previous, clock = None, None, (time.perf_counter(), start)
+  pending, previous, clock, step = None, None, (time.perf_counter(), start), start
   health_keys = (*COUNTERS, "bad_ids")
   for step, batch in zip(range(start + 1, c.steps + 1), _batches(c, data_iter, t.batch_sharding)):
     state, m = t.step_fn(state, batch)
@@ -161,12 +161,13 @@ def _loop(c: Any, workdir: str, t: Trainer, state: Any, start: int, data_iter: A
       else:
         print(f"step {step}: not saved, its update was skipped (non-finite)", flush=True)
     if stop:
-      print(f"stopping early: saved step {ckpt.latest_step()} in {workdir}", flush=True)
       break
   if previous is not None:
     _check(previous[0], jax.device_get(previous[1]), c, ckpt.latest_step())
   if pending is not None:
     _write(writer, pending, clock, t)
+  if step < c.steps:  # the last line says why the run ended early
+    print(f"stopping early: saved step {ckpt.latest_step()} in {workdir}", flush=True)
   return state
 
 
