@@ -77,19 +77,19 @@ def _leaf_fingerprint(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return total, finite
 
 
-# One small program per (shape, dtype, sharding), not one over the whole tree: a state has
-# hundreds of arrays but a few dozen kinds, so compiling is seconds faster, and the cache serves
-# every tree of the process (params, moments, EMA; training and loading).
-_leaf_fingerprint_jit = jax.jit(_leaf_fingerprint)
+@jax.jit
+def _fingerprints(state: Any) -> tuple[Any, Any]:
+  # Two maps, not one map of pairs: optax states are tuples themselves.
+  return (jax.tree.map(lambda x: _leaf_fingerprint(x)[0], state),
+          jax.tree.map(lambda x: _leaf_fingerprint(x)[1], state))
 
 
 def fingerprint(state: Any) -> tuple[dict[str, int], list[str]]:
   """({array path: checksum}, paths of arrays holding NaN or inf) of a state."""
-  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
-  results = jax.device_get([_leaf_fingerprint_jit(x) for _, x in leaves])  # all dispatched, then one wait
-  paths = [jax.tree_util.keystr(p) for p, _ in leaves]
-  bad = [p for p, (_, ok) in zip(paths, results) if not ok]
-  return {p: int(total) for p, (total, _) in zip(paths, results)}, bad
+  totals, finite = jax.device_get(_fingerprints(state))
+  paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
+  bad = [p for p, ok in zip(paths, jax.tree.leaves(finite)) if not ok]
+  return {p: int(t) for p, t in zip(paths, jax.tree.leaves(totals))}, bad
 
 
 def _name(path: tuple) -> str:
