@@ -3,10 +3,13 @@
 import json
 import os
 
+import pytest
+
 from lvm_jax import demo
 from lvm_jax.data import demo as demo_data
 
 
+@pytest.mark.slow  # ~2 min: every stage of the demo
 def test_quick_demo_runs_every_stage(tmp_path):
   result = demo.demo(str(tmp_path), quick=True, count=2)
   assert set(result["tasks"]) == set(demo_data.TASKS)

@@ -50,6 +50,7 @@ def test_task_metrics_report_model_and_baseline():
   assert m["colorization"]["metric"] == "mse" and m["colorization"]["baseline"] > 0
 
 
+@pytest.mark.slow  # ~2 min: probes trained to convergence
 def test_aim_probe_reports_against_pixels_and_a_random_trunk(tmp_path):
   """python -m lvm_jax.evaluate on an AIM workdir: the attentive probe on digits, next to a
   linear probe on raw pixels and the same probe on an untrained trunk; the trunk exported to

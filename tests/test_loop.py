@@ -181,6 +181,7 @@ def _train_on_restartable_gcs(tmp_path, *flags):
   return server, proc
 
 
+@pytest.mark.slow  # ~20 s: a gs:// run with a restart
 def test_a_gcs_outage_during_training_is_waited_out(tmp_path):
   from tests import gcs  # pylint: disable=g-import-not-at-top
   server, proc = _train_on_restartable_gcs(tmp_path)

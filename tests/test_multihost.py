@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.conftest import REPO
 
@@ -33,6 +34,7 @@ def test_two_processes_match_one(tmp_path):
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(data_dir))
 
 
+@pytest.mark.slow  # ~1 min: two AIM runs of 2 processes and of 1
 def test_two_processes_pretrain_aim_like_one(tmp_path):
   """Each process decodes only its rows of every batch from an image folder; together they are the
   one process's batches (a corrupt file is replaced alike)."""

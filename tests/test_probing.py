@@ -61,6 +61,7 @@ def test_test_classes_are_numbered_as_the_train_folders(tmp_path):
     probing._align(te, tr)
 
 
+@pytest.mark.slow  # ~25 s
 def test_probe_on_an_image_folder_learns_the_classes(tmp_path):
   stripes(tmp_path / "train", 128, 1)
   stripes(tmp_path / "test", 64, 2)

@@ -22,6 +22,7 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow  # ~2.5 min: 180 VQGAN steps
 def test_tiny_vqgan_learns_and_resumes(tmp_path):
   c = load_config("vqgan_tiny", "test")
   with pytest.warns(UserWarning, match="perceptual weight is 0"):
