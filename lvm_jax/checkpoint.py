@@ -8,10 +8,9 @@ committed on gs://), so a killed job restarts from the last whole checkpoint.
 Every save also commits, as a third item of the step, a fingerprint of each array computed on
 the devices (a wrapping uint32 sum of the array's bits weighted by position: any flipped bit
 changes it, and so does, but for a 2^-32 chance, any other damage) and refuses state that is not
-finite. A restore
-recomputes the fingerprints; a step that does not restore or does not match is moved aside to
-`<directory>.damaged/` (renamed, never deleted) with a one-line warning, and the run resumes
-from the newest step that verifies.
+finite. A restore recomputes the fingerprints; a step that does not restore or does not match is
+moved aside to `<directory>.damaged/` (renamed, never deleted) with a one-line warning, and the
+run resumes from the newest step that verifies.
 """
 
 import os

@@ -52,11 +52,8 @@ class Terminated(BaseException):
 
 
 def _raise_terminated(*_) -> None:
-  _note_terminated()
+  lvm_jax.note_sigterm()
   raise Terminated()
-
-
-_note_terminated = lvm_jax.note_sigterm  # the handler lvm_jax/__init__.py installs at import
 
 
 def terminated() -> bool:
@@ -67,7 +64,7 @@ def terminated() -> bool:
 @contextlib.contextmanager
 def stop_requests() -> Iterator[None]:
   """Within: SIGTERM only sets the flag `terminated()` reads; the caller stops when it can."""
-  previous = signal.signal(signal.SIGTERM, _note_terminated)
+  previous = signal.signal(signal.SIGTERM, lvm_jax.note_sigterm)  # what lvm_jax/__init__.py installs
   try:
     yield
   finally:

@@ -141,14 +141,6 @@ class ConfigError(ValueError):
   """A config that cannot run; the message names the key and the allowed values."""
 
 
-def save_to_workdir(c: ml_collections.ConfigDict, workdir: str) -> None:
-  """workdir/config.json: what prompting, evaluation and export read back (process 0 writes)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  if jax.process_index() == 0:
-    (epath.Path(workdir) / "config.json").write_text(c.to_json(indent=1))
-
-
 def load_from_workdir(workdir: str) -> ml_collections.ConfigDict:
   """The config a trainer saved in its workdir; JSON lists come back as tuples, as written."""
   import json  # pylint: disable=g-import-not-at-top

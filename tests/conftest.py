@@ -43,6 +43,20 @@ def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
   return config_lib.load_file(os.path.join(REPO, "configs", f"{name}.py") + (f":{arg}" if arg else ""))
 
 
+def sigterm_on(cmd: list[str], prefix: str, env: dict, timeout: float = 120) -> tuple[int, str]:
+  """Runs an entry point from the repo, sends SIGTERM when a line of its output starts with
+  `prefix`, and returns (exit status, stdout and stderr together)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for line in proc.stdout:
+    if line.startswith(prefix):
+      proc.send_signal(signal.SIGTERM)
+      break
+  out = proc.communicate(timeout=timeout)[0]
+  return proc.returncode, out
+
+
 @pytest.fixture
 def tiny_config() -> ml_collections.ConfigDict:
   """lvm_tiny shrunk further so a training test takes seconds on 8 fake devices."""

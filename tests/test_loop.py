@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from lvm_jax import checkpoint, loop, sharding, train, train_vqgan
-from tests.conftest import REPO, load_config
+from tests.conftest import REPO, load_config, sigterm_on
 
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
 
@@ -134,13 +134,8 @@ def _vqgan_config():
 def test_vqgan_sigterm_saves_exits_0_and_the_resume_equals_the_uninterrupted_run(tmp_path):
   cmd = [sys.executable, "-m", "lvm_jax.train_vqgan", "--config", "configs/vqgan_tiny.py:test",
          f"--workdir={tmp_path / 'b'}", "--cpu_devices=8", *(f"--config.{k}={v}" for k, v in VQGAN_FLAGS.items())]
-  proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  for line in proc.stdout:
-    if line.startswith("step 2:"):
-      proc.send_signal(signal.SIGTERM)
-      break
-  out = proc.communicate(timeout=300)[0]
-  assert proc.returncode == 0, out[-3000:]
+  returncode, out = sigterm_on(cmd, "step 2:", ENV, timeout=300)
+  assert returncode == 0, out[-3000:]
   saved = [int(s) for s in os.listdir(tmp_path / "b" / "checkpoints") if s.isdigit()]
   assert len(saved) == 1 and 2 <= saved[0] < 8 and f"saved step {saved[0]}" in out, (saved, out[-2000:])
   with pytest.warns(UserWarning, match="perceptual weight is 0"):

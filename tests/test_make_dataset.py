@@ -242,21 +242,13 @@ def test_a_shrunk_source_leaves_no_stale_shard_visible(tmp_path, weights, store_
 
 
 def test_sigterm_mid_job_finishes_the_shard_exits_0_and_a_rerun_completes(tmp_path, weights):
-  import signal  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  from tests.conftest import REPO  # pylint: disable=g-import-not-at-top
+  from tests.conftest import sigterm_on  # pylint: disable=g-import-not-at-top
   root = str(tmp_path / "store")
   cmd = [sys.executable, "-m", "lvm_jax.make_dataset", "--config", "configs/dataset_demo.py:test",
          f"--config.store={root}", f"--config.vqgan.weights={weights}", "--config.batch_size=16"]
-  proc = subprocess.Popen(cmd, cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  for line in proc.stdout:
-    if line.startswith("[1/"):
-      proc.send_signal(signal.SIGTERM)
-      break
-  out = proc.communicate(timeout=120)[0]
-  assert proc.returncode == 0 and "SIGTERM: stopped after" in out, out[-3000:]
+  returncode, out = sigterm_on(cmd, "[1/", dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+  assert returncode == 0 and "SIGTERM: stopped after" in out, out[-3000:]
   done = len(os.listdir(os.path.join(root, "done")))
   assert 1 <= done < len(demo.TASKS) * 3  # stopped early, every written shard complete
   c = demo_config(root, weights)

@@ -12,7 +12,7 @@ import pytest
 
 from lvm_jax import config as config_lib, sharding, train
 from tests import gcs
-from tests.conftest import REPO, load_config
+from tests.conftest import REPO, load_config, sigterm_on
 
 
 def _metrics(workdir):
@@ -115,14 +115,8 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   cmd = [sys.executable, "-m", "lvm_jax.train", "--config", os.path.join(REPO, "configs/lvm_tiny.py"),
          f"--workdir={tmp_path}", "--config.steps=100000", "--config.log_every=1",
          "--config.ckpt_every=0", "--config.peak_tflops=1"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  for line in proc.stdout:
-    if line.startswith("step 3:"):
-      proc.send_signal(signal.SIGTERM)
-      break
-  out = proc.communicate(timeout=120)[0]
-  assert proc.returncode == 0, out
+  returncode, out = sigterm_on(cmd, "step 3:", dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+  assert returncode == 0, out
   saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
   assert len(saved) == 1 and saved[0] >= 3, (saved, out)
   assert f"saved step {saved[0]}" in out

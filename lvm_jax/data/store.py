@@ -76,11 +76,6 @@ def create(root: str, manifest: Manifest) -> None:
                      "use a new path or the same tokenizer")
 
 
-def shard_done(root: str, name: str) -> bool:
-  kv = ts.KvStore.open(kvstore(root)).result()
-  return kv.read(f"done/{name}.json").result().state == "value"
-
-
 def done_names(root: str) -> list[str]:
   """Names of the complete shards, sorted."""
   kv = ts.KvStore.open(kvstore(root)).result()

@@ -63,7 +63,8 @@ def test_a_shard_without_its_done_marker_is_invisible(root):
   kv = ts.KvStore.open(store.kvstore(root)).result()
   kv.delete_range(ts.KvStore.KeyRange("done/00001.json", "done/00001.json\0")).result()
   assert len(store.Store(root)) == 4
-  assert store.shard_done(root, "00000") and not store.shard_done(root, "00001")
+  markers = store.done_markers(root, ["00000", "00001"])
+  assert markers["00000"] is not None and markers["00001"] is None
 
 
 def test_bad_stores_and_sentences_are_one_line(tmp_path):
