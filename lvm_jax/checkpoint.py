@@ -13,7 +13,9 @@ moved aside to `<directory>.damaged/` (renamed, never deleted) with a one-line w
 run resumes from the newest step that verifies.
 """
 
+import logging as std_logging
 import os
+import sys
 from typing import Any, Callable, Optional
 
 import grain
@@ -25,6 +27,28 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from lvm_jax import storage
+
+
+def _drop_failed_read_echoes() -> None:
+  """When one array of a restore fails to read, orbax raises that error and closes its event loop;
+  the reads still in flight then fail too, and Python prints each of them (a TensorStore spec of
+  ~100 lines, 'Event loop is closed' from the thread pool) long after the restore has raised the
+  one error that matters. Those echoes are dropped; every other warning passes."""
+  def is_echo(exc: BaseException | None, obj: Any = None) -> bool:
+    return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed") or (
+        getattr(obj, "__qualname__", "").endswith("_read_array_index_and_device_put"))
+
+  class Filter(std_logging.Filter):
+    def filter(self, record: std_logging.LogRecord) -> bool:
+      return not (record.exc_info and is_echo(record.exc_info[1]))
+
+  std_logging.getLogger("concurrent.futures").addFilter(Filter())
+  std_logging.getLogger("asyncio").addFilter(Filter())
+  previous = sys.unraisablehook
+  sys.unraisablehook = lambda u: None if is_echo(u.exc_value, u.object) else previous(u)
+
+
+_drop_failed_read_echoes()
 
 
 class CheckpointError(ValueError):
