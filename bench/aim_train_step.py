@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 from lvm_jax import config as config_lib, metrics, sharding, train  # noqa: E402
+from lvm_jax.models import aim  # noqa: E402
 
 
 def main() -> None:
@@ -40,16 +41,16 @@ def main() -> None:
   batch = {"images": rng.integers(0, 256, (args.batch, args.image, args.image, 3), dtype=np.uint8),
            "prefix": rng.integers(1, c.seq_len, args.batch).astype(np.int32)}
   with jax.set_mesh(mesh), sharding.axis_rules(c.rules):
-    state = [jax.jit(b["init"], out_shardings=b["state_shardings"])(jax.random.key(0))]
+    state = [jax.jit(b.init, out_shardings=b.state_shardings)(jax.random.key(0))]
     step = train.jit_train_step(c, b)
-    batch = {k: jax.device_put(v, b["batch_sharding"]) for k, v in batch.items()}
+    batch = {k: jax.device_put(v, b.batch_sharding) for k, v in batch.items()}
 
     def run():
       state[0], m = step(state[0], batch)
       jax.block_until_ready(m["loss"])
 
     seconds = median_seconds(run, args.reps, warmup=1)
-  flops = metrics.train_flops_per_step(b["model_cfg"], c.seq_len, c.global_batch)
+  flops = aim.flops_per_step(c)
   peak = metrics.measured_peak_flops("float32")
   print(f"AIM width {args.width}, depth {args.depth}, {c.seq_len} patches of {c.model.patch}px, head 4 x 512/2048, "
         f"batch {args.batch}, fp32, {os.cpu_count()} CPU cores, jax {jax.__version__}")

@@ -38,7 +38,7 @@ def main() -> None:
   mesh = sharding.make_mesh(c.mesh)
   b = train.build(c, mesh)
   with jax.set_mesh(mesh), sharding.axis_rules(c.rules):
-    state = jax.jit(b["init"], out_shardings=b["state_shardings"])(jax.random.key(0))
+    state = jax.jit(b.init, out_shardings=b.state_shardings)(jax.random.key(0))
     nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
     print(f"state: {sum(x.size for x in jax.tree.leaves(state['params'])) / 1e6:.1f}M params, "
           f"{nbytes / 2**20:.0f} MiB with optimizer state, {len(jax.devices())} devices")
@@ -53,7 +53,7 @@ def main() -> None:
         ckpt.wait()
         saves.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        jax.block_until_ready(ckpt.restore(step, b["abstract_state"]))
+        jax.block_until_ready(ckpt.restore(step, b.abstract_state))
         restores.append(time.perf_counter() - t0)
   t_save, t_restore = sorted(saves)[len(saves) // 2], sorted(restores)[len(restores) // 2]
   print(f"{'':12s} {'seconds':>8s} {'MiB/s':>8s}")

@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
-from lvm_jax import sample  # noqa: E402
+from lvm_jax import models, sample  # noqa: E402
 from lvm_jax.convert import hf_llama  # noqa: E402
 from lvm_jax.models import transformer  # noqa: E402
 
@@ -50,7 +50,7 @@ def main() -> None:
   hf.load_state_dict({k: torch.from_numpy(v) for k, v in hf_llama.to_hf(params, cfg).items()}, strict=False)
   hf.eval()
   suppress = list(range(CODES, cfg.vocab_size))
-  print(f"LLaMA d_model {cfg.d_model}, {cfg.layers} layers, {transformer.count_params(cfg) / 1e6:.0f}M params; "
+  print(f"LLaMA d_model {cfg.d_model}, {cfg.layers} layers, {models.count_params(models.abstract(transformer, cfg)) / 1e6:.0f}M params; "
         f"prompt {args.prompt} + {args.new} new tokens, fp32, {os.cpu_count()} CPU cores, "
         f"jax {jax.__version__}, torch {torch.__version__}")
   for batch in (1, 8):

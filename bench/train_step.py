@@ -19,15 +19,16 @@ import numpy as np  # noqa: E402
 from timing import median_seconds  # noqa: E402
 
 from lvm_jax import config as config_lib, metrics, sharding, train  # noqa: E402
+from lvm_jax.models import transformer  # noqa: E402
 
 
 def jax_step_time(c, batch: dict, warmup: int, reps: int) -> float:
   mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
   b = train.build(c, mesh)
   with jax.set_mesh(mesh), sharding.axis_rules(c.rules):
-    state = jax.jit(b["init"], out_shardings=b["state_shardings"])(jax.random.key(0))
+    state = jax.jit(b.init, out_shardings=b.state_shardings)(jax.random.key(0))
     step = train.jit_train_step(c, b)
-    batch = {k: jax.device_put(jnp.asarray(v), b["batch_sharding"]) for k, v in batch.items()}
+    batch = {k: jax.device_put(jnp.asarray(v), b.batch_sharding) for k, v in batch.items()}
     box = [state]
 
     def run():
@@ -41,7 +42,7 @@ def torch_step_time(c, tokens: np.ndarray, warmup: int, reps: int) -> float:
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
   from lvm_jax.convert import hf_llama  # pylint: disable=g-import-not-at-top
-  from lvm_jax.models import transformer  # pylint: disable=g-import-not-at-top
+
   torch.set_num_threads(os.cpu_count())
   cfg = transformer.Config(**c.model)
   model = transformers.LlamaForCausalLM(
@@ -84,7 +85,7 @@ def main() -> None:
   t_jax = jax_step_time(c, batch, warmup=2, reps=args.reps)
   t_torch = torch_step_time(c, tokens, warmup=1, reps=args.reps)
   peak = metrics.measured_peak_flops("float32")
-  flops = metrics.train_flops_per_step(c.model, c.seq_len, args.batch)
+  flops = transformer.train_flops_per_token(transformer.Config(**c.model), c.seq_len) * c.seq_len * args.batch
   n_tok = args.batch * args.seq
   print(f"config: d_model {args.d_model}, {args.layers} layers, seq {args.seq}, batch {args.batch}, fp32, "
         f"{os.cpu_count()} CPU cores, jax {jax.__version__}")

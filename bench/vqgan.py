@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 from timing import median_seconds  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from lvm_jax import models  # noqa: E402
 from lvm_jax.convert import vqgan_torch  # noqa: E402
 from lvm_jax.models import vqgan  # noqa: E402
 
@@ -54,7 +55,7 @@ def main() -> None:
 
   rows = [("encode", lambda: tok.encode(images), torch_encode),
           ("decode", lambda: tok.decode(ids), torch_decode)]
-  print(f"amused f16-8192 VQGAN ({vqgan.count_params(cfg) / 1e6:.1f}M params), {args.size}x{args.size}, "
+  print(f"amused f16-8192 VQGAN ({models.count_params(models.abstract(vqgan, cfg)) / 1e6:.1f}M params), {args.size}x{args.size}, "
         f"batch {args.batch}, fp32, {os.cpu_count()} CPU cores, jax {jax.__version__}, torch {torch.__version__}")
   for name, ours_fn, theirs_fn in rows:
     t_ours, t_theirs = median_seconds(ours_fn, args.reps), median_seconds(theirs_fn, args.reps)

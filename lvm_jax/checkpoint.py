@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import grain
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -140,10 +141,43 @@ def _move(src: str, dst: str) -> None:
   epath.backend.fsspec_backend.fs(dst).invalidate_cache()
 
 
+def _check_shapes(manager: ocp.CheckpointManager, directory: str, step: int, abstract_state: Any) -> None:
+  """A checkpoint of another architecture is the config's fault, not damage: say so, move nothing.
+  `abstract_state` may be part of the saved state (a subtree under its own keys)."""
+  try:
+    stored = manager.item_metadata(step)["state"]
+  except Exception as e:  # pylint: disable=broad-except
+    raise Damaged(f"metadata unreadable: {_first_line(e)}") from None
+  if stored is None:
+    raise Damaged("no state metadata")
+  want = {_name(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+  have = {_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]
+          if isinstance(getattr(x, "shape", None), (tuple, list))}
+  params_first = lambda k: (not k.startswith("params"), k)
+  missing = sorted(want.keys() - have.keys(), key=params_first)
+  changed = sorted((k for k in want.keys() & have.keys() if tuple(want[k]) != have[k]), key=params_first)
+  if missing or changed:
+    what = (f"{changed[0]} is {have[changed[0]]} in the checkpoint, {tuple(want[changed[0]])} in this config"
+            if changed else f"the checkpoint has no {missing[0]}")
+    raise CheckpointError(f"cannot restore step {step} from {directory}: {what} (the config does not "
+                          "match the checkpoint's model; use the config it was trained with or a new workdir)")
+
+
+def _verify(fingerprints: Optional[dict], restored: Any) -> None:
+  """Raises Damaged unless every restored array has the fingerprint recorded at save time."""
+  if not fingerprints:
+    raise Damaged("no fingerprint recorded")
+  prints, _ = fingerprint(restored)
+  wrong = sorted(k for k in prints if fingerprints.get(k) != prints[k])
+  if wrong:
+    raise Damaged(f"{len(wrong)} array(s) differ from what was saved ({', '.join(wrong[:3])})")
+
+
 class Checkpointer:
   """Keeps the newest `keep` checkpoints under `directory`, each {state, data, fingerprint}."""
 
-  def __init__(self, directory: str, keep: int, every: int, deadline_s: float = storage.DEADLINE_S):
+  def __init__(self, directory: str, keep: int, every: int, deadline_s: float = storage.DEADLINE_S,
+               create: bool = True):
     self.every, self.deadline_s = every, deadline_s
     self.directory = os.path.abspath(directory) if "://" not in directory else directory
     self.manager = ocp.CheckpointManager(
@@ -152,7 +186,7 @@ class Checkpointer:
                        "data": grain.checkpoint.CheckpointHandler(),
                        "fingerprint": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True,
-                                             create=True),
+                                             create=create),
     )
 
   def latest_step(self) -> Optional[int]:
@@ -190,31 +224,11 @@ class Checkpointer:
     return storage.retry(attempt, what=f"saving checkpoint step {step} in {self.directory}",
                          deadline_s=self.deadline_s)
 
-  def _check_shapes(self, step: int, abstract_state: Any) -> None:
-    """A checkpoint of another architecture is the config's fault, not damage: say so, move nothing."""
-    try:
-      stored = self.manager.item_metadata(step)["state"]
-    except Exception as e:  # pylint: disable=broad-except
-      raise Damaged(f"metadata unreadable: {_first_line(e)}") from None
-    if stored is None:
-      raise Damaged("no state metadata")
-    want = {_name(p): x.shape for p, x in jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
-    have = {_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]
-            if hasattr(x, "shape")}
-    params_first = lambda k: (not k.startswith("params"), k)
-    missing = sorted(want.keys() - have.keys(), key=params_first)
-    changed = sorted((k for k in want.keys() & have.keys() if tuple(want[k]) != have[k]), key=params_first)
-    if missing or changed:
-      what = (f"{changed[0]} is {have[changed[0]]} in the checkpoint, {tuple(want[changed[0]])} in this config"
-              if changed else f"the checkpoint has no {missing[0]}")
-      raise CheckpointError(f"cannot restore step {step} from {self.directory}: {what} (the config does not "
-                            "match the checkpoint's model; use the config it was trained with or a new workdir)")
-
   def restore(self, step: int, abstract_state: Any, data_iter: Any = None) -> Any:
     """Restores `state` onto the shardings in `abstract_state`, and the iterator in place
     (without one, the state alone: for tools that only read the weights). Raises
     CheckpointError for a config that does not match, Damaged for files that do not verify."""
-    self._check_shapes(step, abstract_state)
+    _check_shapes(self.manager, self.directory, step, abstract_state)
     items = {"state": ocp.args.StandardRestore(abstract_state), "fingerprint": ocp.args.JsonRestore()}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
@@ -226,12 +240,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       # Orbax and TensorStore raise plain Exceptions with multi-page specs: keep the first line.
       raise Damaged(f"unreadable: {_first_line(e)}") from None
-    if not restored.fingerprint:
-      raise Damaged("no fingerprint recorded")
-    prints, _ = fingerprint(restored.state)
-    wrong = sorted(k for k in prints if restored.fingerprint.get(k) != prints[k])
-    if wrong:
-      raise Damaged(f"{len(wrong)} array(s) differ from what was saved ({', '.join(wrong[:3])})")
+    _verify(restored.fingerprint, restored.state)
     return restored.state
 
   def move_aside(self, step: int, reason: str) -> str:
@@ -268,20 +277,6 @@ class Checkpointer:
                             f"moved to {self.directory}.damaged/); start a new workdir or restore a copy")
     return init(), 0
 
-  def restore_latest(self, abstract_state: Any) -> tuple[Any, int]:
-    """The newest step that verifies, state only, moving nothing: for tools that read weights."""
-    steps = sorted(self.manager.all_steps(), reverse=True)
-    if not steps:
-      raise CheckpointError(f"no checkpoint in {self.directory}")
-    errors = []
-    for step in steps:
-      try:
-        return self.restore(step, abstract_state), step
-      except Damaged as e:
-        logging.warning("checkpoint step %d is damaged (%s): trying the one before", step, e)
-        errors.append(f"step {step}: {e}")
-    raise CheckpointError(f"no checkpoint in {self.directory} verifies ({'; '.join(errors)})")
-
   def wait(self) -> None:
     """Waits for the pending save; a write that failed in the background is reported in one
     line (the steps committed before it are intact)."""
@@ -300,6 +295,35 @@ class Checkpointer:
     # On an error too: a pending async save is finished (or its error surfaces) and orbax's
     # background threads stop before the process exits.
     self.close()
+
+
+def read_weights(directory: str, item: str, abstract: Any) -> tuple[Any, int]:
+  """(state[item] as numpy arrays, step) of the newest step in `directory` that verifies: only the
+  weights a tool runs (e.g. the params, not the optimizer's moments), read from disk alone.
+  Moves nothing (a tool is not the run's owner); one line when no step verifies."""
+  with Checkpointer(directory, keep=1, every=0, create=False) as ckpt:
+    steps = sorted(ckpt.manager.all_steps(), reverse=True)
+    if not steps:
+      raise CheckpointError(f"no checkpoint in {directory}")
+    wanted = {item: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)}
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+    errors = []
+    for step in steps:
+      try:
+        _check_shapes(ckpt.manager, directory, step, wanted)
+        try:  # the state item alone, and of it the wanted subtree (orbax's partial restore)
+          restored = ocp.PyTreeCheckpointer().restore(
+              epath.Path(directory) / str(step) / "state",
+              args=ocp.args.PyTreeRestore(wanted, restore_args=as_numpy, partial_restore=True))
+          prints = ckpt.manager.restore(step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore()))
+        except Exception as e:  # pylint: disable=broad-except
+          raise Damaged(f"unreadable: {_first_line(e)}") from None
+        _verify(prints.fingerprint, {item: restored[item]})
+        return restored[item], step
+      except Damaged as e:
+        logging.warning("checkpoint step %d is damaged (%s): trying the one before", step, e)
+        errors.append(f"step {step}: {e}")
+  raise CheckpointError(f"no checkpoint in {directory} verifies ({'; '.join(errors)})")
 
 
 def abstract_like(state: Any, shardings: Any) -> Any:

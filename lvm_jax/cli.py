@@ -17,7 +17,7 @@ import glob
 import os
 import signal
 import sys
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import jax
 from absl import app, flags, logging
@@ -87,6 +87,14 @@ def _config_error(argv: list[str], e: Exception) -> None:
 
 
 _CONFIG_ERRORS = (AttributeError, KeyError, ValueError, OSError)
+
+
+def train_main(train: Callable[[Any, str, Optional[int]], Any]) -> None:
+  """The command line of a trainer, train(config, workdir, stop_at): --config, --workdir, --stop_at."""
+  config = define_config()
+  workdir = flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard go here.")
+  stop_at = flags.DEFINE_integer("stop_at", None, "Save and exit after this step (a job's budget).")
+  run(lambda _: train(config.value, workdir.value, stop_at.value), required=["config", "workdir"])
 
 
 def define_config(default: str | None = None) -> flags.FlagHolder:

@@ -11,7 +11,6 @@ import math
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from absl import flags
 
 from lvm_jax import cli, config as config_lib, metrics, sharding, train
@@ -56,14 +55,10 @@ def compile_train_step(c: Any, topology: str, num_slices: int = 1) -> Any:
   mesh = sharding.make_mesh(c.mesh, devices)
   sharding.check_batch(c.global_batch, c.grad_accum, mesh, c.rules)
   b = train.build(c, mesh)
-  rows = lambda shape, dtype: jax.ShapeDtypeStruct((c.global_batch, *shape), dtype, sharding=b["batch_sharding"])
-  if c.objective == "aim":
-    size = c.model.image_size
-    batch = {"images": rows((size, size, 3), jnp.uint8), "prefix": rows((), jnp.int32)}
-  else:
-    batch = {k: rows((c.seq_len,), jnp.int32) for k in ("tokens", "segment_ids", "positions", "loss_mask")}
+  batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=b.batch_sharding)
+           for k, x in config_lib.model_module(c).batch_spec(c).items()}
   with jax.set_mesh(mesh), sharding.axis_rules(c.rules):
-    lowered = train.jit_train_step(c, b).lower(b["abstract_state"], batch)
+    lowered = train.jit_train_step(c, b).lower(b.abstract_state, batch)
     return lowered.compile(), mesh, b
 
 
@@ -76,7 +71,7 @@ def report(c: Any, topology: str, num_slices: int = 1) -> dict:
   args, out, temp = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes
   total = args + out + temp - mem.alias_size_in_bytes  # donated state is counted once
   chips = mesh.devices.size
-  model_flops = metrics.train_flops_per_step(b["model_cfg"], c.seq_len, c.global_batch)
+  model_flops = config_lib.model_module(c).flops_per_step(c)
   r = dict(topology=name, chips=chips, mesh=dict(mesh.shape), arguments_gib=args / gib,
            temporaries_gib=temp / gib, total_gib=total / gib, hbm_gib=HBM_GIB[gen],
            model_flops_per_chip=model_flops / chips)

@@ -5,11 +5,12 @@ trainer calls `validate(config)` before it builds a mesh or compiles anything, s
 fails in one line instead of deep inside XLA.
 """
 
-from typing import Any
+import importlib
+import types
+from typing import Any, Mapping
 
 import ml_collections
-
-from lvm_jax.kernels import attention
+import numpy as np
 
 # Logical axis -> mesh axes. Parameters and activations are annotated with the logical names on
 # the left; these rules are the only place that says how they map onto the mesh. FSDP shards the
@@ -30,8 +31,7 @@ DEFAULT_RULES = (
 def lvm_config(d_model: int, ffn: int, layers: int, heads: int) -> ml_collections.ConfigDict:
   """The LVM training recipe of the official release, at a given transformer size."""
   c = ml_collections.ConfigDict()
-  c.objective = "lvm"  # next-token cross-entropy over visual sentences
-  c.model_name = "transformer"  # lvm_jax.models.<model_name>
+  c.model_name = "transformer"  # lvm_jax.models.<model_name>: the model, its batch, loss and FLOPs
   c.model = dict(
       vocab_size=8292,  # 8192 VQGAN codes + 100 reserved ids, as in the release
       d_model=d_model, ffn=ffn, layers=layers, heads=heads,
@@ -54,8 +54,8 @@ def lvm_config(d_model: int, ffn: int, layers: int, heads: int) -> ml_collection
       # substrings of parameter paths that get no weight decay (the release decays everything)
       no_decay=("norm", "embed"),
       clip=1.0,
-      z_loss=0.0,  # PaLM-style log(Z)^2 penalty weight, 0 = off
   )
+  c.loss = dict(z_loss=0.0)  # keyword arguments of the model's loss: PaLM's log(Z)^2 weight, 0 = off
 
   # Mesh: ICI sizes within a slice and DCN sizes across slices; -1 takes the remaining devices.
   c.mesh = dict(
@@ -94,7 +94,7 @@ def aim_config(width: int, depth: int, heads: int, image_size: int = 224, patch:
   random resized crops (0.4-1.0) and flips, prefix lengths uniform in [1, N-1]; an MLP head of
   12 blocks of 2048 / 8192."""
   c = lvm_config(d_model=width, ffn=4 * width, layers=depth, heads=heads)
-  c.objective, c.model_name = "aim", "aim"
+  c.model_name = "aim"
   c.model = dict(width=width, depth=depth, heads=heads, patch=patch, image_size=image_size, mlp_ratio=4,
                  head_width=2048, head_depth=12, head_mlp=8192, norm_eps=1e-6, dtype="bfloat16",
                  attention="auto")
@@ -103,6 +103,7 @@ def aim_config(width: int, depth: int, heads: int, image_size: int = 224, patch:
   c.global_batch, c.steps = 4096, 125_000
   c.optim.update(lr=1e-3, end_lr=0.0, warmup=3125, weight_decay=0.05, no_decay=("bias", "norm"))
   # Random resized crops (area 0.4-1, aspect 3/4-4/3) and flips of a source's images.
+  c.loss = dict()
   c.data = dict(name="aim_images", source=dict(kind="image_folder", root=""), scale=(0.4, 1.0), seed=0,
                 threads=16)  # decode threads per process
   del c.vqgan
@@ -141,6 +142,18 @@ class ConfigError(ValueError):
   """A config that cannot run; the message names the key and the allowed values."""
 
 
+def plain(x: Any) -> Any:
+  """ConfigDicts and mappings as dicts, lists as tuples, numpy scalars as Python's, recursively:
+  what json.dumps takes, and what a frozen model Config needs (tuples: it is a static jit argument)."""
+  if isinstance(x, ml_collections.ConfigDict):
+    x = x.to_dict()
+  if isinstance(x, Mapping):
+    return {k: plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return tuple(plain(v) for v in x)
+  return x.item() if isinstance(x, np.generic) else x
+
+
 def load_from_workdir(workdir: str) -> ml_collections.ConfigDict:
   """The config a trainer saved in its workdir; JSON lists come back as tuples, as written."""
   import json  # pylint: disable=g-import-not-at-top
@@ -148,9 +161,7 @@ def load_from_workdir(workdir: str) -> ml_collections.ConfigDict:
   path = epath.Path(workdir) / "config.json"
   if not path.exists():
     raise ConfigError(f"{path} does not exist: not a workdir of python -m lvm_jax.train / train_vqgan")
-  tuples = lambda x: tuple(tuples(v) for v in x) if isinstance(x, list) else (
-      {k: tuples(v) for k, v in x.items()} if isinstance(x, dict) else x)
-  return ml_collections.ConfigDict(tuples(json.loads(path.read_text())))
+  return ml_collections.ConfigDict(plain(json.loads(path.read_text())))
 
 
 def load_file(path: str) -> ml_collections.ConfigDict:
@@ -166,47 +177,35 @@ def load_file(path: str) -> ml_collections.ConfigDict:
   return module.get_config(arg or None)
 
 
-def _check(ok: bool, msg: str) -> None:
+def check(ok: bool, msg: str) -> None:
   if not ok:
     raise ConfigError(msg)
 
 
+def model_module(c: Any) -> types.ModuleType:
+  """lvm_jax.models.<c.model_name>: the model family's contract (Config, Model, loss, batch_spec,
+  flops_per_step, validate, WEIGHTS; see models/transformer.py)."""
+  name = c.get("model_name", "")
+  try:
+    return importlib.import_module(f"lvm_jax.models.{name}")
+  except ModuleNotFoundError:
+    raise ConfigError(f"model_name={name!r}: no module lvm_jax/models/{name}.py") from None
+
+
 def validate(c: Any) -> None:
-  """One-line errors for configs that would fail later or silently do the wrong thing."""
-  m = c.model
-  _check(c.objective in ("lvm", "aim"), f"objective={c.objective!r}: expected lvm|aim")
-  if c.objective == "aim":
-    _check(m.width % m.heads == 0, f"model.width={m.width} is not divisible by model.heads={m.heads}")
-    _check(m.image_size % m.patch == 0, f"model.image_size={m.image_size} is not a multiple of model.patch={m.patch}")
-    _check(c.seq_len == (m.image_size // m.patch) ** 2, f"seq_len={c.seq_len}: must be the patches per image")
-    _check(m.attention in attention.IMPLEMENTATIONS,
-           f"model.attention={m.attention!r}: expected one of {attention.IMPLEMENTATIONS}")
-    _check(c.global_batch % c.grad_accum == 0, f"global_batch={c.global_batch} is not divisible by grad_accum")
-    return
-  _check(m.d_model % m.heads == 0, f"model.d_model={m.d_model} is not divisible by model.heads={m.heads}")
-  _check((m.d_model // m.heads) % 2 == 0, f"head dim {m.d_model // m.heads} must be even for RoPE")
-  _check(m.remat in ("none", "full", "dots"), f"model.remat={m.remat!r}: expected none|full|dots")
-  _check(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: expected float32|bfloat16")
-  _check(m.attention in attention.IMPLEMENTATIONS,
-         f"model.attention={m.attention!r}: expected one of {attention.IMPLEMENTATIONS}")
-  block = m.get("attention_block", 0)
-  _check(block == 0 or (block >= 16 and block & (block - 1) == 0),
-         f"model.attention_block={block}: expected 0 (the backend's default) or a power of two >= 16 "
-         "(>= 128 on TPU)")
-  _check(c.seq_len > 1, f"seq_len={c.seq_len} must be > 1")
-  _check(c.tokens_per_image >= 0, f"tokens_per_image={c.tokens_per_image} must be >= 0 (0: no image grid)")
-  _check(c.log_every >= 1, f"log_every={c.log_every} must be >= 1")
-  _check(c.max_skipped_steps >= 1, f"max_skipped_steps={c.max_skipped_steps} must be >= 1")
-  if c.tokens_per_image:
-    _check(c.seq_len % c.tokens_per_image == 0,
-           f"seq_len={c.seq_len} is not a multiple of tokens_per_image={c.tokens_per_image}")
-  _check(c.global_batch > 0 and c.grad_accum > 0,
-         f"global_batch={c.global_batch} and grad_accum={c.grad_accum} must be positive")
-  _check(c.global_batch % c.grad_accum == 0,
-         f"global_batch={c.global_batch} is not divisible by grad_accum={c.grad_accum}")
+  """One-line errors for configs that would fail later or silently do the wrong thing: the
+  trainer's settings here, the model's by its family (model_module(c).validate)."""
+  check(c.global_batch > 0 and c.get("grad_accum", 1) > 0,
+        f"global_batch={c.global_batch} and grad_accum={c.get('grad_accum', 1)} must be positive")
+  check(c.global_batch % c.get("grad_accum", 1) == 0,
+        f"global_batch={c.global_batch} is not divisible by grad_accum={c.get('grad_accum', 1)}")
+  check(c.log_every >= 1, f"log_every={c.log_every} must be >= 1")
+  check(c.max_skipped_steps >= 1, f"max_skipped_steps={c.max_skipped_steps} must be >= 1")
   for kind in ("ici", "dcn"):
     for axis, size in c.mesh[kind].items():
-      _check(axis in ("data", "fsdp", "tensor"), f"mesh.{kind}.{axis}: unknown mesh axis (data|fsdp|tensor)")
-      _check(size == -1 or size >= 1, f"mesh.{kind}.{axis}={size}: expected -1 or a positive size")
-  _check(c.optim.warmup < c.steps or c.steps == 0,
-         f"optim.warmup={c.optim.warmup} must be smaller than steps={c.steps}")
+      check(axis in ("data", "fsdp", "tensor"), f"mesh.{kind}.{axis}: unknown mesh axis (data|fsdp|tensor)")
+      check(size == -1 or size >= 1, f"mesh.{kind}.{axis}={size}: expected -1 or a positive size")
+  if "optim" in c:
+    check(c.optim.warmup < c.steps or c.steps == 0,
+          f"optim.warmup={c.optim.warmup} must be smaller than steps={c.steps}")
+  model_module(c).validate(c)

@@ -16,14 +16,17 @@ palette classes against the query's own colours; counting accuracy of a digit cl
 (logistic regression on held-out digits) against chance (0.1). Each also reports the score of
 the VQGAN's own reconstruction of the true answer: the ceiling the tokenizer leaves.
 
-An AIM workdir, or an ml-aim v1 safetensors file with the config of its size, gets attentive
-probes of its frozen trunk instead (lvm_jax/probing.py):
+What a workdir gets is its model family's EVALUATION (models/<model_name>.py): an LVM workdir the
+above; a VQGAN workdir the PSNR of its EMA generator on held-out pictures; an AIM workdir, or an
+ml-aim v1 safetensors file with the config of its size, attentive probes of its frozen trunk
+(lvm_jax/probing.py):
 
   python -m lvm_jax.evaluate --workdir /tmp/aim_tiny [--probe_train JSON --probe_test JSON]
   python -m lvm_jax.evaluate --ml_aim model.safetensors --aim_config configs/aim_600m.py [...]
 """
 
 import json
+import types
 from typing import Any, Optional
 
 import jax
@@ -133,16 +136,31 @@ def _source_flag(text: Optional[str], default: dict) -> dict:
   return spec
 
 
+def reconstructor(graphdef: Any) -> Any:
+  """jit(weights, images in [0, 1]) -> the VQGAN's reconstructions, for a generator graph."""
+  return jax.jit(lambda weights, x: (lambda m: m.decode(m.encode(x)))(nnx.merge(graphdef, weights)))
+
+
+def reconstruction(reconstruct: Any, weights: Any, images: np.ndarray) -> tuple[float, np.ndarray]:
+  """PSNR (dB) of a VQGAN's reconstructions of uint8 images, and an original | reconstruction grid
+  of the first 8 (floats in [0, 1])."""
+  x = jnp.asarray(images, jnp.float32) / 255.0
+  recon = np.asarray(reconstruct(weights, x))
+  value = float(-10.0 * np.log10(np.mean(np.square(recon - np.asarray(x)))))
+  pairs = np.concatenate([np.asarray(x), recon], axis=2)[:8]
+  return value, np.concatenate(list(pairs), axis=0)
+
+
 def _aim_trunk(c: Any, workdir: Optional[str], ml_aim: Optional[str]) -> Any:
   """The AIM trunk of a training workdir, or of an ml-aim v1 safetensors file."""
   from lvm_jax import load  # pylint: disable=g-import-not-at-top
   from lvm_jax.convert import aim_torch  # pylint: disable=g-import-not-at-top
-  from lvm_jax.models import aim  # pylint: disable=g-import-not-at-top
+  family = config_lib.model_module(c)
   if not ml_aim:
     cfg, params, _ = load.load_params(c, workdir)
-    trunk, weights = nnx.eval_shape(lambda: aim.Trunk(cfg, nnx.Rngs(0))), params["trunk"]
+    trunk, weights = nnx.eval_shape(lambda: family.Trunk(cfg, nnx.Rngs(0))), params["trunk"]
   else:
-    trunk = nnx.eval_shape(lambda: aim.Trunk(aim.Config(**{**c.model, "attention": "auto"}), nnx.Rngs(0)))
+    trunk = nnx.eval_shape(lambda: family.Trunk(family.inference(family.Config(**c.model)), nnx.Rngs(0)))
     try:
       weights, _ = aim_torch.from_ml_aim(aim_torch.load_safetensors(ml_aim))
     except Exception as e:  # pylint: disable=broad-except  # missing, not safetensors, not ml-aim v1
@@ -154,57 +172,83 @@ def _aim_trunk(c: Any, workdir: Optional[str], ml_aim: Optional[str]) -> Any:
   return trunk
 
 
+def _probe_report(c: Any, o: Any) -> dict:
+  """Attentive probes of a frozen AIM trunk (lvm_jax/probing.py)."""
+  from lvm_jax import probing  # pylint: disable=g-import-not-at-top
+  trunk = _aim_trunk(c, o.workdir, o.ml_aim)
+  depth = trunk.cfg.depth
+  try:
+    layers = tuple(int(i) for i in o.probe_layers) if o.probe_layers else tuple(range(max(0, depth - 6), depth))
+  except ValueError:
+    raise config_lib.ConfigError(f"--probe_layers={','.join(o.probe_layers)}: expected block numbers") from None
+  splits = [_source_flag(text, default) for text, default in zip((o.probe_train, o.probe_test), probing.DIGITS)]
+  return {"probe": probing.run(trunk, layers, *splits, steps=o.probe_steps, max_images=o.probe_max_images)}
+
+
+def _perplexity_report(c: Any, o: Any) -> dict:
+  """Answer perplexity on a token store, and (--demo_tasks) the demo's tasks by prompting."""
+  from lvm_jax import load, prompt  # pylint: disable=g-import-not-at-top
+  # The training command's relative store path means the same from any directory.
+  root = o.store or load.resolve(c.data.mixture.main.path, o.workdir, "data.mixture.main.path",
+                                 f" in {o.workdir}/config.json")
+  p = prompt.from_workdir(o.workdir, o.vqgan_spec())
+  report = {"perplexity": perplexity(p.lvm, root, o.dataset, o.task, o.max_sentences)}
+  if o.demo_tasks:
+    report["tasks"] = task_metrics(p, demo.TASKS, o.count, jax.random.key(0))
+  return report
+
+
+def _reconstruction_report(c: Any, o: Any) -> dict:
+  """A VQGAN workdir's EMA generator on the held-out built-in pictures it never trained on."""
+  from lvm_jax import load  # pylint: disable=g-import-not-at-top
+  from lvm_jax.data import images  # pylint: disable=g-import-not-at-top
+  model, step = load.load_model(c, o.workdir)
+  held_out = images.held_out(c.image_size, c.data.shrink)
+  graphdef, weights = nnx.split(model)
+  value, _ = reconstruction(reconstructor(graphdef), weights, held_out)
+  return {"reconstruction": {"step": step, "psnr": value, "images": len(held_out)}}
+
+
+REPORTS = {"perplexity": _perplexity_report, "probe": _probe_report, "reconstruction": _reconstruction_report}
+
+
 def cli_main() -> None:
   from lvm_jax import prompt  # pylint: disable=g-import-not-at-top
-  workdir = flags.DEFINE_string("workdir", None, "LVM or AIM training workdir.")
-  store = flags.DEFINE_string("store", None, "Token store for perplexity (default: the config's main mixture path).")
-  dataset = flags.DEFINE_string("dataset", None, "Dataset name pattern, e.g. '*_held_out'.")
-  task = flags.DEFINE_string("task", None, "Task name pattern.")
-  max_sentences = flags.DEFINE_integer("max_sentences", 512, "Sentences per run (in store order).")
-  demo_tasks = flags.DEFINE_bool("demo_tasks", False, "Also prompt the demo's held-out tasks.")
-  probe_layers = flags.DEFINE_list("probe_layers", None, "AIM: blocks whose outputs the probe averages "
-                                   "(default: the last min(6, depth)).")
-  probe_steps = flags.DEFINE_integer("probe_steps", 2000, "AIM: probe training steps (batch 64).")
-  probe_train = flags.DEFINE_string("probe_train", None, "AIM: labeled source to train the probe on, as "
-                                    "JSON, e.g. '{\"kind\": \"image_folder\", \"root\": \"/data/train\", "
-                                    "\"labels_from_dirs\": true}' (default: the demo's digits, train split).")
-  probe_test = flags.DEFINE_string("probe_test", None, "AIM: labeled source to test on (default: the "
-                                   "held-out digits).")
-  probe_max_images = flags.DEFINE_integer("probe_max_images", 10_000, "AIM: images per split, at most.")
-  ml_aim = flags.DEFINE_string("ml_aim", None, "Instead of --workdir: an ml-aim v1 safetensors file (e.g. apple/aim-600M's "
-                               "model.safetensors) whose trunk is probed; needs --aim_config.")
-  aim_config = flags.DEFINE_string("aim_config", None, "With --ml_aim: the config of its size, e.g. configs/aim_600m.py.")
-  count = flags.DEFINE_integer("count", 32, "Held-out sentences per demo task.")
+  workdir = flags.DEFINE_string("workdir", None, "Training workdir (LVM, AIM or VQGAN).")
+  flags.DEFINE_string("store", None, "Token store for perplexity (default: the config's main mixture path).")
+  flags.DEFINE_string("dataset", None, "Dataset name pattern, e.g. '*_held_out'.")
+  flags.DEFINE_string("task", None, "Task name pattern.")
+  flags.DEFINE_integer("max_sentences", 512, "Sentences per run (in store order).")
+  flags.DEFINE_bool("demo_tasks", False, "Also prompt the demo's held-out tasks.")
+  flags.DEFINE_list("probe_layers", None, "AIM: blocks whose outputs the probe averages (default: the last "
+                    "min(6, depth)).")
+  flags.DEFINE_integer("probe_steps", 2000, "AIM: probe training steps (batch 64).")
+  flags.DEFINE_string("probe_train", None, "AIM: labeled source to train the probe on, as JSON, e.g. "
+                      "'{\"kind\": \"image_folder\", \"root\": \"/data/train\", \"labels_from_dirs\": true}' "
+                      "(default: the demo's digits, train split).")
+  flags.DEFINE_string("probe_test", None, "AIM: labeled source to test on (default: the held-out digits).")
+  flags.DEFINE_integer("probe_max_images", 10_000, "AIM: images per split, at most.")
+  ml_aim = flags.DEFINE_string("ml_aim", None, "Instead of --workdir: an ml-aim v1 safetensors file (e.g. "
+                               "apple/aim-600M's model.safetensors) whose trunk is probed; needs --aim_config.")
+  aim_config = flags.DEFINE_string("aim_config", None, "With --ml_aim: the config of its size, e.g. "
+                                   "configs/aim_600m.py.")
+  flags.DEFINE_integer("count", 32, "Held-out sentences per demo task.")
   out = flags.DEFINE_string("out", None, "JSON output path.")
   vqgan_spec = prompt.define_vqgan_flags()  # LVM: another VQGAN than the workdir's, named by the user
 
   def main(_):
     if bool(workdir.value) == bool(ml_aim.value) or bool(ml_aim.value) != bool(aim_config.value):
-      raise config_lib.ConfigError("give --workdir (LVM or AIM), or --ml_aim with --aim_config")
+      raise config_lib.ConfigError("give --workdir (LVM, AIM or VQGAN), or --ml_aim with --aim_config")
     c = config_lib.load_file(aim_config.value) if ml_aim.value else config_lib.load_from_workdir(workdir.value)
-    if ml_aim.value and c.get("objective") != "aim":
-      raise config_lib.ConfigError(f"--aim_config {aim_config.value}: not an AIM config (objective={c.get('objective')!r})")
-    if c.objective == "aim":  # attentive probing of the frozen trunk
-      from lvm_jax import probing  # pylint: disable=g-import-not-at-top
-      trunk = _aim_trunk(c, workdir.value, ml_aim.value)
-      depth = trunk.cfg.depth
-      try:
-        layers = tuple(int(i) for i in probe_layers.value) if probe_layers.value else tuple(range(max(0, depth - 6), depth))
-      except ValueError:
-        raise config_lib.ConfigError(f"--probe_layers={','.join(probe_layers.value)}: expected block numbers") from None
-      splits = [_source_flag(f.value, default) for f, default in zip((probe_train, probe_test), probing.DIGITS)]
-      report = {"probe": probing.run(trunk, layers, *splits, steps=probe_steps.value,
-                                     max_images=probe_max_images.value)}
-    else:
-      from lvm_jax import load  # pylint: disable=g-import-not-at-top
-      # The training command's relative store path means the same from any directory.
-      root = store.value or load.resolve(c.data.mixture.main.path, workdir.value, "data.mixture.main.path",
-                                         f" in {workdir.value}/config.json")
-      p = prompt.from_workdir(workdir.value, vqgan_spec())
-      report = {"perplexity": perplexity(p.lvm, root, dataset.value, task.value, max_sentences.value)}
-      if demo_tasks.value:
-        report["tasks"] = task_metrics(p, demo.TASKS, count.value, jax.random.key(0))
-    text = json.dumps(report, indent=1)
+    evaluation = config_lib.model_module(c).EVALUATION
+    if ml_aim.value and evaluation != "probe":
+      raise config_lib.ConfigError(f"--aim_config {aim_config.value}: not an AIM config "
+                                   f"(model_name={c.get('model_name')!r})")
+    if evaluation not in REPORTS:
+      raise config_lib.ConfigError(f"model_name={c.get('model_name')!r} has no evaluation here")
+    options = types.SimpleNamespace(**{name: flags.FLAGS[name].value for name in flags.FLAGS},
+                                    vqgan_spec=vqgan_spec)
+    text = json.dumps(REPORTS[evaluation](c, options), indent=1)
     if out.value:
       with open(out.value, "w") as f:
         f.write(text)

@@ -8,47 +8,42 @@ file older workdirs name, rather than executing it. Relative paths of older work
 against the workdir first and then the current directory (where they used to resolve).
 """
 
-import dataclasses
 import os
 from typing import Any, Mapping, Optional
 
 import jax
-import numpy as np
+import jax.numpy as jnp
 from etils import epath
 from flax import nnx
 
-from lvm_jax import checkpoint, config as config_lib, sharding
+from lvm_jax import checkpoint, config as config_lib, models
 from lvm_jax.models import vqgan
 
 
-def _restore_latest(c: Any, workdir: str, abstract_state: Any, what: str, how: str) -> tuple[Any, int]:
-  """(state, step) of the newest checkpoint in workdir that verifies; one line when there is none."""
-  with checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), c.ckpt_keep, c.ckpt_every) as ckpt:
-    if ckpt.latest_step() is None:
-      raise checkpoint.CheckpointError(f"no {what} in {_display(workdir)}/checkpoints ({how})")
-    return ckpt.restore_latest(abstract_state)
-
-
 def load_params(c: Any, workdir: str) -> tuple[Any, dict, int]:
-  """(model config, params as numpy pure dicts, step) of the newest checkpoint in an LVM or AIM
-  workdir, with the model config set for inference (no remat, the backend's attention)."""
-  from lvm_jax import train  # pylint: disable=g-import-not-at-top  # train imports this module
-  b = train.build(c, sharding.make_mesh(c.mesh))
-  state, step = _restore_latest(c, workdir, b["abstract_state"], "checkpoint", "train with python -m lvm_jax.train")
-  inference = {"attention": "auto", **({"remat": "none"} if hasattr(b["model_cfg"], "remat") else {})}
-  model_cfg = dataclasses.replace(b["model_cfg"], **inference)
-  return model_cfg, jax.tree.map(np.asarray, state["params"]), step
+  """(model config for inference, weights as numpy pure dicts, step) of the newest checkpoint in a
+  training workdir that verifies, for any model family (c.model_name): only the family's WEIGHTS
+  item is read (the LVM's params, the VQGAN's EMA generator), never the optimizer's moments."""
+  family = config_lib.model_module(c)
+  try:
+    cfg = family.Config(**c.model)
+  except TypeError as e:  # an unknown or missing field in the workdir's model section
+    raise config_lib.ConfigError(f"model in {_display(workdir)}/config.json: {e}") from None
+  abstract = nnx.to_pure_dict(nnx.state(models.abstract(family, cfg), nnx.Param))
+  directory = str(epath.Path(workdir) / "checkpoints")
+  if not epath.Path(directory).exists():
+    raise checkpoint.CheckpointError(f"no checkpoint in {_display(directory)} (not a training workdir, or "
+                                     "training saved none yet)")
+  weights, step = checkpoint.read_weights(directory, family.WEIGHTS, abstract)
+  return family.inference(cfg), weights, step
 
 
-def load_vqgan_ema(c: Any, workdir: str) -> vqgan.Model:
-  """The EMA generator of the newest checkpoint in a train_vqgan workdir, on this process's devices."""
-  from lvm_jax import train_vqgan  # pylint: disable=g-import-not-at-top
-  b = train_vqgan.build(c, sharding.make_mesh(c.mesh, jax.local_devices()))
-  state, _ = _restore_latest(c, workdir, b["abstract_state"], "VQGAN checkpoint",
-                             "train one with python -m lvm_jax.train_vqgan")
-  model = nnx.eval_shape(lambda: vqgan.Model(b["cfg"], rngs=nnx.Rngs(0)))
-  nnx.update(model, state["ema"])
-  return model
+def load_model(c: Any, workdir: str) -> tuple[Any, int]:
+  """(model with its trained weights, step): load_params put into the family's Model."""
+  cfg, weights, step = load_params(c, workdir)
+  model = models.abstract(config_lib.model_module(c), cfg)
+  nnx.update(model, jax.tree.map(jnp.asarray, weights))
+  return model, step
 
 
 def vqgan_record(spec: Mapping[str, Any], base_dir: Optional[str] = None) -> dict:
@@ -77,7 +72,7 @@ def vqgan_record(spec: Mapping[str, Any], base_dir: Optional[str] = None) -> dic
     raise config_lib.ConfigError(f"vqgan.config={config} without vqgan.weights or vqgan.workdir: nothing to load")
   else:
     return dict(record, model={}, image_size=0)
-  model = _plain(vq["model"])
+  model = config_lib.plain(vq["model"])
   _vqgan_config(model, "vqgan.model")  # a wrong architecture fails now, not at prompting
   if not vq["image_size"]:
     raise config_lib.ConfigError("vqgan: a model without its image_size")
@@ -96,7 +91,7 @@ def load_vqgan(record: Mapping[str, Any], relative_to: Optional[str] = None) -> 
     if not workdir:
       raise config_lib.ConfigError(f"vqgan{where} names no VQGAN (workdir or weights)")
     vq_config = _vqgan_workdir_config(workdir, "vqgan.workdir", where)  # how it was trained: data
-    return load_vqgan_ema(vq_config, workdir), int(vq_config.image_size)
+    return load_model(vq_config, workdir)[0], int(vq_config.image_size)
   cfg, image_size = _architecture(record, relative_to, where, weights)
   # Shapes only: every parameter comes from the file (load_safetensors checks that), so a random
   # init would be thrown away (seconds for the 146M-parameter f16 tokenizer).
@@ -153,19 +148,9 @@ def _vqgan_workdir_config(workdir: str, name: str, where: str = "") -> Any:
 
 def _vqgan_config(model: Mapping[str, Any], name: str) -> vqgan.Config:
   try:
-    return vqgan.Config(**_plain(model))
+    return vqgan.Config(**config_lib.plain(model))
   except TypeError as e:  # an unknown or missing field
     raise config_lib.ConfigError(f"{name}: {e}") from None
-
-
-def _plain(x: Any) -> Any:
-  """ConfigDicts and mappings as plain dicts, lists as tuples, recursively: what json.dumps takes,
-  and what vqgan.Config needs of a model read back from JSON (tuples: it is a static jit argument)."""
-  if hasattr(x, "to_dict"):
-    x = x.to_dict()
-  if isinstance(x, Mapping):
-    return {k: _plain(v) for k, v in x.items()}
-  return tuple(_plain(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
 def _display(path: Optional[str]) -> str:

@@ -14,6 +14,7 @@ is never rotated out by a run that has gone wrong.
 """
 
 import dataclasses
+import importlib
 import time
 from typing import Any, Callable, Iterator, Optional
 
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 from etils import epath
 from jax.experimental import multihost_utils
 
-from lvm_jax import checkpoint, cli, metrics, sharding, storage, workdir as workdir_lib
+from lvm_jax import checkpoint, cli, config as config_lib, metrics, sharding, storage, workdir as workdir_lib
 
 # Counters in every trainer's state: total skipped updates and the current run of them.
 COUNTERS = ("skipped_steps", "skip_streak")
@@ -77,16 +78,64 @@ class Preemption:
     return cli.terminated()
 
 
+@dataclasses.dataclass(frozen=True)
+class Built:
+  """A trainer's state before any FLOP: the model's graph and config, the optimizer, the state's
+  init function, its abstract shapes on their shardings, and the batch's sharding."""
+  model_cfg: Any
+  graphdef: Any
+  tx: Any  # optax.GradientTransformation (the VQGAN trainer adds its critic's, train_vqgan.Built)
+  init: Callable[[jax.Array], dict]
+  abstract_state: Any
+  state_shardings: Any
+  batch_sharding: jax.sharding.NamedSharding
+
+  @classmethod
+  def make(cls, c: Any, mesh: jax.sharding.Mesh, model_cfg: Any, graphdef: Any, tx: Any,
+           init: Callable[[jax.Array], dict], abstract_state: Any, state_shardings: Any, **extra: Any) -> "Built":
+    return cls(model_cfg=model_cfg, graphdef=graphdef, tx=tx, init=init,
+               abstract_state=checkpoint.abstract_like(abstract_state, state_shardings),
+               state_shardings=state_shardings, batch_sharding=batch_sharding(c, mesh), **extra)
+
+
+def batch_sharding(c: Any, mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  """Rows over the batch axes, the rest whole: one sharding for batch arrays of any rank."""
+  return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.batch_spec(c.rules)[0]))
+
+
+def prepare(c: Any, workdir: str, devices: Optional[list] = None) -> jax.sharding.Mesh:
+  """Everything a trainer checks before it builds: the config, the workdir, the mesh and batch.
+  Local paths in `c` become absolute (the workdir's record means the same from anywhere)."""
+  config_lib.validate(c)
+  workdir_lib.check_writable(workdir)
+  with c.unlocked():
+    workdir_lib.absolute_paths(c)
+  mesh = sharding.make_mesh(c.mesh, devices)
+  sharding.check_batch(c.global_batch, c.get("grad_accum", 1), mesh, c.rules)
+  return mesh
+
+
+def data(c: Any, mesh: jax.sharding.Mesh) -> tuple[Iterator[dict], Optional[dict]]:
+  """(this process's iterator over its rows of each global batch, the data's identity) from
+  lvm_jax.data.<c.data.name>; the identity (tokenizer, vocabulary) is checked against the model
+  first, so data that does not fit fails before anything compiles."""
+  module = importlib.import_module(f"lvm_jax.data.{c.data.name}")
+  identity = module.identity(c)
+  rows = sharding.local_rows(batch_sharding(c, mesh), c.global_batch)
+  return module.make_iterator(c, rows), identity
+
+
 @dataclasses.dataclass
 class Trainer:
   """What a trainer hands the loop. `step_fn(state, batch) -> (state, metrics)` must return the
-  guard's counters (and may return `bad_ids`, inputs outside the model, which stop the run)."""
-  abstract_state: Any
-  state_shardings: Any
-  init: Callable[[jax.Array], Any]
-  batch_sharding: jax.sharding.Sharding
+  guard's counters (and may return `input_errors`, inputs outside the model, which stop the run).
+  `row(metrics)` turns a logged step's fetched metrics into host scalars; the loop adds the step
+  time, `rate` (a name and the items one step trains on) and the MFU of `flops_per_step`."""
+  built: Built
   step_fn: Callable[[Any, dict], tuple[Any, dict]]
-  row: Callable[[dict, float], dict]  # host metrics of a logged step, its step time -> the row
+  row: Callable[[dict], dict]
+  flops_per_step: float
+  rate: tuple[str, int]
   evaluate: Optional[Callable[[Any, int, metrics.Writer], dict]] = None  # -> extra scalars
   eval_every: int = 0
   data: Optional[dict] = None  # the data's identity (tokenizer, ...) for the workdir record
@@ -94,10 +143,10 @@ class Trainer:
 
 def _check(step: int, health: dict, c: Any, newest: Optional[int]) -> None:
   """Raises if `step`'s metrics say the run went wrong."""
-  bad_ids = int(health.get("bad_ids", 0))
-  if bad_ids:
-    raise RunError(f"step {step}: the batch holds {bad_ids} token ids outside the model's vocabulary "
-                   f"[0, {c.model.vocab_size}): the data does not match the model (model.vocab_size)")
+  errors = int(health.get("input_errors", 0))
+  if errors:
+    raise RunError(f"step {step}: the batch holds {errors} inputs the model cannot take (e.g. token ids "
+                   "outside [0, model.vocab_size)): the data does not match the model's config")
   limit = c.get("max_skipped_steps", 10)
   if int(health["skip_streak"]) >= limit:
     kept = f"the newest checkpoint, step {newest}, is from before them" if newest else "no checkpoint was saved"
@@ -118,8 +167,8 @@ def run(c: Any, workdir: str, t: Trainer, data_iter: Any, mesh: jax.sharding.Mes
   ckpt = checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), c.ckpt_keep, c.ckpt_every, deadline)
   with ckpt, jax.set_mesh(mesh), sharding.axis_rules(c.rules):
     workdir_lib.check_data(c, workdir, t.data)  # before anything compiles
-    init = jax.jit(t.init, out_shardings=t.state_shardings)
-    state, start = ckpt.restore_or_init(t.abstract_state, data_iter, lambda: init(jax.random.key(c.seed)))
+    init = jax.jit(t.built.init, out_shardings=t.built.state_shardings)
+    state, start = ckpt.restore_or_init(t.built.abstract_state, data_iter, lambda: init(jax.random.key(c.seed)))
     # Recorded only once the checkpoint took this config: a start that failed leaves no trace.
     workdir_lib.record_start(c, workdir, start, t.data)
     if start:
@@ -139,13 +188,14 @@ def _loop(c: Any, workdir: str, t: Trainer, state: Any, start: int, data_iter: A
   """The steps. A logged step's metrics are fetched after the next step is dispatched, and every
   step's health one step late, so the device always has the next step queued."""
   pending, previous, clock, step = None, None, (time.perf_counter(), start), start
-  health_keys = (*COUNTERS, "bad_ids")
-  for step, batch in zip(range(start + 1, c.steps + 1), _batches(c, data_iter, t.batch_sharding)):
+  health_keys = (*COUNTERS, "input_errors")
+  peak = metrics.peak_flops_total(c.get("peak_tflops", 0.0), c.model.get("dtype", "float32"))
+  for step, batch in zip(range(start + 1, c.steps + 1), _batches(c, data_iter, t.built.batch_sharding)):
     state, m = t.step_fn(state, batch)
     if previous is not None:
       _check(previous[0], jax.device_get(previous[1]), c, ckpt.latest_step())
     if pending is not None:
-      clock = _write(writer, pending, clock, t)
+      clock = _write(writer, pending, clock, t, peak)
       pending = None
     previous = (step, {k: m[k] for k in health_keys if k in m})
     extra = {}
@@ -165,13 +215,14 @@ def _loop(c: Any, workdir: str, t: Trainer, state: Any, start: int, data_iter: A
   if previous is not None:
     _check(previous[0], jax.device_get(previous[1]), c, ckpt.latest_step())
   if pending is not None:
-    _write(writer, pending, clock, t)
+    _write(writer, pending, clock, t, peak)
   if step < c.steps:  # the last line says why the run ended early
     print(f"stopping early: saved step {ckpt.latest_step()} in {workdir}", flush=True)
   return state
 
 
-def _write(writer: metrics.Writer, pending: tuple, clock: tuple[float, int], t: Trainer) -> tuple[float, int]:
+def _write(writer: metrics.Writer, pending: tuple, clock: tuple[float, int], t: Trainer,
+           peak: float) -> tuple[float, int]:
   """Writes a logged step's row; `clock` is (time, step) of the previous row, returned updated.
 
   The first row after a (re)start includes compilation in its step time."""
@@ -179,5 +230,6 @@ def _write(writer: metrics.Writer, pending: tuple, clock: tuple[float, int], t: 
   m = jax.device_get(m)
   now = time.perf_counter()
   step_time = (now - clock[0]) / max(step - clock[1], 1)
-  writer.write(step, {**t.row(m, step_time), "skipped_steps": m["skipped_steps"], **extra})
+  timing = {"step_time": step_time, t.rate[0]: t.rate[1] / step_time, "mfu": t.flops_per_step / step_time / peak}
+  writer.write(step, {**t.row(m), **timing, "skipped_steps": m["skipped_steps"], **extra})
   return now, step

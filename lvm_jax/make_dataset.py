@@ -31,7 +31,7 @@ import tensorstore as ts
 from absl import logging
 
 from lvm_jax import cli
-from lvm_jax.config import ConfigError
+from lvm_jax.config import ConfigError, plain
 from lvm_jax.data import demo, sentences, sources, store
 from lvm_jax.models import vqgan
 
@@ -45,21 +45,12 @@ class Unit:
   digest: str = ""  # of everything its shard's content depends on (unit_digest)
 
 
-def _plain(x: Any) -> Any:
-  """JSON for config values that are not plain (a ConfigDict, a numpy scalar)."""
-  if hasattr(x, "to_dict"):
-    return x.to_dict()
-  if isinstance(x, np.generic):
-    return x.item()
-  # Not str(x): an object's str may hold its address, and the digest would differ every run.
-  raise TypeError(f"{type(x).__name__} in a dataset entry cannot be recorded in the store")
-
-
 def unit_digest(c: Any, spec: Any, keys: tuple) -> str:
   """sha256 of what a unit's shard is built from, recorded in its done marker: a rerun whose
   sources or config differ rebuilds the shard instead of keeping one made from other inputs."""
   what = {"dataset": spec, "image_size": c.image_size, "resize": c.resize, "seed": c.seed, "keys": keys}
-  return hashlib.sha256(json.dumps(what, sort_keys=True, default=_plain).encode()).hexdigest()
+  # No default= for other objects: their str may hold an address, and the digest would differ every run.
+  return hashlib.sha256(json.dumps(plain(what), sort_keys=True).encode()).hexdigest()
 
 
 def plan(c: Any, opened: list) -> list[Unit]:

@@ -1,8 +1,8 @@
 """Training metrics: stdout, metrics.jsonl, TensorBoard, and model FLOPs utilization.
 
-MFU counts model FLOPs only (forward + backward matmuls, no remat recompute, as in the PaLM
-paper) with causal attention counted at half the full product (MaxText's convention), over the
-devices' peak: a table for TPUs and GPUs, a measured matmul rate on CPUs.
+MFU counts model FLOPs only (each family's flops_per_step: forward + backward matmuls, no remat
+recompute, as in the PaLM paper, causal attention at half the full product as MaxText counts it)
+over the devices' peak: a table for TPUs and GPUs, a measured matmul rate on CPUs.
 
 Every write to the workdir goes through storage.retry: an outage shorter than the deadline costs
 a pause and loses no row; a longer one ends the run with a one-line StorageError.
@@ -29,21 +29,6 @@ from lvm_jax import storage
 PEAK_TFLOPS = (("v6 lite", 918.0), ("v6e", 918.0), ("v5 lite", 197.0), ("v5e", 197.0),
                ("v5p", 459.0), ("v5", 459.0), ("v4", 275.0), ("v3", 123.0),
                ("H100", 989.0), ("A100", 312.0))
-
-
-def train_flops_per_token(m: Any, seq_len: int) -> float:
-  """6 x matmul params (fwd + bwd) plus causal attention, per trained token."""
-  d, f, n, v = m.d_model, m.ffn, m.layers, m.vocab_size
-  matmul_params = n * (4 * d * d + 3 * d * f) + d * v  # the embedding gather is no matmul
-  attention = 6 * n * seq_len * d  # 12 L D per layer, halved by the causal mask
-  return 6.0 * matmul_params + attention
-
-
-def train_flops_per_step(m: Any, seq_len: int, global_batch: int) -> float:
-  if hasattr(m, "patch"):  # an AIM config: seq_len counts patches
-    from lvm_jax.models import aim  # pylint: disable=g-import-not-at-top
-    return aim.train_flops_per_image(m) * global_batch
-  return train_flops_per_token(m, seq_len) * seq_len * global_batch
 
 
 def measured_peak_flops(dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:

@@ -53,8 +53,8 @@ class StorageError(OSError):
 
 def _loaded(module: str, *names: str) -> tuple[type, ...]:
   """Classes of an already imported module; none when it was never imported."""
-  mod = sys.modules.get(module)
-  return tuple(getattr(mod, n) for n in names if hasattr(mod, n)) if mod is not None else ()
+  classes = (getattr(sys.modules.get(module), n, None) for n in names)
+  return tuple(c for c in classes if c is not None)
 
 
 def _http_status(e: BaseException) -> int | None:

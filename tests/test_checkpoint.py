@@ -57,9 +57,34 @@ def test_readable_but_wrong_arrays_are_caught_by_the_fingerprint(tmp_path):
   with checkpoint.Checkpointer(str(tmp_path / "a"), keep=3, every=1) as ckpt:
     with pytest.raises(checkpoint.Damaged, match=r"1 array\(s\) differ from what was saved \(\['w'\]\)"):
       ckpt.restore(1, abstract)
-    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in .* verifies"):
-      ckpt.restore_latest(abstract)  # the weights-only path verifies too, and moves nothing
-  assert (tmp_path / "a" / "1").is_dir()
+  with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in .* verifies"):
+    checkpoint.read_weights(str(tmp_path / "a"), "w", abstract["w"])  # the tools' path verifies too
+  assert (tmp_path / "a" / "1").is_dir()  # and moves nothing
+
+
+def test_read_weights_reads_one_item_of_the_newest_step_that_verifies(tmp_path):
+  """Tools read the weights alone (not the optimizer's moments), as numpy, from the newest step
+  whose arrays match their fingerprints; a damaged newer step is passed over, not moved."""
+  rng = np.random.default_rng(0)
+  state = lambda: {"params": {"w": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32), "b": jnp.arange(3.0)},
+                   "opt_state": {"mu": jnp.asarray(rng.normal(size=(8, 4)), jnp.float32)}}
+  saved = {}
+  with checkpoint.Checkpointer(str(tmp_path), keep=3, every=1) as ckpt:
+    for step in (1, 2):
+      saved[step] = state()
+      ckpt.save(step, saved[step], None, wait=True)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), saved[1]["params"])
+  weights, step = checkpoint.read_weights(str(tmp_path), "params", abstract)
+  assert step == 2 and all(isinstance(x, np.ndarray) for x in jax.tree.leaves(weights))
+  jax.tree.map(np.testing.assert_array_equal, weights, jax.device_get(saved[2]["params"]))
+  shutil.rmtree(tmp_path / "2" / "state")  # step 2 unreadable: step 1 is read, step 2 stays
+  shutil.copytree(tmp_path / "1" / "state", tmp_path / "2" / "state")
+  weights, step = checkpoint.read_weights(str(tmp_path), "params", abstract)
+  assert step == 1 and (tmp_path / "2").is_dir()
+  jax.tree.map(np.testing.assert_array_equal, weights, jax.device_get(saved[1]["params"]))
+  wrong = {**abstract, "w": jax.ShapeDtypeStruct((4, 4), jnp.float32)}
+  with pytest.raises(checkpoint.CheckpointError, match=r"params/w is \(8, 4\) in the checkpoint, \(4, 4\) in this config"):
+    checkpoint.read_weights(str(tmp_path), "params", wrong)
 
 
 @pytest.fixture(scope="module")

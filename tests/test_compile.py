@@ -5,6 +5,7 @@ import importlib.util
 import pytest
 
 from lvm_jax import compile as compile_lib
+from lvm_jax.models import transformer
 from tests.conftest import load_config
 
 
@@ -31,7 +32,7 @@ def test_tiny_train_step_compiles_for_a_tpu_slice():
   r = compile_lib.report(c, "v5e-4")
   assert r["chips"] == 4 and r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
   assert 0 < r["total_gib"] < r["hbm_gib"]
-  assert r["model_flops_per_chip"] > 0
+  assert r["model_flops_per_chip"] == transformer.flops_per_step(c) / 4  # the family's analytic count
 
 
 @needs_libtpu
@@ -40,7 +41,7 @@ def test_tiny_train_step_uses_the_flash_kernel_on_tpu():
   c = load_config("lvm_tiny")
   c.model.attention = "auto"
   compiled, _, b = compile_lib.compile_train_step(c, "v5e-4")
-  assert b["model_cfg"].attention == "flash:tpu"
+  assert b.model_cfg.attention == "flash:tpu"
   assert "tpu_custom_call" in compiled.as_text()
 
 
@@ -50,7 +51,7 @@ def test_aim_train_step_compiles_with_the_prefix_kernel():
   c = load_config("aim_tiny")
   c.model.attention = "auto"
   compiled, mesh, b = compile_lib.compile_train_step(c, "v5e-4")
-  assert b["model_cfg"].attention == "flash:tpu" and "tpu_custom_call" in compiled.as_text()
+  assert b.model_cfg.attention == "flash:tpu" and "tpu_custom_call" in compiled.as_text()
 
 
 @pytest.mark.slow

@@ -5,15 +5,24 @@ import os
 
 import pytest
 
+from lvm_jax import config as config_lib
 from lvm_jax.data import sentences, sources
 from tests.conftest import REPO, load_config
 
 CONFIGS = sorted(f[:-3] for f in os.listdir(os.path.join(REPO, "configs")) if f.endswith(".py"))
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_config_loads(name):
-  assert load_config(name) is not None
+TRAINING = [n for n in CONFIGS if not n.startswith("dataset_")]
+
+
+@pytest.mark.parametrize("name", TRAINING)
+def test_training_configs_validate_and_declare_their_batch(name):
+  """Every shipped recipe passes the checks its trainer runs first, and its family's batch has
+  the config's global batch as the leading dimension of every array."""
+  c = load_config(name)
+  config_lib.validate(c)
+  spec = config_lib.model_module(c).batch_spec(c)
+  assert spec and all(x.shape[0] == c.global_batch for x in spec.values()), spec
 
 
 @pytest.mark.parametrize("name", [n for n in CONFIGS if n.startswith("dataset_")])

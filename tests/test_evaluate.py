@@ -104,8 +104,8 @@ def test_an_ml_aim_file_of_another_size_is_a_config_error(tmp_path):
 
 
 @pytest.mark.parametrize("flags,error", [
-    (["--ml_aim=m.safetensors"], "give --workdir (LVM or AIM), or --ml_aim with --aim_config"),
-    (["--ml_aim=m.safetensors", "--aim_config=configs/lvm_tiny.py"], "not an AIM config (objective='lvm')"),
+    (["--ml_aim=m.safetensors"], "give --workdir (LVM, AIM or VQGAN), or --ml_aim with --aim_config"),
+    (["--ml_aim=m.safetensors", "--aim_config=configs/lvm_tiny.py"], "not an AIM config (model_name='transformer')"),
     (["--ml_aim=missing.safetensors", "--aim_config=configs/aim_tiny.py"], "--ml_aim missing.safetensors: ")])
 def test_flag_mistakes_are_one_line_errors(flags, error):
   import os  # pylint: disable=g-import-not-at-top

@@ -35,6 +35,7 @@ class Runs:
   vqgan: str  # a train_vqgan workdir: root/vqgan
   weights: str  # the same tokenizer architecture as safetensors: root/vq.safetensors
   lvm: str  # an LVM workdir's checkpoints: root/lvm (its config.json is rewritten per case)
+  saved: dict  # what each workdir's checkpoint holds: {"vqgan": state, "lvm": state}
 
 
 def _random(tree: dict) -> dict:
@@ -51,9 +52,9 @@ def _first_save(c, workdir: str, b: dict, data_iter) -> dict:
   os.makedirs(workdir)
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(c.to_json(indent=1))
-  state = _random(b["abstract_state"])
+  state = _random(b.abstract_state)
   with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), c.ckpt_keep, c.ckpt_every) as ckpt:
-    ckpt.save(0, jax.device_put(state, b["state_shardings"]), data_iter, force=True)
+    ckpt.save(0, jax.device_put(state, b.state_shardings), data_iter, force=True)
     ckpt.wait()
   return state
 
@@ -65,15 +66,42 @@ def runs(tmp_path_factory) -> Runs:
   mesh = sharding.make_mesh(vq.mesh, jax.local_devices())
   b = train_vqgan.build(vq, mesh)
   state = _first_save(vq, os.path.join(root, "vqgan"), b,
-                      images_lib.make_iterator(vq, sharding.local_rows(b["batch_sharding"], vq.global_batch)))
+                      images_lib.make_iterator(vq, sharding.local_rows(b.batch_sharding, vq.global_batch)))
   weights = os.path.join(root, "vq.safetensors")  # the same tokenizer, exported
   vqgan_torch.save_safetensors(state["ema"], weights, vqgan.Config(**vq.model))
   c = load_config("lvm_tiny", "test")  # vocab 256 = the tiny VQGAN's codes
   mesh = sharding.make_mesh(c.mesh)
   b = train.build(c, mesh)
-  _first_save(c, os.path.join(root, "lvm"), b,
-              synthetic.make_iterator(c, sharding.local_rows(b["batch_sharding"], c.global_batch)))
-  return Runs(root, os.path.join(root, "vqgan"), weights, os.path.join(root, "lvm"))
+  lvm_state = _first_save(c, os.path.join(root, "lvm"), b,
+                          synthetic.make_iterator(c, sharding.local_rows(b.batch_sharding, c.global_batch)))
+  return Runs(root, os.path.join(root, "vqgan"), weights, os.path.join(root, "lvm"),
+              {"vqgan": state, "lvm": lvm_state})
+
+
+@pytest.mark.parametrize("name,item", [("vqgan", "ema"), ("lvm", "params")])
+def test_load_params_reads_the_familys_weights_item_exactly(runs, name, item):
+  """The loader reads the family's WEIGHTS (the VQGAN's EMA generator, the LVM's params), nothing
+  of the optimizer, bit for bit, with the family's inference config."""
+  workdir = getattr(runs, name)
+  c = config_lib.load_from_workdir(workdir)
+  cfg, weights, step = load.load_params(c, workdir)
+  assert step == 0 and config_lib.model_module(c).WEIGHTS == item
+  jax.tree.map(np.testing.assert_array_equal, weights, runs.saved[name][item])
+  if name == "lvm":
+    assert (cfg.remat, cfg.attention) == ("none", "auto")
+
+
+def test_evaluate_reports_a_vqgan_workdirs_held_out_psnr(runs):
+  import types  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from lvm_jax import evaluate  # pylint: disable=g-import-not-at-top
+  c = config_lib.load_from_workdir(runs.vqgan)
+  report = evaluate.REPORTS[vqgan.EVALUATION](c, types.SimpleNamespace(workdir=runs.vqgan))["reconstruction"]
+  held = images_lib.held_out(c.image_size, c.data.shrink)
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: vqgan.Model(vqgan.Config(**c.model), rngs=nnx.Rngs(0))))
+  want, _ = evaluate.reconstruction(evaluate.reconstructor(graphdef), runs.saved["vqgan"]["ema"], held)
+  assert report["step"] == 0 and report["images"] == len(held)
+  np.testing.assert_allclose(report["psnr"], want, rtol=1e-6)
 
 
 def lvm_workdir(runs: Runs, name: str, vqgan_entry: dict) -> str:

@@ -33,24 +33,24 @@ def test_a_non_finite_step_changes_nothing_and_a_finite_one_resets_the_streak(ti
   mesh = sharding.make_mesh(c.mesh)
   b = train.build(c, mesh)
   with jax.set_mesh(mesh), sharding.axis_rules(c.rules):
-    state = jax.jit(b["init"], out_shardings=b["state_shardings"])(jax.random.key(0))
+    state = jax.jit(b.init, out_shardings=b.state_shardings)(jax.random.key(0))
     before = jax.tree.map(np.asarray, state)
-    local = next(synthetic.make_iterator(c, sharding.local_rows(b["batch_sharding"], c.global_batch)))
-    good = sharding.global_batch_array(local, b["batch_sharding"], c.global_batch)
+    local = next(synthetic.make_iterator(c, sharding.local_rows(b.batch_sharding, c.global_batch)))
+    good = sharding.global_batch_array(local, b.batch_sharding, c.global_batch)
     poked = np.array(local["tokens"])
     poked[0, 5] = c.model.vocab_size + 3
-    bad = sharding.global_batch_array({**local, "tokens": poked}, b["batch_sharding"], c.global_batch)
+    bad = sharding.global_batch_array({**local, "tokens": poked}, b.batch_sharding, c.global_batch)
     step = train.jit_train_step(c, b)
     state, m = step(state, bad)
     m = jax.device_get(m)
-    assert not np.isfinite(m["loss"]) and int(m["bad_ids"]) == 1
+    assert not np.isfinite(m["loss"]) and int(m["input_errors"]) == 1
     assert (int(m["skipped_steps"]), int(m["skip_streak"]), int(state["step"])) == (1, 1, 1)
     for k in ("params", "opt_state"):
       for x, y in zip(jax.tree.leaves(before[k]), jax.tree.leaves(state[k]), strict=True):
         np.testing.assert_array_equal(x, np.asarray(y))
     state, m = step(state, good)
     m = jax.device_get(m)
-    assert np.isfinite(m["loss"]) and int(m["bad_ids"]) == 0
+    assert np.isfinite(m["loss"]) and int(m["input_errors"]) == 0
     assert (int(m["skipped_steps"]), int(m["skip_streak"]), int(state["step"])) == (1, 0, 2)
     # The skipped update did not advance optax's count either: this first applied update is
     # warmup's step 0 (lr 0), so the moments moved and the parameters not yet.
@@ -77,14 +77,14 @@ def test_diverged_run_stops_non_zero_and_keeps_only_good_checkpoints(tmp_path):
   b = train.build(c, sharding.make_mesh(c.mesh))
   with checkpoint.Checkpointer(str(tmp_path / "checkpoints"), 2, 1) as ckpt:
     for step in kept:
-      state = ckpt.restore(step, b["abstract_state"])  # verifies the fingerprints
+      state = ckpt.restore(step, b.abstract_state)  # verifies the fingerprints
       assert checkpoint.fingerprint(state)[1] == []  # and nothing in it is NaN or inf
 
 
 def test_ids_outside_the_vocabulary_stop_the_run_unsaved(tiny_config, tmp_path):
   """Data the config check cannot see (synthetic codes here) is caught at run time, never a NaN."""
   tiny_config.model.vocab_size = 20  # the synthetic codes go to 31
-  with pytest.raises(loop.RunError, match=r"step 1: the batch holds \d+ token ids outside the model's vocabulary \[0, 20\)"):
+  with pytest.raises(loop.RunError, match=r"step 1: the batch holds \d+ inputs the model cannot take \(e.g. token ids outside \[0, model.vocab_size\)\)"):
     train.train(tiny_config, str(tmp_path))
   assert not any(p.isdigit() for p in os.listdir(tmp_path / "checkpoints"))
 

@@ -1,6 +1,5 @@
 """Optimizer contracts: schedule, weight-decay mask, and gradient accumulation equivalence."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -41,11 +40,8 @@ def _one_step(c, batch):
   mesh = sharding.make_mesh(c.mesh)
   b = train.build(c, mesh)
   with jax.set_mesh(mesh), sharding.axis_rules(c.rules):
-    state = jax.jit(b["init"], out_shardings=b["state_shardings"])(jax.random.key(0))
-    step = jax.jit(functools.partial(train.train_step, graphdef=b["graphdef"], tx=b["tx"],
-                                     grad_accum=c.grad_accum, z_loss=0.0,
-                                     lr_schedule=optim.schedule(c)))
-    return step(state, batch)
+    state = jax.jit(b.init, out_shardings=b.state_shardings)(jax.random.key(0))
+    return train.jit_train_step(c, b)(state, batch)
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_config):

@@ -1,6 +1,5 @@
 """VQGAN training end to end on built-in pictures: PSNR rises, the GAN starts on time, resume works."""
 
-import functools
 import json
 import os
 
@@ -12,7 +11,7 @@ from flax import nnx
 
 from lvm_jax import sharding, train_vqgan
 from lvm_jax.data import images
-from lvm_jax.models import lpips
+from lvm_jax.models import discriminator, lpips, vqgan
 from tests.conftest import load_config
 from tests.models.test_lpips import _random_weights
 
@@ -44,13 +43,15 @@ def test_tiny_vqgan_learns_and_resumes(tmp_path):
 def test_perceptual_term_is_lpips_of_the_reconstruction():
   c = load_config("vqgan_tiny", "test")
   b = train_vqgan.build(c, sharding.make_mesh(c.mesh, jax.devices()[:1]))
-  state = b["init"](jax.random.key(0))
-  images = jnp.asarray(np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32))
+  state = b.init(jax.random.key(0))
+  batch = {"images": jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3)), jnp.uint8)}
+  images = batch["images"].astype(jnp.float32) / 255.0
   perceptual = lpips.Model(nnx.Rngs(1), weights=_random_weights())  # LPIPS heads are >= 0
-  kw = dict(c=c, gdef=b["gdef"], ddef=b["ddef"])
-  loss = lambda p: jax.jit(functools.partial(train_vqgan.generator_loss, perceptual=p, **kw))
-  _, plain = loss(None)(state["g"], state["d"], images, jnp.float32(0))
-  _, with_p = loss(perceptual)(state["g"], state["d"], images, jnp.float32(0))
+  critic = nnx.merge(b.critic_graphdef, state["d"])
+  loss = lambda p: jax.jit(lambda g: vqgan.loss(nnx.merge(b.graphdef, g), batch, perceptual=p, gan_weight=0.0,
+                                                 gan_loss=lambda r: discriminator.generator_loss(critic(r))))
+  _, plain = loss(None)(state["g"])
+  _, with_p = loss(perceptual)(state["g"])
   expected = c.perceptual_weight * float(jnp.mean(perceptual(with_p["recon"], images)))
   assert expected > 0
   np.testing.assert_allclose(float(with_p["nll"] - plain["nll"]), expected, rtol=1e-5)

@@ -111,13 +111,14 @@ def save_safetensors(state: dict[str, np.ndarray], path: str) -> None:
 def cli_main() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
   from lvm_jax import cli, config as config_lib, load  # pylint: disable=g-import-not-at-top
+  from lvm_jax.models import aim  # pylint: disable=g-import-not-at-top
   workdir = flags.DEFINE_string("workdir", None, "AIM training workdir whose newest checkpoint's trunk is exported.")
   out = flags.DEFINE_string("out", None, "Output .safetensors in ml-aim's key layout.")
 
   def main(_):
     c = config_lib.load_from_workdir(workdir.value)
-    if c.objective != "aim":
-      raise config_lib.ConfigError(f"{workdir.value}: objective={c.objective!r}, not an AIM workdir")
+    if config_lib.model_module(c) is not aim:
+      raise config_lib.ConfigError(f"{workdir.value}: model_name={c.get('model_name')!r}, not an AIM workdir")
     model_cfg, params, step = load.load_params(c, workdir.value)
     save_safetensors(to_ml_aim(params["trunk"]), out.value)
     print(f"step {step} of {workdir.value} -> {out.value} (ml-aim v1 trunk, depth {model_cfg.depth})")

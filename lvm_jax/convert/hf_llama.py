@@ -120,18 +120,22 @@ def load_pretrained(hf_dir: str, dtype: str = "float32") -> tuple[transformer.Co
 
 def cli_main() -> None:
   from absl import flags  # pylint: disable=g-import-not-at-top
-  from lvm_jax import cli, load  # pylint: disable=g-import-not-at-top
-  config = cli.define_config()
+  from lvm_jax import cli, config as config_lib, load, models  # pylint: disable=g-import-not-at-top
+  config = cli.define_config()  # default: the workdir's own config.json
   workdir = flags.DEFINE_string("workdir", None, "Training workdir whose newest checkpoint is exported.")
   out = flags.DEFINE_string("out", None, "Output directory for LlamaForCausalLM.from_pretrained.")
   codes = flags.DEFINE_integer("codes", 8192, "VQGAN codebook size: generation never leaves [0, codes).")
 
   def main(_):
-    model_cfg, params, step = load.load_params(config.value, workdir.value)
-    save_pretrained(params, model_cfg, out.value, codes.value, config.value.seq_len)
-    print(f"step {step} of {workdir.value} -> {out.value} (LlamaForCausalLM, {transformer.count_params(model_cfg):,} params)")
+    c = config.value or config_lib.load_from_workdir(workdir.value)
+    if config_lib.model_module(c) is not transformer:
+      raise config_lib.ConfigError(f"{workdir.value}: model_name={c.get('model_name')!r}, not an LVM workdir")
+    model_cfg, params, step = load.load_params(c, workdir.value)
+    save_pretrained(params, model_cfg, out.value, codes.value, c.seq_len)
+    count = models.count_params(models.abstract(transformer, model_cfg))
+    print(f"step {step} of {workdir.value} -> {out.value} (LlamaForCausalLM, {count:,} params)")
 
-  cli.run(main, required=["config", "workdir", "out"])
+  cli.run(main, required=["workdir", "out"])
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ never stops training. Decoding runs in `data.threads` threads (PIL releases the 
 decoding and resampling); the batches do not depend on their number.
 """
 
+import json
 from typing import Any, Iterator
 
 import grain
@@ -39,6 +40,12 @@ def random_resized_crop(image_HW3: np.ndarray, size: int, scale: tuple[float, fl
     y, x, h, w = 0, 0, H, W
   crop = PIL.Image.fromarray(image_HW3[y:y + h, x:x + w]).resize((size, size), PIL.Image.BICUBIC)
   return np.asarray(crop)
+
+
+def identity(c: Any) -> dict:
+  """The source config, recorded in the workdir; pixels have no tokenizer to check. Through JSON,
+  so tuples compare equal to the record read back on resume."""
+  return {"source": json.loads(json.dumps(dict(c.data.source)))}
 
 
 def make_iterator(c: Any, rows: np.ndarray) -> Iterator[dict]:

@@ -35,6 +35,11 @@ def random_crop(pics: list[np.ndarray], index: int, size: int, seed: int) -> np.
   return crop[:, ::-1] if rng.random() < 0.5 else crop
 
 
+def identity(c: Any) -> dict:
+  """The pictures that training crops, in the terms of data/sources.py (no tokenizer to check)."""
+  return {"source": {"kind": "builtin_images", "names": list(TRAIN)}, "shrink": c.data.shrink}
+
+
 def make_iterator(c: Any, rows: np.ndarray) -> Iterator[dict]:
   """This process's rows of every global batch: {"images": uint8 [local, S, S, 3]}."""
   pics = pictures(TRAIN, c.data.shrink)

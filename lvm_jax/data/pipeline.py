@@ -10,15 +10,16 @@ components are named so a command line can set them (--config.data.mixture.video
 indices are shuffled over the whole component with a new permutation every epoch, repeated
 forever, and sliced by JAX process, so processes read disjoint sentences. Components are mixed by
 weight; sentences are read through tensorstore on `threads` threads (GCS latency overlaps),
-cut to whole images that fit seq_len, and packed first-fit into rows of seq_len tokens with
-segment ids (0 = padding), positions that restart per sentence, and a loss mask. Packed sentences
+cut to whole images that fit seq_len, and packed first-fit into rows of seq_len tokens: the
+layout FIELDS (tokens, segment ids with 0 = padding, positions that restart per sentence, a loss
+mask), which data/synthetic.py fills through pack_row. Packed sentences
 neither attend to each other nor predict across their boundary (the trainer masks by segment),
 unlike the LVM release, which streams one concatenation through fixed windows.
 
 The iterator is a grain DatasetIterator; the trainer checkpoints its state with the train state.
 """
 
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import grain
 import jax
@@ -26,6 +27,11 @@ import numpy as np
 
 from lvm_jax import config as config_lib
 from lvm_jax.data import rows as rows_lib, store as store_lib
+
+# The packed-row layout of every token batch (synthetic.py's too): int32 [rows, seq_len] each.
+# segment_ids number a row's sentences from 1 (0 = padding), positions restart at every
+# sentence, loss_mask marks the tokens that may be targets.
+FIELDS = ("tokens", "segment_ids", "positions", "loss_mask")
 
 _STORES: dict[str, store_lib.Store] = {}
 
@@ -102,24 +108,43 @@ def sentences(mixture: dict, seed: int, max_tokens: int, tokens_per_image: int) 
   return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
 
 
+def layout(tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
+  """Packed tokens with their segment ids and positions -> a row (or rows) of FIELDS. Every
+  sentence token may be a target (the trainer drops those across a boundary), padding none."""
+  return dict(zip(FIELDS, (np.asarray(a, np.int32) for a in (tokens, segment_ids, positions, segment_ids > 0)),
+                  strict=True))
+
+
+def pack_row(sentences: Iterable[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
+  """One row: sentences laid end to end up to the first that is empty or does not fit, the rest
+  padding. `sentences` may be endless (nothing after that one is read); the first must fit."""
+  tokens, segment_ids, positions = (np.zeros(seq_len, np.int32) for _ in range(3))
+  start = 0
+  for segment, sentence in enumerate(sentences, 1):
+    end = start + len(sentence)
+    if end > seq_len or end == start:  # an endless stream of empty sentences would never end the row
+      break
+    tokens[start:end], segment_ids[start:end], positions[start:end] = sentence, segment, np.arange(len(sentence))
+    start = end
+  if start == 0:
+    raise ValueError(f"pack_row: the first sentence is empty or longer than seq_len={seq_len}")
+  return layout(tokens, segment_ids, positions)
+
+
 def pack(ds: grain.IterDataset, seq_len: int, rows: int, seed: int, bos: int = -1) -> grain.IterDataset:
-  """Sentences -> batches of `rows` packed rows: tokens, segment_ids, positions, loss_mask [rows, L]."""
+  """Sentences -> batches of `rows` rows of FIELDS [rows, L], packed first-fit over the batch."""
 
   def features(tokens: np.ndarray) -> dict:
     tokens = tokens.astype(np.int32)
     if bos >= 0:
       tokens = np.concatenate([[bos], tokens[:seq_len - 1]]).astype(np.int32)
-    return {"tokens": tokens, "loss_mask": np.ones_like(tokens)}
+    return {"tokens": tokens}
 
   packed = grain.experimental.FirstFitPackIterDataset(
-      ds.map(features), length_struct={"tokens": seq_len, "loss_mask": seq_len}, num_packing_bins=rows,
-      seed=seed)
-
-  def rename(row: dict) -> dict:
-    return {"tokens": row["tokens"], "segment_ids": row["tokens_segment_ids"],
-            "positions": row["tokens_positions"], "loss_mask": row["loss_mask"]}
-
-  return packed.map(rename).batch(rows, drop_remainder=True)
+      ds.map(features), length_struct={"tokens": seq_len}, num_packing_bins=rows, seed=seed)
+  # grain names a feature's segment ids and positions after it.
+  return packed.map(lambda row: layout(row["tokens"], row["tokens_segment_ids"], row["tokens_positions"])).batch(
+      rows, drop_remainder=True)
 
 
 def make_iterator(c: Any, rows: np.ndarray, threads: Optional[int] = None) -> Iterator[dict]:

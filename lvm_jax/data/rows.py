@@ -3,6 +3,11 @@ global batch, each example a function of its global index alone.
 
 Row r of global batch s is example s * global_batch + r, so any process count sees the same
 global batch, and the iterator state (checkpointed with the train state) is one index.
+
+Every data module a trainer picks by config.data.name (synthetic, pipeline, aim_images, images)
+exports make_iterator(c, rows), this process's rows of every global batch as a checkpointable
+grain iterator, and identity(c) -> dict | None, what the data is: the workdir records it and a
+resume is checked against it (workdir.check_data).
 """
 
 from typing import Callable, Iterator

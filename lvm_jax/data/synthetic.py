@@ -5,9 +5,10 @@ alphabet; every next image is the previous one with each code shifted by one (mo
 A model that attends one image back predicts every image after the first exactly, so the loss
 has a known floor and falls only if attention, RoPE and the packing masks work.
 
-Sentences are packed into rows of seq_len tokens with segment ids (0 = padding), positions that
-restart per sentence, and a loss mask. Row r of the global batch at step s depends only on
-(seed, s * global_batch + r), so any process count produces the same global batch.
+Yields the pipeline's packed rows (data/pipeline.py: FIELDS, int32 [local rows, seq_len]): a
+row is sentences appended while they fit (pipeline.pack_row), the rest padding. Row r of the
+global batch at step s depends only on (seed, s * global_batch + r), so any process count
+produces the same global batch.
 """
 
 from typing import Any, Iterator
@@ -15,31 +16,30 @@ from typing import Any, Iterator
 import numpy as np
 
 from lvm_jax import config as config_lib
-from lvm_jax.data import rows as rows_lib
+from lvm_jax.data import pipeline, rows as rows_lib
+
+
+def sentences(rng: np.random.Generator, seq_len: int, tokens_per_image: int, codes: int,
+              images: tuple[int, int]) -> Iterator[np.ndarray]:
+  """Endless sentences of `images` (an inclusive range) images, cut to the whole images that fit
+  seq_len, as the pipeline cuts store sentences: a row always holds at least one."""
+  while True:
+    n_images = min(int(rng.integers(images[0], images[1] + 1)), seq_len // tokens_per_image)
+    first = rng.integers(0, codes, tokens_per_image)
+    yield ((first[None, :] + np.arange(n_images)[:, None]) % codes).reshape(-1)
 
 
 def make_row(index: int, seq_len: int, tokens_per_image: int, codes: int,
              images: tuple[int, int], seed: int) -> dict[str, np.ndarray]:
-  """One packed row: sentences appended while they fit, the rest padding."""
+  """Example `index`: one packed row, a function of (seed, index) alone."""
   rng = np.random.default_rng([seed, index])
-  row = {k: np.zeros(seq_len, np.int32) for k in ("tokens", "segment_ids", "positions", "loss_mask")}
-  start, segment = 0, 1
-  while True:
-    n_images = int(rng.integers(images[0], images[1] + 1))
-    length = n_images * tokens_per_image
-    if start + length > seq_len:
-      if segment > 1:
-        break
-      n_images, length = seq_len // tokens_per_image, seq_len  # always at least one sentence
-    first = rng.integers(0, codes, tokens_per_image)
-    sentence = (first[None, :] + np.arange(n_images)[:, None]) % codes
-    sl = slice(start, start + length)
-    row["tokens"][sl] = sentence.reshape(-1)
-    row["segment_ids"][sl] = segment
-    row["positions"][sl] = np.arange(length)
-    row["loss_mask"][sl] = 1
-    start, segment = start + length, segment + 1
-  return row
+  return pipeline.pack_row(sentences(rng, seq_len, tokens_per_image, codes, images), seq_len)
+
+
+def identity(c: Any) -> dict:
+  """Generated codes, no tokenizer: recorded so that a workdir trained on them is not resumed on
+  a store's tokens (workdir.check_data) without data.allow_new_tokenizer."""
+  return {"tokenizer": "synthetic", "tokens_per_image": c.tokens_per_image, "vocab": c.data.codes}
 
 
 def make_iterator(c: Any, rows: np.ndarray) -> Iterator[dict]:
@@ -47,8 +47,9 @@ def make_iterator(c: Any, rows: np.ndarray) -> Iterator[dict]:
 
   Its state (get_state/set_state) is checkpointed with the train state.
   """
-  if c.tokens_per_image <= 0:
-    raise config_lib.ConfigError(f"tokens_per_image={c.tokens_per_image}: synthetic images need > 0 tokens")
+  if not 0 < c.tokens_per_image <= c.seq_len:
+    raise config_lib.ConfigError(f"tokens_per_image={c.tokens_per_image}: synthetic images need between 1 and "
+                                 f"seq_len={c.seq_len} tokens")
   d = c.data
   return rows_lib.iterate(rows, c.global_batch, lambda index: make_row(
       index, c.seq_len, c.tokens_per_image, d.codes, tuple(d.images_per_sentence), c.seed))

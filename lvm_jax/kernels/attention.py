@@ -19,7 +19,8 @@ GPU note: cuDNN's fused attention (jax.nn.dot_product_attention(implementation="
 causal and padding masks but not per-example prefixes, so the Triton kernel covers every mask.
 """
 
-from typing import Optional
+import dataclasses
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -129,6 +130,12 @@ def resolve(impl: str, platform: str) -> str:
   if impl == "xla" or (impl == "auto" and platform == "cpu"):
     return "xla"
   return f"flash:{platform}"
+
+
+def for_platform(cfg: Any, platform: Optional[str]) -> Any:
+  """A model config (a dataclass with an `attention` field) with it resolved for `platform`;
+  unchanged without one (the backend's default at trace time)."""
+  return dataclasses.replace(cfg, attention=resolve(cfg.attention, platform)) if platform else cfg
 
 
 def _flash_sharded(q_BLHK, k_BLHK, v_BLHK, causal, segment_ids_BL, prefix_len_B, block, platform) -> jax.Array:

@@ -1,47 +1,37 @@
-"""Flash attention in Pallas: forward and backward kernels under one `jax.custom_vjp`.
+"""Flash attention in Pallas: the TPU (Mosaic) kernels, and the entry point for both backends.
 
 Dimension letters: B batch, H heads, L sequence, K head dim; kernels see [B, H, L, K].
 
 Memory stays linear in L: the forward keeps a running max, normaliser and output per query
 block (online softmax in fp32) and saves only the log-sum-exp per query; the backward recomputes
 the probabilities block by block (dK/dV in one kernel, dQ in another, as FlashAttention-2).
-The mask is the AND of an optional causal mask, widened to prefix-causal per example (AIM: query
-i sees key j if j <= i or j < prefix[b]), and equal segment ids (packed sentences). A block of
+The mask (causal or AIM prefix-causal, segment ids, padding) is flash_common.allowed. A block of
 queries x keys that the mask empties entirely is skipped: its condition is computed from block
 positions, prefix lengths and each block's segment-id range, held in SMEM (scalar prefetch).
 
-Shapes the hardware cannot take are padded, not refused: the sequence to a multiple of the
-blocks (padded keys are masked, padded queries dropped) and the head dim to a multiple of 128
-(TPU lanes; zero columns change no dot product). Blocks default per backend (`BLOCKS`).
+Shapes the hardware cannot take are padded, not refused (flash_common.padded_call): the sequence
+to a multiple of the blocks and the head dim to a multiple of 128 (TPU lanes).
 
-This file holds the TPU (Mosaic) kernels; `flash_attention_gpu.py` the Triton ones. Both run in
-Pallas interpret mode on a CPU, which is how the tests check them against a float64 reference.
+`flash_attention_gpu.py` holds the Triton kernels; what the two share is in `flash_common.py`.
+Both run in Pallas interpret mode on a CPU, which is how the tests check them against float64.
 """
 
-import dataclasses
 import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-MASK = -0.7 * float(np.finfo(np.float32).max)  # finite: exp(MASK - MASK) must not be nan
+from lvm_jax.kernels import flash_attention_gpu
+from lvm_jax.kernels.flash_common import (MASK, FlashError, Static, allowed, blocks, check_inputs, first_query_block,
+                                          last_key_block, padded_call, round_up, with_vjp)
+
 LANES = 128
-BLOCKS = {"tpu": 512, "gpu": 64, "cpu": 128}  # default query/key block per backend
 
 
-class FlashError(ValueError):
-  """Inputs or block sizes the kernel cannot take; the message names the value and what is allowed."""
-
-
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-# ------------------------------------------------------------------------------ masks
+# ------------------------------------------------------------------------------ block skipping
 
 
 def _visible(b, i, j, prefix_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, *, bq, bk, nq, nk, causal, kv_len):
@@ -52,32 +42,6 @@ def _visible(b, i, j, prefix_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, *, bq,
     vis = jnp.logical_and(vis, jnp.logical_or(k_lo <= (i + 1) * bq - 1, k_lo < prefix_ref[b]))
   overlap = jnp.logical_and(kmin_ref[b * nk + j] <= qmax_ref[b * nq + i], qmin_ref[b * nq + i] <= kmax_ref[b * nk + j])
   return jnp.logical_and(vis, overlap)
-
-
-def _last_key_block(b, i, prefix_ref, *, bq, bk, causal, kv_len):
-  """The last key block query block i can see: blocks past it need not even be fetched."""
-  last = (kv_len - 1) // bk
-  if not causal:
-    return last
-  reach = jnp.maximum((i + 1) * bq - 1, prefix_ref[b] - 1)
-  # lax.div, not //: floor division of signed ints lowers through `sign`, which Mosaic rejects
-  # in index maps; both operands are >= 0 here, where the two agree.
-  return jnp.minimum(jax.lax.div(reach, bk), last)
-
-
-def _first_query_block(b, j, prefix_ref, *, bq, bk, causal):
-  """The first query block that sees key block j (0 if j lies in the example's prefix)."""
-  if not causal:
-    return 0
-  return jnp.where(j * bk < prefix_ref[b], 0, jax.lax.div(j * bk, bq))
-
-
-def _mask(q_pos, k_pos, q_seg, k_seg, prefix, *, causal: bool, kv_len: int):
-  """Elementwise mask from broadcastable positions and segment ids."""
-  m = k_pos < kv_len
-  if causal:
-    m = jnp.logical_and(m, jnp.logical_or(k_pos <= q_pos, k_pos < prefix))
-  return jnp.logical_and(m, q_seg == k_seg)
 
 
 # ------------------------------------------------------------------------------ TPU kernels
@@ -102,7 +66,7 @@ def _fwd_kernel(prefix_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, q_ref, k_ref
                             preferred_element_type=jnp.float32) * scale  # [bq, bk]
     q_pos = i * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
     k_pos = j * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    mask = _mask(q_pos, k_pos, qseg_ref[:, :1], kseg_ref[:1, :], prefix_ref[b], causal=causal, kv_len=kv_len)
+    mask = allowed(q_pos, k_pos, qseg_ref[:, :1], kseg_ref[:1, :], prefix_ref[b], causal=causal, kv_len=kv_len)
     s = jnp.where(mask, s, MASK)
     m_prev = m_sc[:, :1]
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
@@ -146,7 +110,7 @@ def _dkv_kernel(prefix_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, q_ref, k_ref
     s_t = jax.lax.dot_general(k, q, nt, preferred_element_type=jnp.float32) * scale  # [bk, bq]
     k_pos = j * bk + jax.lax.broadcasted_iota(jnp.int32, (bk, 1), 0)
     q_pos = i * bq + jax.lax.broadcasted_iota(jnp.int32, (1, bq), 1)
-    mask = _mask(q_pos, k_pos, qseg_ref[:1, :], kseg_ref[:, :1], prefix_ref[b], causal=causal, kv_len=kv_len)
+    mask = allowed(q_pos, k_pos, qseg_ref[:1, :], kseg_ref[:, :1], prefix_ref[b], causal=causal, kv_len=kv_len)
     p_t = jnp.where(mask, jnp.exp(s_t - lse_ref[...]), 0.0)
     nn = (((1,), (0,)), ((), ()))
     dv_sc[...] += jax.lax.dot_general(p_t.astype(do.dtype), do, nn, preferred_element_type=jnp.float32)
@@ -178,7 +142,7 @@ def _dq_kernel(prefix_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, q_ref, k_ref,
     s = jax.lax.dot_general(q, k, nt, preferred_element_type=jnp.float32) * scale  # [bq, bk]
     q_pos = i * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, 1), 0)
     k_pos = j * bk + jax.lax.broadcasted_iota(jnp.int32, (1, bk), 1)
-    mask = _mask(q_pos, k_pos, qseg_ref[:, :1], kseg_ref[:1, :], prefix_ref[b], causal=causal, kv_len=kv_len)
+    mask = allowed(q_pos, k_pos, qseg_ref[:, :1], kseg_ref[:1, :], prefix_ref[b], causal=causal, kv_len=kv_len)
     lse = jnp.transpose(jnp.broadcast_to(lse_ref[...], (LANES, bq)))[:, :1]  # row -> column
     d = jnp.transpose(jnp.broadcast_to(d_ref[...], (LANES, bq)))[:, :1]
     p = jnp.where(mask, jnp.exp(s - lse), 0.0)
@@ -195,20 +159,6 @@ def _dq_kernel(prefix_ref, qmin_ref, qmax_ref, kmin_ref, kmax_ref, q_ref, k_ref,
 # ------------------------------------------------------------------------------ pallas_call wrappers
 
 
-@dataclasses.dataclass(frozen=True)
-class _Static:
-  """Everything the kernels specialise on (hashable: a custom_vjp static argument)."""
-  scale: float
-  bq: int
-  bk: int
-  causal: bool
-  kv_len: int  # keys at or past this position are padding
-  interpret: bool
-
-  def kernel_kw(self, nq: int, nk: int) -> dict:
-    return dict(scale=self.scale, bq=self.bq, bk=self.bk, nq=nq, nk=nk, causal=self.causal, kv_len=self.kv_len)
-
-
 def _scalars(seg_BL: jax.Array, prefix_B: jax.Array, bq: int, bk: int) -> tuple:
   """Prefix lengths and each block's segment-id range, flattened for SMEM."""
   B, L = seg_BL.shape
@@ -223,7 +173,7 @@ def _seg_layouts(seg_BL: jax.Array) -> tuple[jax.Array, jax.Array]:
           jnp.broadcast_to(seg_BL[:, None, :], (seg_BL.shape[0], 8, seg_BL.shape[1])))
 
 
-def _call(kernel, st: _Static, grid, in_specs, out_specs, out_shape, scratch, scalars, *arrays):
+def _call(kernel, st: Static, grid, in_specs, out_specs, out_shape, scratch, scalars, *arrays):
   return pl.pallas_call(
       kernel, out_shape=out_shape, interpret=st.interpret,
       grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=len(scalars), grid=grid, in_specs=in_specs,
@@ -232,17 +182,17 @@ def _call(kernel, st: _Static, grid, in_specs, out_specs, out_shape, scratch, sc
   )(*scalars, *arrays)
 
 
-def _kv_index(st: _Static, segments: bool = False):
+def _kv_index(st: Static, segments: bool = False):
   """Index map of key/value blocks (or, with `segments`, of the [B, 8, L] key segment rows) for
   grids (b, h, i, j): key blocks past the last one query block i sees map to that one, so the
   pipeline fetches nothing for blocks whose compute is skipped."""
   def index(b, h, i, j, prefix_ref, *_):
-    j = jnp.minimum(j, _last_key_block(b, i, prefix_ref, bq=st.bq, bk=st.bk, causal=st.causal, kv_len=st.kv_len))
+    j = jnp.minimum(j, last_key_block(i, prefix_ref[b], bq=st.bq, bk=st.bk, causal=st.causal, kv_len=st.kv_len))
     return (b, 0, j) if segments else (b, h, j, 0)
   return index
 
 
-def _forward(q, k, v, seg_BL, prefix_B, st: _Static):
+def _forward(q, k, v, seg_BL, prefix_B, st: Static):
   B, H, L, K = q.shape
   bq, bk = st.bq, st.bk
   nq, nk = L // bq, L // bk
@@ -257,12 +207,12 @@ def _forward(q, k, v, seg_BL, prefix_B, st: _Static):
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, 1, L), jnp.float32)]
   scratch = [pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
              pltpu.VMEM((bq, K), jnp.float32)]
-  kernel = functools.partial(_fwd_kernel, **st.kernel_kw(nq, nk))
+  kernel = functools.partial(_fwd_kernel, **st.kernel_kw(nq=nq, nk=nk))
   return _call(kernel, st, (B, H, nq, nk), in_specs, out_specs, out_shape, scratch,
                _scalars(seg_BL, prefix_B, bq, bk), q, k, v, seg_col, seg_row)
 
 
-def _backward(q, k, v, o, lse, do, seg_BL, prefix_B, st: _Static):
+def _backward(q, k, v, o, lse, do, seg_BL, prefix_B, st: Static):
   B, H, L, K = q.shape
   bq, bk = st.bq, st.bk
   nq, nk = L // bq, L // bk
@@ -274,45 +224,30 @@ def _backward(q, k, v, o, lse, do, seg_BL, prefix_B, st: _Static):
 
   # dK, dV: grid (b, h, key block j, query block i).
   # Query blocks before the first that sees key block j map to it: the pipeline fetches nothing new.
-  first = lambda b, j, prefix: _first_query_block(b, j, prefix, bq=bq, bk=bk, causal=st.causal)
+  first = lambda b, j, prefix: first_query_block(j, prefix[b], bq=bq, bk=bk, causal=st.causal)
   qi = lambda b, h, j, i, prefix, *_: (b, h, jnp.maximum(i, first(b, j, prefix)), 0)
   kj = lambda b, h, j, i, *_: (b, h, j, 0)
   q_row = lambda b, h, j, i, prefix, *_: (b, h, 0, jnp.maximum(i, first(b, j, prefix)))
   in_specs = [blk(bq, qi), blk(bk, kj), blk(bk, kj), blk(bq, qi), row(q_row), row(q_row),
               pl.BlockSpec((None, 8, bq), lambda b, h, j, i, prefix, *_: (b, 0, jnp.maximum(i, first(b, j, prefix)))),
               pl.BlockSpec((None, bk, LANES), lambda b, h, j, i, *_: (b, j, 0))]
-  dk, dv = _call(functools.partial(_dkv_kernel, **st.kernel_kw(nq, nk)), st, (B, H, nk, nq), in_specs,
+  dk, dv = _call(functools.partial(_dkv_kernel, **st.kernel_kw(nq=nq, nk=nk)), st, (B, H, nk, nq), in_specs,
                  [blk(bk, kj), blk(bk, kj)], [jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
                  [pltpu.VMEM((bk, K), jnp.float32)] * 2, scalars, q, k, v, do, lse, d, seg_row, seg_col)
 
   # dQ: grid (b, h, query block i, key block j).
   qi, kj = (lambda b, h, i, j, *_: (b, h, i, 0)), _kv_index(st)
-  in_specs = [blk(bq, qi), blk(bk, kj), blk(bk, kj), blk(bq, qi), row(lambda b, h, i, j, *_: (b, h, 0, i)),
-              row(lambda b, h, i, j, *_: (b, h, 0, i)), pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, *_: (b, i, 0)),
+  q_row = lambda b, h, i, j, *_: (b, h, 0, i)
+  in_specs = [blk(bq, qi), blk(bk, kj), blk(bk, kj), blk(bq, qi), row(q_row), row(q_row),
+              pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, *_: (b, i, 0)),
               pl.BlockSpec((None, 8, bk), _kv_index(st, segments=True))]
-  (dq,) = _call(functools.partial(_dq_kernel, **st.kernel_kw(nq, nk)), st, (B, H, nq, nk), in_specs,
+  (dq,) = _call(functools.partial(_dq_kernel, **st.kernel_kw(nq=nq, nk=nk)), st, (B, H, nq, nk), in_specs,
                 [blk(bq, qi)], [jax.ShapeDtypeStruct(q.shape, q.dtype)], [pltpu.VMEM((bq, K), jnp.float32)],
                 scalars, q, k, v, do, lse, d, seg_col, seg_row)
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, seg_BL, prefix_B, st: _Static):
-  return _forward(q, k, v, seg_BL, prefix_B, st)[0]
-
-
-def _flash_fwd(q, k, v, seg_BL, prefix_B, st: _Static):
-  o, lse = _forward(q, k, v, seg_BL, prefix_B, st)
-  return o, (q, k, v, o, lse, seg_BL, prefix_B)
-
-
-def _flash_bwd(st: _Static, res, do):
-  q, k, v, o, lse, seg_BL, prefix_B = res
-  dq, dk, dv = _backward(q, k, v, o, lse, do, seg_BL, prefix_B, st)
-  return dq, dk, dv, None, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = with_vjp(_forward, _backward)
 
 
 # ------------------------------------------------------------------------------ entry point
@@ -329,39 +264,15 @@ def flash_attention(
   backend: "tpu" (Mosaic) or "gpu" (Triton). On a CPU pass interpret=True (Pallas interpret
   mode): the same kernels, run op by op.
   """
-  B, L, H, K = _check(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, prefix_len_B)
   if backend == "gpu":
-    from lvm_jax.kernels import flash_attention_gpu  # pylint: disable=g-import-not-at-top
     return flash_attention_gpu.flash_attention(q_BLHK, k_BLHK, v_BLHK, causal=causal, segment_ids_BL=segment_ids_BL,
                                                prefix_len_B=prefix_len_B, block_q=block_q, block_k=block_k,
                                                interpret=interpret)
   if backend != "tpu":
     raise FlashError(f"backend={backend!r}: expected tpu or gpu")
-  default = BLOCKS["tpu"]
-  bq, bk = (block_q or default), (block_k or default)
-  for name, blk in (("block_q", bq), ("block_k", bk)):
-    if blk % LANES:
-      raise FlashError(f"{name}={blk}: TPU blocks must be multiples of {LANES}")
+  _, L, _, K = check_inputs(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, prefix_len_B)
   # Short sequences: no block longer than the sequence rounded to the lane width.
-  bq, bk = min(bq, _round_up(L, LANES)), min(bk, _round_up(L, LANES))
-  Lp, Kp = _round_up(L, np.lcm(bq, bk)), _round_up(K, LANES)
-  seg = jnp.zeros((B, L), jnp.int32) if segment_ids_BL is None else segment_ids_BL.astype(jnp.int32)
-  seg = jnp.pad(seg, ((0, 0), (0, Lp - L)), mode="edge")  # padding keeps block ranges unchanged
-  prefix = jnp.zeros((B,), jnp.int32) if prefix_len_B is None else prefix_len_B.astype(jnp.int32)
-  pad = lambda x: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, Lp - L), (0, Kp - K)))
-  st = _Static(float(K) ** -0.5, int(bq), int(bk), bool(causal), int(L), bool(interpret))
-  out = _flash(pad(q_BLHK), pad(k_BLHK), pad(v_BLHK), seg, prefix, st)
-  return jnp.swapaxes(out[:, :, :L, :K], 1, 2)
-
-
-def _check(q, k, v, seg, prefix) -> tuple[int, int, int, int]:
-  if q.ndim != 4 or q.shape != k.shape or k.shape != v.shape:
-    raise FlashError(f"flash attention: q, k, v must share one [B, L, H, K] shape, got {q.shape}, {k.shape}, {v.shape}")
-  if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (jnp.float32, jnp.bfloat16):
-    raise FlashError(f"flash attention: dtypes {q.dtype}, {k.dtype}, {v.dtype}; expected all float32 or all bfloat16")
-  B, L = q.shape[:2]
-  if seg is not None and seg.shape != (B, L):
-    raise FlashError(f"flash attention: segment_ids shape {seg.shape}, expected {(B, L)}")
-  if prefix is not None and prefix.shape != (B,):
-    raise FlashError(f"flash attention: prefix_len shape {prefix.shape}, expected {(B,)}")
-  return q.shape
+  bq, bk = blocks(block_q, block_k, "tpu", valid=lambda blk: blk % LANES == 0, rule=f"multiples of {LANES}",
+                  cap=round_up(L, LANES))
+  return padded_call(_flash, q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, prefix_len_B, causal=causal, bq=bq, bk=bk,
+                     head_dim=round_up(K, LANES), interpret=interpret)

@@ -2,10 +2,12 @@
 
 One program per (example, head, query block) loops over key blocks inside the kernel (Triton
 style) instead of over a grid axis; the loop stops at the last key block the causal or prefix
-mask can reach, so the work above the diagonal is never done. Segment ids mask elementwise.
-The backward is FlashAttention-2's: one kernel per key block accumulates dK and dV over query
-blocks, another per query block accumulates dQ. Triton needs power-of-two block shapes, so the
-head dim is padded to one (96 and 100 -> 128) and the sequence to a multiple of the blocks.
+mask can reach (flash_common.last_key_block), so the work above the diagonal is never done.
+Segment ids mask elementwise (flash_common.allowed). The backward is FlashAttention-2's: one
+kernel per key block accumulates dK and dV over query blocks, another per query block
+accumulates dQ. Triton needs power-of-two block shapes, so the head dim is padded to one
+(96 and 100 -> 128) and the sequence to a multiple of the blocks (flash_common.padded_call).
+Pass interpret=True to run the same kernels op by op on a CPU (Pallas interpret mode).
 """
 
 import functools
@@ -13,11 +15,11 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from lvm_jax.kernels import flash_attention as common
+from lvm_jax.kernels.flash_common import (MASK, Static, allowed, blocks, check_inputs, first_query_block,
+                                          last_key_block, padded_call, with_vjp)
 
 PREFIX_LANES = 16  # the prefix length travels as a small row: Triton blocks are power-of-two arrays
 # Selects the Triton lowering (pallas_call on GPU otherwise picks Mosaic GPU, whose whole-row
@@ -29,19 +31,12 @@ def _next_pow2(x: int) -> int:
   return 1 << max(0, (x - 1).bit_length())
 
 
-def _mask(q_pos, k_pos, q_seg, k_seg, prefix, causal, kv_len):
-  return common._mask(q_pos, k_pos, q_seg, k_seg, prefix, causal=causal, kv_len=kv_len)  # pylint: disable=protected-access
+def _key_blocks(i, prefix, *, bq, bk, causal, kv_len):
+  """How many key blocks query block i loops over: up to the last one it can see."""
+  return last_key_block(i, prefix, bq=bq, bk=bk, causal=causal, kv_len=kv_len) + 1
 
 
-def _key_blocks(i, prefix, *, bq, bk, nk, causal):
-  """Key blocks query block i can see: up to the diagonal, or to the prefix if that is further."""
-  if not causal:
-    return nk
-  reach = jnp.maximum((i + 1) * bq, prefix)
-  return jnp.minimum(nk, (reach + bk - 1) // bk)
-
-
-def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, prefix_ref, o_ref, lse_ref, *, scale, bq, bk, nk, causal, kv_len):
+def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, prefix_ref, o_ref, lse_ref, *, scale, bq, bk, causal, kv_len):
   i = pl.program_id(2)
   prefix = jnp.max(prefix_ref[...])
   q = q_ref[...]
@@ -52,8 +47,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, prefix_ref, o_ref, lse_ref, *, sca
     m, l, acc = carry
     ks = pl.ds(j * bk, bk)
     s = jnp.dot(q, k_ref[ks, :].T, preferred_element_type=jnp.float32) * scale
-    mask = _mask(q_pos, j * bk + jnp.arange(bk)[None, :], q_seg, seg_ref[ks][None, :], prefix, causal, kv_len)
-    s = jnp.where(mask, s, common.MASK)
+    mask = allowed(q_pos, j * bk + jnp.arange(bk)[None, :], q_seg, seg_ref[ks][None, :], prefix, causal=causal,
+                   kv_len=kv_len)
+    s = jnp.where(mask, s, MASK)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
     alpha = jnp.exp(m - m_new)
@@ -61,8 +57,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, seg_ref, prefix_ref, o_ref, lse_ref, *, sca
     return m_new, alpha * l + jnp.sum(p, axis=1), acc
 
   K = q.shape[-1]
-  init = (jnp.full((bq,), common.MASK, jnp.float32), jnp.zeros((bq,), jnp.float32), jnp.zeros((bq, K), jnp.float32))
-  m, l, acc = jax.lax.fori_loop(0, _key_blocks(i, prefix, bq=bq, bk=bk, nk=nk, causal=causal), body, init)
+  init = (jnp.full((bq,), MASK, jnp.float32), jnp.zeros((bq,), jnp.float32), jnp.zeros((bq, K), jnp.float32))
+  m, l, acc = jax.lax.fori_loop(0, _key_blocks(i, prefix, bq=bq, bk=bk, causal=causal, kv_len=kv_len), body, init)
   l = jnp.maximum(l, 1e-30)
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
   lse_ref[...] = m + jnp.log(l)
@@ -75,16 +71,14 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, seg_ref, prefix_ref
   k, v = k_ref[...], v_ref[...]
   k_pos = j * bk + jnp.arange(bk)[None, :]
   k_seg = seg_ref[pl.ds(j * bk, bk)][None, :]
-  # Causal: query blocks before the first one that reaches this key block see none of it,
-  # unless the block lies in some example's prefix, which every query sees.
-  first = jnp.where(jnp.logical_and(causal, j * bk >= prefix), (j * bk) // bq, 0)
 
   def body(i, carry):
     dk, dv = carry
     qs = pl.ds(i * bq, bq)
     q, do = q_ref[qs, :], do_ref[qs, :]
     s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale  # [bq, bk]
-    mask = _mask(i * bq + jnp.arange(bq)[:, None], k_pos, seg_ref[qs][:, None], k_seg, prefix, causal, kv_len)
+    mask = allowed(i * bq + jnp.arange(bq)[:, None], k_pos, seg_ref[qs][:, None], k_seg, prefix, causal=causal,
+                   kv_len=kv_len)
     p = jnp.where(mask, jnp.exp(s - lse_ref[qs][:, None]), 0.0)
     dv = dv + jnp.dot(p.T.astype(do.dtype), do, preferred_element_type=jnp.float32)
     dp = jnp.dot(do, v.T, preferred_element_type=jnp.float32)
@@ -92,13 +86,15 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, seg_ref, prefix_ref
     return dk + jnp.dot(ds.T.astype(q.dtype), q, preferred_element_type=jnp.float32) * scale, dv
 
   zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = jax.lax.fori_loop(first if causal else 0, nq, body, (zeros, zeros))
+  # Causal: query blocks before the first that reaches this key block see none of it.
+  first = first_query_block(j, prefix, bq=bq, bk=bk, causal=causal)
+  dk, dv = jax.lax.fori_loop(first, nq, body, (zeros, zeros))
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, seg_ref, prefix_ref, dq_ref, *,
-               scale, bq, bk, nk, causal, kv_len):
+               scale, bq, bk, causal, kv_len):
   i = pl.program_id(2)
   prefix = jnp.max(prefix_ref[...])
   q, do = q_ref[...], do_ref[...]
@@ -110,17 +106,18 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, d_ref, seg_ref, prefix_ref,
     ks = pl.ds(j * bk, bk)
     k = k_ref[ks, :]
     s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * scale
-    mask = _mask(q_pos, j * bk + jnp.arange(bk)[None, :], q_seg, seg_ref[ks][None, :], prefix, causal, kv_len)
+    mask = allowed(q_pos, j * bk + jnp.arange(bk)[None, :], q_seg, seg_ref[ks][None, :], prefix, causal=causal,
+                   kv_len=kv_len)
     p = jnp.where(mask, jnp.exp(s - lse), 0.0)
     ds = p * (jnp.dot(do, v_ref[ks, :].T, preferred_element_type=jnp.float32) - d)
     return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32) * scale
 
-  dq = jax.lax.fori_loop(0, _key_blocks(i, prefix, bq=bq, bk=bk, nk=nk, causal=causal), body,
+  dq = jax.lax.fori_loop(0, _key_blocks(i, prefix, bq=bq, bk=bk, causal=causal, kv_len=kv_len), body,
                          jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _specs(B, H, L, K, st):
+def _specs(L: int, K: int) -> tuple:
   """BlockSpecs over [B, H, L, K] arrays, rows of [B, H, L] and [B, L], grid (b, h, block)."""
   whole = pl.BlockSpec((None, None, L, K), lambda b, h, x: (b, h, 0, 0))
   block = lambda n: pl.BlockSpec((None, None, n, K), lambda b, h, x: (b, h, x, 0))
@@ -130,53 +127,44 @@ def _specs(B, H, L, K, st):
   return whole, block, vec, seg, prefix
 
 
-def _forward(q, k, v, seg, prefix, st):
+def _prefix_rows(prefix_B: jax.Array) -> jax.Array:
+  """[B] prefix lengths as [B, PREFIX_LANES] rows, a shape a Triton block can hold."""
+  return jnp.broadcast_to(prefix_B[:, None], (prefix_B.shape[0], PREFIX_LANES))
+
+
+def _forward(q, k, v, seg, prefix, st: Static):
   B, H, L, K = q.shape
-  whole, block, vec, seg_spec, prefix_spec = _specs(B, H, L, K, st)
-  kernel = functools.partial(_fwd_kernel, scale=st.scale, bq=st.bq, bk=st.bk, nk=L // st.bk, causal=st.causal,
-                             kv_len=st.kv_len)
+  whole, block, vec, seg_spec, prefix_spec = _specs(L, K)
   return pl.pallas_call(
-      kernel, grid=(B, H, L // st.bq), interpret=st.interpret, compiler_params=TRITON,
+      functools.partial(_fwd_kernel, **st.kernel_kw()), grid=(B, H, L // st.bq), interpret=st.interpret,
+      compiler_params=TRITON,
       in_specs=[block(st.bq), whole, whole, seg_spec, prefix_spec], out_specs=[block(st.bq), vec(st.bq)],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, L), jnp.float32)],
-  )(q, k, v, seg, prefix)
+  )(q, k, v, seg, _prefix_rows(prefix))
 
 
-def _backward(q, k, v, o, lse, do, seg, prefix, st):
+def _backward(q, k, v, o, lse, do, seg, prefix, st: Static):
   B, H, L, K = q.shape
-  whole, block, vec, seg_spec, prefix_spec = _specs(B, H, L, K, st)
+  whole, block, vec, seg_spec, prefix_spec = _specs(L, K)
   d = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)
-  kw = dict(scale=st.scale, bq=st.bq, bk=st.bk, causal=st.causal, kv_len=st.kv_len)
+  prefix = _prefix_rows(prefix)
   full_vec = pl.BlockSpec((None, None, L), lambda b, h, x: (b, h, 0))
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, nq=L // st.bq, **kw), grid=(B, H, L // st.bk), interpret=st.interpret, compiler_params=TRITON,
+      functools.partial(_dkv_kernel, **st.kernel_kw(nq=L // st.bq)), grid=(B, H, L // st.bk),
+      interpret=st.interpret, compiler_params=TRITON,
       in_specs=[whole, block(st.bk), block(st.bk), whole, full_vec, full_vec, seg_spec, prefix_spec],
       out_specs=[block(st.bk), block(st.bk)], out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
   )(q, k, v, do, lse, d, seg, prefix)
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, nk=L // st.bk, **kw), grid=(B, H, L // st.bq), interpret=st.interpret, compiler_params=TRITON,
+      functools.partial(_dq_kernel, **st.kernel_kw()), grid=(B, H, L // st.bq), interpret=st.interpret,
+      compiler_params=TRITON,
       in_specs=[block(st.bq), whole, whole, block(st.bq), vec(st.bq), vec(st.bq), seg_spec, prefix_spec],
       out_specs=block(st.bq), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
   )(q, k, v, do, lse, d, seg, prefix)
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, seg, prefix, st):
-  return _forward(q, k, v, seg, prefix, st)[0]
-
-
-def _flash_fwd(q, k, v, seg, prefix, st):
-  o, lse = _forward(q, k, v, seg, prefix, st)
-  return o, (q, k, v, o, lse, seg, prefix)
-
-
-def _flash_bwd(st, res, do):
-  q, k, v, o, lse, seg, prefix = res
-  return (*_backward(q, k, v, o, lse, do, seg, prefix, st), None, None)
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+_flash = with_vjp(_forward, _backward)
 
 
 def flash_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, *, causal: bool = True,
@@ -184,19 +172,8 @@ def flash_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, *, 
                     block_q: Optional[int] = None, block_k: Optional[int] = None,
                     interpret: bool = False) -> jax.Array:
   """As flash_attention.flash_attention, with the Triton kernels (blocks: powers of two >= 16)."""
-  B, L, H, K = q_BLHK.shape
-  bq, bk = block_q or common.BLOCKS["gpu"], block_k or common.BLOCKS["gpu"]
-  for name, blk in (("block_q", bq), ("block_k", bk)):
-    if blk < 16 or blk & (blk - 1):
-      raise common.FlashError(f"{name}={blk}: GPU blocks must be powers of two >= 16")
-  bq, bk = min(bq, _next_pow2(L)), min(bk, _next_pow2(L))
-  Lp, Kp = common._round_up(L, int(np.lcm(bq, bk))), _next_pow2(K)  # pylint: disable=protected-access
-  seg = jnp.zeros((B, L), jnp.int32) if segment_ids_BL is None else segment_ids_BL.astype(jnp.int32)
-  seg = jnp.pad(seg, ((0, 0), (0, Lp - L)), mode="edge")
-  prefix = jnp.zeros((B,), jnp.int32) if prefix_len_B is None else prefix_len_B.astype(jnp.int32)
-  prefix = jnp.broadcast_to(prefix[:, None], (B, PREFIX_LANES))
-  pad = lambda x: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, Lp - L), (0, Kp - K)))
-  st = common._Static(  # pylint: disable=protected-access
-      float(K) ** -0.5, int(bq), int(bk), bool(causal), int(L), bool(interpret))
-  out = _flash(pad(q_BLHK), pad(k_BLHK), pad(v_BLHK), seg, prefix, st)
-  return jnp.swapaxes(out[:, :, :L, :K], 1, 2)
+  _, L, _, K = check_inputs(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, prefix_len_B)
+  bq, bk = blocks(block_q, block_k, "gpu", valid=lambda blk: blk >= 16 and not blk & (blk - 1),
+                  rule="powers of two >= 16", cap=_next_pow2(L))
+  return padded_call(_flash, q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, prefix_len_B, causal=causal, bq=bq, bk=bk,
+                     head_dim=_next_pow2(K), interpret=interpret)

@@ -16,13 +16,14 @@ of reusing its transformer block that the paper does not describe; it is not cop
 """
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lvm_jax.config import check
 from lvm_jax.kernels import attention as attention_lib
 
 
@@ -195,12 +196,6 @@ def loss_terms(pred_BNP: jax.Array, images_BHWC: jax.Array, prefix_B: jax.Array,
   return jnp.sum(err_BN * is_target), jnp.sum(is_target)
 
 
-def loss(pred_BNP: jax.Array, images_BHWC: jax.Array, prefix_B: jax.Array, patch: int) -> jax.Array:
-  """The mean over the batch's targets (l3m's token-level mean)."""
-  total, count = loss_terms(pred_BNP, images_BHWC, prefix_B, patch)
-  return total / jnp.maximum(count, 1.0)
-
-
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -211,6 +206,43 @@ def normalize(images_BHWC: jax.Array) -> jax.Array:
   return (x - jnp.asarray(IMAGENET_MEAN)[None, None, None]) / jnp.asarray(IMAGENET_STD)[None, None, None]
 
 
+def sample_prefix(key: jax.Array, batch: int, patches: int) -> jax.Array:
+  """Prefix lengths drawn uniformly from [1, N - 1] per image."""
+  return jax.random.randint(key, (batch,), 1, patches)
+
+
+# ---------------------------------------------------------------------------- the family's contract
+# The names models/transformer.py exports too (train.py, compile.py, load.py, config.py use them).
+
+WEIGHTS = "params"  # the checkpoint item holding the weights to run (load.py)
+EVALUATION = "probe"  # evaluate.py's report: attentive probing of the frozen trunk
+
+
+def inference(cfg: Config) -> Config:
+  return dataclasses.replace(cfg, attention="auto")
+
+
+def batch_spec(c: Any) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch: uint8 RGB images and each image's prefix length (data/aim_images.py)."""
+  size = c.model.image_size
+  return {"images": jax.ShapeDtypeStruct((c.global_batch, size, size, 3), jnp.uint8),
+          "prefix": jax.ShapeDtypeStruct((c.global_batch,), jnp.int32)}
+
+
+def loss(model: Model, batch: dict) -> tuple[jax.Array, dict]:
+  """(summed next-patch error over the non-prefix targets, sums to report): sums, so
+  micro-batches accumulate and the trainer divides once by all targets (l3m's token-level mean)."""
+  images = normalize(batch["images"])
+  total, count = loss_terms(model(images, batch["prefix"]), images, batch["prefix"], model.cfg.patch)
+  return total, {"loss": total, "targets": count}
+
+
+def summary(loss_value: float) -> dict:
+  """Host metrics derived from a logged step's mean loss: none, the error is reported as it is."""
+  del loss_value
+  return {}
+
+
 def train_flops_per_image(cfg: Config) -> float:
   """6 x matmul params per patch (trunk and head) plus attention over the patches."""
   n = cfg.patches
@@ -219,11 +251,15 @@ def train_flops_per_image(cfg: Config) -> float:
   return n * (6.0 * (trunk + head) + 12 * cfg.depth * n * cfg.width)
 
 
-def sample_prefix(key: jax.Array, batch: int, patches: int) -> jax.Array:
-  """Prefix lengths drawn uniformly from [1, N - 1] per image."""
-  return jax.random.randint(key, (batch,), 1, patches)
+def flops_per_step(c: Any) -> float:
+  """Model FLOPs of one optimizer update (metrics.py's MFU)."""
+  return train_flops_per_image(Config(**c.model)) * c.global_batch
 
 
-def count_params(cfg: Config, part: str = "trunk") -> int:
-  abstract = nnx.eval_shape(lambda: Model(cfg, rngs=nnx.Rngs(0)))
-  return sum(x.size for x in jax.tree.leaves(nnx.state(getattr(abstract, part), nnx.Param)))
+def validate(c: Any) -> None:
+  m = c.model
+  check(m.width % m.heads == 0, f"model.width={m.width} is not divisible by model.heads={m.heads}")
+  check(m.image_size % m.patch == 0, f"model.image_size={m.image_size} is not a multiple of model.patch={m.patch}")
+  check(c.seq_len == (m.image_size // m.patch) ** 2, f"seq_len={c.seq_len}: must be the patches per image")
+  check(m.attention in attention_lib.IMPLEMENTATIONS,
+        f"model.attention={m.attention!r}: expected one of {attention_lib.IMPLEMENTATIONS}")

@@ -26,9 +26,11 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lvm_jax import sharding
+from lvm_jax.config import check
 from lvm_jax.kernels import attention as attention_lib
 
 
@@ -204,15 +206,17 @@ def decoder_layer(
   return sharding.constrain(x_TD, ("batch", "embed")).reshape(B, L, D), carry
 
 
+REMAT = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+         "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
 def remat(fn, policy: str):
   """none: keep every activation; full: keep only layer inputs (least memory, ~1/3 more compute);
   dots: keep the outputs of matmuls without batch dimensions (the projections), recompute the
   attention scores and the elementwise ops."""
   if policy == "none":
     return fn
-  policies = {"full": jax.checkpoint_policies.nothing_saveable,
-              "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-  return jax.checkpoint(fn, policy=policies[policy], prevent_cse=False)
+  return jax.checkpoint(fn, policy=REMAT[policy], prevent_cse=False)
 
 
 def rms_norm(x_BLD: jax.Array, scale_D: jax.Array, eps: float) -> jax.Array:
@@ -239,7 +243,83 @@ def apply_rope(x_BLHK: jax.Array, sin_BLK: jax.Array, cos_BLK: jax.Array) -> jax
   return out.astype(x_BLHK.dtype)
 
 
-def count_params(cfg: Config) -> int:
-  """Parameter count from shapes alone (no memory is allocated)."""
-  abstract = nnx.eval_shape(lambda: Model(cfg, rngs=nnx.Rngs(0)))
-  return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+# ---------------------------------------------------------------------------- the family's contract
+# What train.py, compile.py, load.py and config.py need of a model family (models/aim.py has the
+# same names): the config, the batch, the loss, the FLOPs, validation, and which weights to load.
+
+WEIGHTS = "params"  # the checkpoint item holding the weights to run (load.py)
+EVALUATION = "perplexity"  # evaluate.py's report: answer perplexity per dataset and task
+
+
+def inference(cfg: Config) -> Config:
+  """The config to run trained weights with: no recompute, the backend's fastest attention."""
+  return dataclasses.replace(cfg, remat="none", attention="auto")
+
+
+def batch_spec(c: Any) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch the loss takes: packed rows of visual sentences (data/pipeline.py).
+
+  tokens: ids; segment_ids: the sentence of each token, 0 = padding; positions: from 0 in each
+  sentence; loss_mask: 1 where the token may be a target."""
+  row = jax.ShapeDtypeStruct((c.global_batch, c.seq_len), jnp.int32)
+  return {"tokens": row, "segment_ids": row, "positions": row, "loss_mask": row}
+
+
+def loss(model: Model, batch: dict, *, z_loss: float = 0.0) -> tuple[jax.Array, dict]:
+  """(summed objective, sums to report: next-token cross-entropy, targets, input errors): sums, so
+  micro-batches accumulate and the trainer divides once by all targets of the update.
+
+  Token t is a target if its loss_mask is 1 and token t-1 is in the same sentence: packed
+  sentences never predict across a boundary, and padding (segment 0) is never a target.
+  `z_loss` weighs PaLM's log(Z)^2 penalty, which keeps the softmax normaliser near 1.
+  """
+  tokens_BL, seg_BL = batch["tokens"], batch["segment_ids"]
+  logits_BLV = model(tokens_BL, seg_BL, batch["positions"])[:, :-1].astype(jnp.float32)
+  targets_BL = tokens_BL[:, 1:]
+  weights_BL = (batch["loss_mask"][:, 1:] * (seg_BL[:, 1:] == seg_BL[:, :-1]) * (seg_BL[:, 1:] > 0))
+  weights_BL = weights_BL.astype(jnp.float32)
+  log_z_BL = jax.nn.logsumexp(logits_BLV, axis=-1)
+  target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
+  nll = jnp.sum((log_z_BL - target_logit_BL) * weights_BL)
+  z_penalty = z_loss * jnp.sum(jnp.square(log_z_BL) * weights_BL)
+  # The embedding clamps ids it has no row for: count them, the loop stops on any (loop.py).
+  input_errors = jnp.sum((tokens_BL < 0) | (tokens_BL >= model.cfg.vocab_size))
+  return nll + z_penalty, {"loss": nll, "targets": jnp.sum(weights_BL), "input_errors": input_errors}
+
+
+def summary(loss_value: float) -> dict:
+  """Host metrics derived from a logged step's mean loss."""
+  return {"perplexity": float(np.exp(min(loss_value, 50.0)))}
+
+
+def train_flops_per_token(cfg: Config, seq_len: int) -> float:
+  """6 x matmul params (fwd + bwd) plus causal attention, per trained token."""
+  d, f, n, v = cfg.d_model, cfg.ffn, cfg.layers, cfg.vocab_size
+  matmul_params = n * (4 * d * d + 3 * d * f) + d * v  # the embedding gather is no matmul
+  attention = 6 * n * seq_len * d  # 12 L D per layer, halved by the causal mask
+  return 6.0 * matmul_params + attention
+
+
+def flops_per_step(c: Any) -> float:
+  """Model FLOPs of one optimizer update (metrics.py's MFU)."""
+  return train_flops_per_token(Config(**c.model), c.seq_len) * c.seq_len * c.global_batch
+
+
+def validate(c: Any) -> None:
+  """One-line errors for model settings that would fail later or silently do the wrong thing."""
+  m = c.model
+  check(m.d_model % m.heads == 0, f"model.d_model={m.d_model} is not divisible by model.heads={m.heads}")
+  check((m.d_model // m.heads) % 2 == 0, f"head dim {m.d_model // m.heads} must be even for RoPE")
+  check(m.remat in REMAT, f"model.remat={m.remat!r}: expected one of {tuple(REMAT)}")
+  check(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: expected float32|bfloat16")
+  check(m.attention in attention_lib.IMPLEMENTATIONS,
+        f"model.attention={m.attention!r}: expected one of {attention_lib.IMPLEMENTATIONS}")
+  block = m.get("attention_block", 0)
+  check(block == 0 or (block >= 16 and block & (block - 1) == 0),
+        f"model.attention_block={block}: expected 0 (the backend's default) or a power of two >= 16 "
+        "(>= 128 on TPU)")
+  check(c.seq_len > 1, f"seq_len={c.seq_len} must be > 1")
+  check(c.tokens_per_image >= 0, f"tokens_per_image={c.tokens_per_image} must be >= 0 (0: no image grid)")
+  if c.tokens_per_image:
+    check(c.seq_len % c.tokens_per_image == 0,
+          f"seq_len={c.seq_len} is not a multiple of tokens_per_image={c.tokens_per_image}")

@@ -16,14 +16,15 @@ with 8192 codes, bf16 distances flip a visible share of the tokens.
 """
 
 import dataclasses
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
-from lvm_jax.config import ConfigError
+from lvm_jax.config import ConfigError, check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -310,9 +311,79 @@ def codebook_stats(ids: jax.Array, codes: int) -> dict:
   return {"codebook_usage": jnp.mean(counts > 0), "codebook_perplexity": jnp.exp(entropy)}
 
 
-def count_params(cfg: Config) -> int:
-  abstract = nnx.eval_shape(lambda: Model(cfg, rngs=nnx.Rngs(0)))
-  return sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
+def _conv_with(conv: nnx.Conv, x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`conv` applied with another kernel (the adaptive weight differentiates w.r.t. it)."""
+  y = jax.lax.conv_general_dilated(x, kernel.astype(x.dtype), (1, 1), conv.padding,
+                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  return y + conv.bias[...].astype(x.dtype).reshape(1, 1, 1, -1)
+
+
+# ---------------------------------------------------------------------------- the family's contract
+# The names models/transformer.py exports too; the VQGAN has its own trainer (train_vqgan.py).
+
+WEIGHTS = "ema"  # the checkpoint item holding the weights to run: the generator's EMA (load.py)
+EVALUATION = "reconstruction"  # evaluate.py's report: PSNR of held-out pictures
+
+
+def inference(cfg: Config) -> Config:
+  """Trained weights run with the config they were trained with."""
+  return cfg
+
+
+def batch_spec(c: Any) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch: uint8 RGB crops (data/images.py)."""
+  return {"images": jax.ShapeDtypeStruct((c.global_batch, c.image_size, c.image_size, 3), jnp.uint8)}
+
+
+def loss(model: Model, batch: dict, *, gan_loss: Callable[[jax.Array], jax.Array], gan_weight: jax.Array,
+         perceptual: Optional[Callable[[jax.Array, jax.Array], jax.Array]] = None,
+         perceptual_weight: float = 1.0) -> tuple[jax.Array, dict]:
+  """Generator objective: L1 + perceptual + codebook + commitment (+ entropy) + an adaptively
+  weighted GAN term, and its parts (with the reconstruction and ids, for the caller).
+
+  taming's adaptive weight |grad nll| / |grad gan| at the decoder's last layer keeps the GAN term
+  from swamping reconstruction whatever the two losses' scales; `gan_weight` (0 before the
+  discriminator starts) scales it. `gan_loss(recon)` is the critic's generator loss.
+  """
+  images = batch["images"].astype(jnp.float32) / 255.0
+  feats, aux = model(images)
+  conv_out = model.decoder.conv_out
+
+  def nll_and_gan(kernel: jax.Array, feats: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    recon = _conv_with(conv_out, feats, kernel).astype(jnp.float32)
+    nll = jnp.mean(jnp.abs(images - recon))
+    if perceptual is not None:
+      nll = nll + perceptual_weight * jnp.mean(perceptual(recon, images))
+    return nll, gan_loss(recon), recon
+
+  kernel = conv_out.kernel[...]
+  nll, gan, recon = nll_and_gan(kernel, feats)
+  fixed = jax.lax.stop_gradient(feats)  # the weight is a constant of the step
+  g_nll = jax.grad(lambda k: nll_and_gan(k, fixed)[0])(kernel)
+  g_gan = jax.grad(lambda k: nll_and_gan(k, fixed)[1])(kernel)
+  weight = jnp.clip(optax.tree.norm(g_nll) / (optax.tree.norm(g_gan) + 1e-4), 0.0, 1e4)
+  weight = jax.lax.stop_gradient(weight * gan_weight)
+  total = nll + weight * gan + aux["codebook_loss"] + aux["commitment_loss"] + aux.get("entropy_loss", 0.0)
+  return total, {"nll": nll, "gan_g": gan, "gan_weight": weight, "recon": recon, **aux}
+
+
+def flops_per_step(c: Any) -> float:
+  """Model FLOPs of one update, from XLA's count of the generator's forward (x3 for the backward):
+  a convnet has no scan, so the compiler's count is exact; the critic and LPIPS are not counted."""
+  cfg = Config(**c.model)
+  model = nnx.eval_shape(lambda: Model(cfg, rngs=nnx.Rngs(0)))
+  graphdef, state = nnx.split(model)
+  images = jax.ShapeDtypeStruct((c.global_batch, c.image_size, c.image_size, 3), jnp.float32)
+  forward = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, images)
+  return 3.0 * float(forward.cost_analysis()["flops"])
+
+
+def validate(c: Any) -> None:
+  cfg = Config(**c.model)  # its own checks (levels, groups, codes) raise ConfigError
+  check(c.image_size % cfg.factor == 0,
+        f"image_size={c.image_size} is not a multiple of the downsampling factor {cfg.factor}")
+  check(0.0 <= c.ema < 1.0, f"ema={c.ema}: expected a decay in [0, 1)")
+  check(c.gan.start >= 0 and c.gan.weight >= 0, f"gan.start={c.gan.start} and gan.weight={c.gan.weight} must be >= 0")
 
 
 class TokenizerError(ValueError):

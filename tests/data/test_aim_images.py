@@ -70,3 +70,8 @@ def test_a_folder_of_broken_files_stops_with_the_reason(tmp_path):
   c = config(folder(tmp_path), 2, 8)
   with pytest.raises(ValueError, match="100 images in a row could not be loaded; the last: not an image: empty file"):
     next(aim_images.make_iterator(c, np.arange(2)))
+
+
+def test_identity_records_the_source_as_json_reads_it_back():
+  c = config(dict(kind="builtin_images", names=("chelsea", "coffee")), 2, 8)
+  assert aim_images.identity(c) == {"source": {"kind": "builtin_images", "names": ["chelsea", "coffee"]}}

@@ -2,6 +2,7 @@
 permutation of every sentence, the iterator state resumes exactly, gs:// equals local."""
 
 import collections
+import itertools
 
 import ml_collections
 import numpy as np
@@ -40,11 +41,26 @@ def segments(batch: dict) -> list[np.ndarray]:
   return out
 
 
+def test_pack_row_stops_at_the_first_sentence_that_does_not_fit():
+  sentences = [np.array([5, 6, 7]), np.array([8, 9]), np.array([1, 2, 3, 4]), np.array([1])]
+  row = pipeline.pack_row(sentences, 8)
+  assert set(row) == set(pipeline.FIELDS) and all(v.dtype == np.int32 for v in row.values())
+  np.testing.assert_array_equal(row["tokens"], [5, 6, 7, 8, 9, 0, 0, 0])  # [1] would fit: not first-fit
+  np.testing.assert_array_equal(row["segment_ids"], [1, 1, 1, 2, 2, 0, 0, 0])
+  np.testing.assert_array_equal(row["positions"], [0, 1, 2, 0, 1, 0, 0, 0])
+  np.testing.assert_array_equal(row["loss_mask"], [1, 1, 1, 1, 1, 0, 0, 0])
+  endless = pipeline.pack_row(itertools.repeat(np.arange(4)), 8)  # fills exactly, reads no further
+  np.testing.assert_array_equal(endless["segment_ids"], [1, 1, 1, 1, 2, 2, 2, 2])
+  for first in (np.arange(9), np.arange(0)):
+    with pytest.raises(ValueError, match="first sentence is empty or longer than seq_len=8"):
+      pipeline.pack_row(itertools.repeat(first), 8)
+
+
 def test_rows_pack_whole_sentences_and_cut_long_ones_at_image_boundaries(tmp_path):
   sentences = numbered_store(str(tmp_path / "s"), 1, 30, images=(1, 6))
   it = pipeline.make_iterator(config({"main": dict(path=str(tmp_path / "s"))}, seq_len=16), np.arange(4))
   batch = next(it)
-  assert batch["tokens"].shape == (4, 16) and all(v.dtype == np.int32 for v in batch.values())
+  assert set(batch) == set(pipeline.FIELDS) and all(v.shape == (4, 16) and v.dtype == np.int32 for v in batch.values())
   for seg in segments(batch):
     full = sentences[int(seg[0])]
     assert np.all(seg == seg[0]) and len(seg) == min(len(full), 16) and len(seg) % 4 == 0

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from lvm_jax import models
 from lvm_jax.models import transformer
 from tests.conftest import load_config
 
@@ -21,7 +22,7 @@ SMALL = transformer.Config(d_model=64, ffn=96, layers=3, heads=4, vocab_size=97,
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_param_counts_match_the_release(name):
   cfg = transformer.Config(**load_config(name).model)
-  count = transformer.count_params(cfg)
+  count = models.count_params(models.abstract(transformer, cfg))
   assert abs(count - EXPECTED[name]) / EXPECTED[name] < 0.005, (name, count)
 
 
@@ -127,3 +128,41 @@ def test_flash_kernel_gives_the_xla_model():
   np.testing.assert_allclose(out["xla"][0], out["flash:cpu"][0], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(out["xla"][1]), jax.tree.leaves(out["flash:cpu"][1]), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-6)
+
+
+def test_loss_counts_only_targets_within_a_sentence():
+  """Padding and the first token of each sentence are never targets; z-loss adds z * log(Z)^2."""
+  cfg = transformer.Config(d_model=32, ffn=64, layers=1, heads=2, vocab_size=50)
+  graphdef, params = nnx.split(transformer.Model(cfg, rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 50, (1, 10)).astype(np.int32)
+  seg = np.array([[1, 1, 1, 1, 2, 2, 2, 0, 0, 0]])
+  pos = np.array([[0, 1, 2, 3, 0, 1, 2, 0, 0, 0]])
+  mask = np.array([[1, 1, 0, 1, 1, 1, 1, 0, 0, 0]])  # token 2 is a prompt: not a target
+  batch = lambda t: {"tokens": jnp.asarray(t), "segment_ids": jnp.asarray(seg),
+                     "positions": jnp.asarray(pos), "loss_mask": jnp.asarray(mask)}
+  z = 0.01
+  total, sums = transformer.loss(nnx.merge(graphdef, params), batch(tokens), z_loss=z)
+  nll, weight = sums["loss"], sums["targets"]
+  logits = np.asarray(nnx.merge(graphdef, params)(jnp.asarray(tokens), jnp.asarray(seg), jnp.asarray(pos)),
+                      np.float64)[0]
+  log_z = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+  targets = [1, 3, 5, 6]  # positions predicted from the previous token of the same sentence
+  expected_nll = sum(log_z[t - 1] - logits[t - 1, tokens[0, t]] for t in targets)
+  assert float(weight) == len(targets) and int(sums["input_errors"]) == 0
+  np.testing.assert_allclose(float(nll), expected_nll, rtol=1e-5)
+  np.testing.assert_allclose(float(total), expected_nll + z * sum(log_z[t - 1] ** 2 for t in targets),
+                             rtol=1e-5)
+  garbage = tokens.copy()
+  garbage[0, 7:] = 49  # padding content must not matter
+  np.testing.assert_allclose(float(transformer.loss(nnx.merge(graphdef, params), batch(garbage))[1]["loss"]),
+                             float(nll), rtol=1e-6)
+
+
+def test_train_flops_are_six_per_matmul_param_plus_causal_attention():
+  c = load_config("lvm_7b")
+  cfg = transformer.Config(**c.model)
+  matmul_params = models.count_params(models.abstract(transformer, cfg)) - cfg.vocab_size * cfg.d_model - cfg.d_model * (2 * cfg.layers + 1)
+  expected = 6 * matmul_params + 6 * cfg.layers * c.seq_len * cfg.d_model
+  assert transformer.train_flops_per_token(cfg, c.seq_len) == expected
+  assert transformer.flops_per_step(c) == expected * c.seq_len * c.global_batch

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lvm_jax import models
 from lvm_jax.models import vqgan
 from tests.conftest import load_config
 
@@ -111,9 +112,17 @@ def test_entropy_loss_rewards_confident_latents_spread_over_codes():
   np.testing.assert_allclose(loss(confident_spread), -np.log(8), atol=1e-4)  # the minimum
   np.testing.assert_allclose(loss(unsure), 0.0, atol=1e-6)
   np.testing.assert_allclose(loss(confident_collapsed), 0.0, atol=1e-4)
-  cfg = dataclasses.replace(TINY, entropy_weight=0.1)
-  _, aux = vqgan.Model(cfg, rngs=nnx.Rngs(0))(jax.random.uniform(jax.random.key(0), (2, 32, 32, 3)))
-  assert "entropy_loss" in aux and np.isfinite(float(aux["entropy_loss"]))
+  # In the model: the weight times the loss of the latents' negative squared distances to the codes.
+  cfg = dataclasses.replace(TINY, entropy_weight=0.1, entropy_temperature=0.5)
+  model = vqgan.Model(cfg, rngs=nnx.Rngs(0))
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
+  _, aux = model(x)
+  unit = lambda a: a / np.linalg.norm(a, axis=-1, keepdims=True)  # the tiny config's l2 codes
+  z = unit(np.asarray(model.latents(x), np.float64).reshape(-1, cfg.z_channels))
+  cb = unit(np.asarray(model.codebook[...], np.float64))
+  dist = (z**2).sum(-1, keepdims=True) + (cb**2).sum(-1)[None] - 2 * z @ cb.T
+  want = 0.1 * float(vqgan.codebook_entropy_loss(jnp.asarray(-dist, jnp.float32), 0.5))
+  np.testing.assert_allclose(float(aux["entropy_loss"]), want, rtol=1e-4, atol=1e-6)
 
 
 def test_taming_imagenet_f16_parameter_count():
@@ -121,14 +130,14 @@ def test_taming_imagenet_f16_parameter_count():
   blocks, z = embed = 256; 76.07M parameters (its 304 MB fp32 checkpoint)."""
   cfg = vqgan.Config(hidden=128, channel_mult=(1, 1, 2, 2, 4), z_channels=256, codes=16384,
                      mid_attention=True, attn_levels=(4,))
-  assert vqgan.count_params(cfg) == 76_073_859
+  assert models.count_params(models.abstract(vqgan, cfg)) == 76_073_859
 
 
 def test_avgpool_downsampling_is_a_parameter_free_mean():
   cfg = dataclasses.replace(TINY, downsample="avgpool")
   model = vqgan.Model(cfg, rngs=nnx.Rngs(0))
   sampler = model.encoder.down_blocks[0].downsamplers[0]
-  assert sampler.conv is None and vqgan.count_params(cfg) < vqgan.count_params(TINY)
+  assert sampler.conv is None and models.count_params(sampler) < models.count_params(models.abstract(vqgan, TINY))
   x = jax.random.normal(jax.random.key(1), (1, 4, 6, 2))
   np.testing.assert_allclose(np.asarray(sampler(x)), np.asarray(x).reshape(1, 2, 2, 3, 2, 2).mean((2, 4)), rtol=1e-6)
   assert model.encode(jnp.zeros((1, 32, 32, 3))).shape == (1, 8, 8)
