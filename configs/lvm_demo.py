@@ -23,4 +23,7 @@ def get_config(arg=None):
   c.data.mixture.main.update(path="/tmp/lvm_demo/store", dataset="*_train")  # held_out is for evaluation
   c.data.threads = 2
   c.log_every, c.ckpt_every = 50, 500
+  # Held-out answer perplexity of every task and labeled sample grids, three times a run.
+  c.eval_every, c.sample_every = 500, 500
+  c.eval_data.update(per_task=16, samples=4)
   return c

@@ -26,6 +26,7 @@ def get_config(arg=None):
   c.optim.end_lr = 3e-4
   c.optim.warmup = 20
   c.log_every = 10
+  c.eval_every = c.sample_every = 0  # synthetic sentences have no held-out split
   c.ckpt_every = 100
   if arg == "test":
     c.model.update(d_model=64, ffn=128, vocab_size=256)

@@ -23,9 +23,11 @@ def get_config(arg=None):
   c.gan.start, c.gan.width, c.gan.layers = 300, 16, 2
   c.data.shrink = 4
   c.log_every, c.eval_every, c.ckpt_every = 20, 100, 200
+  c.sample_every = 100  # labeled original | reconstruction grids in TensorBoard
   if arg == "test":
     c.steps, c.gan.start = 160, 120
     c.log_every, c.eval_every, c.ckpt_every = 20, 80, 80
+    c.sample_every = 80
   elif arg:
     raise ValueError(f"configs/vqgan_tiny.py: unknown arg {arg!r} (expected 'test' or nothing)")
   return c

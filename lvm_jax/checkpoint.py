@@ -27,7 +27,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from lvm_jax import storage
+from lvm_jax import progress, storage
 
 
 def _drop_failed_read_echoes() -> None:
@@ -232,15 +232,16 @@ class Checkpointer:
     items = {"state": ocp.args.StandardRestore(abstract_state), "fingerprint": ocp.args.JsonRestore()}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    try:
-      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-      # Reads may finish after restore returns; a failed one must raise here, not in the next
-      # computation that uses the array.
-      jax.block_until_ready(restored.state)
-    except Exception as e:  # pylint: disable=broad-except
-      # Orbax and TensorStore raise plain Exceptions with multi-page specs: keep the first line.
-      raise Damaged(f"unreadable: {_first_line(e)}") from None
-    _verify(restored.fingerprint, restored.state)
+    with progress.phase(f"restoring step {step} from {self.directory}"):  # minutes for a large model
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        # Reads may finish after restore returns; a failed one must raise here, not in the next
+        # computation that uses the array.
+        jax.block_until_ready(restored.state)
+      except Exception as e:  # pylint: disable=broad-except
+        # Orbax and TensorStore raise plain Exceptions with multi-page specs: keep the first line.
+        raise Damaged(f"unreadable: {_first_line(e)}") from None
+      _verify(restored.fingerprint, restored.state)
     return restored.state
 
   def move_aside(self, step: int, reason: str) -> str:
@@ -311,14 +312,15 @@ def read_weights(directory: str, item: str, abstract: Any) -> tuple[Any, int]:
     for step in steps:
       try:
         _check_shapes(ckpt.manager, directory, step, wanted)
-        try:  # the state item alone, and of it the wanted subtree (orbax's partial restore)
-          restored = ocp.PyTreeCheckpointer().restore(
-              epath.Path(directory) / str(step) / "state",
-              args=ocp.args.PyTreeRestore(wanted, restore_args=as_numpy, partial_restore=True))
-          prints = ckpt.manager.restore(step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore()))
-        except Exception as e:  # pylint: disable=broad-except
-          raise Damaged(f"unreadable: {_first_line(e)}") from None
-        _verify(prints.fingerprint, {item: restored[item]})
+        with progress.phase(f"reading the {item} of step {step} from {directory}"):
+          try:  # the state item alone, and of it the wanted subtree (orbax's partial restore)
+            restored = ocp.PyTreeCheckpointer().restore(
+                epath.Path(directory) / str(step) / "state",
+                args=ocp.args.PyTreeRestore(wanted, restore_args=as_numpy, partial_restore=True))
+            prints = ckpt.manager.restore(step, args=ocp.args.Composite(fingerprint=ocp.args.JsonRestore()))
+          except Exception as e:  # pylint: disable=broad-except
+            raise Damaged(f"unreadable: {_first_line(e)}") from None
+          _verify(prints.fingerprint, {item: restored[item]})
         return restored[item], step
       except Damaged as e:
         logging.warning("checkpoint step %d is damaged (%s): trying the one before", step, e)

@@ -1,5 +1,12 @@
 """What every `python -m lvm_jax.NAME` entry point shares: flag parsing with one-line errors,
-quiet logging, and joining a multi-process job.
+logging, and joining a multi-process job.
+
+Logging is absl's: timestamped lines on stderr at INFO (`--verbosity`, `-v`), or with
+`--log_dir=DIR` into DIR/<program>.INFO (a link to the newest file), stderr then showing
+warnings and worse (`--alsologtostderr`: everything, `--stderrthreshold` to choose). Below
+WARNING, the records of installed libraries (orbax logs ~60 INFO lines per checkpoint it
+writes) are dropped unless `--verbosity=1`; lvm_jax's own lines, and those of scripts and config
+files, always pass.
 
   --coordinator_address=host:port --num_processes=N --process_id=i   explicit (local, GPU clusters);
       defaults from $JAX_COORDINATOR_ADDRESS, $JAX_NUM_PROCESSES, $JAX_PROCESS_ID
@@ -14,9 +21,12 @@ trainers save and exit 0, make_dataset finishes its shard).
 
 import contextlib
 import glob
+import logging as std_logging
 import os
+import shlex
 import signal
 import sys
+import sysconfig
 from typing import Any, Callable, Iterator, Optional
 
 import jax
@@ -127,10 +137,46 @@ def initialize() -> None:
   if _CPU_DEVICES.value:
     jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
   if _COORDINATOR.value:
+    # Blocks until every process has joined: say so, or a missing peer looks like a hang.
+    logging.info("joining %s as process %s of %s", _COORDINATOR.value, _PROCESS_ID.value, _NUM_PROCESSES.value)
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   elif _AUTO.value or (_AUTO.value is None and _on_tpu_vm()):
+    logging.info("joining the job's other processes (found by jax.distributed)")
     jax.distributed.initialize()
+
+
+# Where installed libraries live; lvm_jax itself may live there too (a non-editable install).
+_LIBRARIES = tuple({os.path.join(sysconfig.get_paths()[k], "")
+                    for k in ("purelib", "platlib", "stdlib", "platstdlib")})
+_OWN = os.path.join(os.path.dirname(os.path.abspath(lvm_jax.__file__)), "")
+
+
+class LibraryInfoFilter(std_logging.Filter):
+  """Drops installed libraries' INFO and DEBUG records unless absl's verbosity is DEBUG. By file
+  and not by logger name: orbax and grain log through absl's logger, as lvm_jax does."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    if record.levelno >= std_logging.WARNING or logging.get_verbosity() >= logging.DEBUG:
+      return True
+    return record.pathname.startswith(_OWN) or not record.pathname.startswith(_LIBRARIES)
+
+
+def _set_up_logging(argv: list[str]) -> None:
+  """absl's handler, as app.run installed it: filtered, and into files under --log_dir."""
+  handler = logging.get_absl_handler()
+  handler.addFilter(LibraryInfoFilter())
+  log_dir = flags.FLAGS.log_dir
+  if log_dir:
+    if not flags.FLAGS["stderrthreshold"].present:  # absl's default, fatal, would hide warnings
+      flags.FLAGS.stderrthreshold = "warning"
+    try:
+      os.makedirs(log_dir, exist_ok=True)
+      handler.use_absl_log_file()
+    except OSError as e:
+      _fail(argv[0], f"--log_dir={log_dir}: {e.strerror or e}")
+  # The first line comes right after imports: a person sees at once what runs, with which flags.
+  logging.info("starting: %s", shlex.join([os.path.basename(argv[0]), *argv[1:]]))
 
 
 def _on_tpu_vm() -> bool:
@@ -143,7 +189,7 @@ def run(main: Callable[[list[str]], None], required: list[str]) -> None:
   flags.mark_flags_as_required(required)
 
   def wrapped(argv: list[str]) -> None:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    _set_up_logging(sys.argv)
     prog = os.path.basename(argv[0])
     try:
       # Multi-process jobs leave SIGTERM to JAX's preemption service (train.py's Preemption).

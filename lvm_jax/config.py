@@ -58,10 +58,7 @@ def lvm_config(d_model: int, ffn: int, layers: int, heads: int) -> ml_collection
   c.loss = dict(z_loss=0.0)  # keyword arguments of the model's loss: PaLM's log(Z)^2 weight, 0 = off
 
   # Mesh: ICI sizes within a slice and DCN sizes across slices; -1 takes the remaining devices.
-  c.mesh = dict(
-      ici=dict(data=1, fsdp=-1, tensor=1),
-      dcn=dict(data=1, fsdp=1, tensor=1),
-  )
+  c.mesh = dict(ici=dict(data=1, fsdp=-1, tensor=1), dcn=dict(data=1, fsdp=1, tensor=1))
   c.rules = DEFAULT_RULES
 
   # Token stores made by python -m lvm_jax.make_dataset, read by lvm_jax/data/pipeline.py.
@@ -79,10 +76,13 @@ def lvm_config(d_model: int, ffn: int, layers: int, heads: int) -> ml_collection
   c.vqgan = dict(config="", workdir="", weights="", layout="diffusers")
 
   c.log_every = 50
+  # monitor.py: held-out answer perplexity per dataset/task, labeled sample grids (0 = off).
+  c.eval_every, c.sample_every = 1000, 5000
+  c.eval_data = dict(dataset="*_held_out", per_task=64, samples=4)
+  c.profile_steps = ()  # (first, last): a jax.profiler trace of those steps into <workdir>/profile
   c.max_skipped_steps = 10  # non-finite updates in a row before the run stops (loop.py)
   c.storage_deadline_s = 600.0  # how long writes to the workdir wait out a storage outage
-  c.ckpt_every = 1000
-  c.ckpt_keep = 3
+  c.ckpt_every, c.ckpt_keep = 1000, 3
   c.peak_tflops = 0.0  # per device; 0 = look up the TPU generation, or measure on CPU
   return c
 
@@ -104,6 +104,9 @@ def aim_config(width: int, depth: int, heads: int, image_size: int = 224, patch:
   c.optim.update(lr=1e-3, end_lr=0.0, warmup=3125, weight_decay=0.05, no_decay=("bias", "norm"))
   # Random resized crops (area 0.4-1, aspect 3/4-4/3) and flips of a source's images.
   c.loss = dict()
+  # Validation loss on held-out images (centre crops, fixed prefixes): an image folder's val split.
+  c.eval_every, c.sample_every = 0, 0
+  c.eval_data = dict(source=dict(kind="image_folder", root=""), images=1024)
   c.data = dict(name="aim_images", source=dict(kind="image_folder", root=""), scale=(0.4, 1.0), seed=0,
                 threads=16)  # decode threads per process
   del c.vqgan
@@ -132,7 +135,8 @@ def vqgan_config(model: dict, image_size: int) -> ml_collections.ConfigDict:
   c.data = dict(name="images", shrink=2)  # built-in pictures, shrunk by this factor before cropping
   c.mesh = dict(ici=dict(data=-1, fsdp=1, tensor=1), dcn=dict(data=1, fsdp=1, tensor=1))
   c.rules = DEFAULT_RULES
-  c.log_every, c.eval_every = 100, 2000
+  c.log_every, c.eval_every, c.sample_every = 100, 2000, 2000  # held-out PSNR; reconstruction grids
+  c.profile_steps = ()
   c.max_skipped_steps, c.storage_deadline_s = 10, 600.0
   c.ckpt_every, c.ckpt_keep = 5000, 3
   return c
@@ -205,6 +209,9 @@ def validate(c: Any) -> None:
     for axis, size in c.mesh[kind].items():
       check(axis in ("data", "fsdp", "tensor"), f"mesh.{kind}.{axis}: unknown mesh axis (data|fsdp|tensor)")
       check(size == -1 or size >= 1, f"mesh.{kind}.{axis}={size}: expected -1 or a positive size")
+  steps = tuple(c.get("profile_steps", ()))
+  check(not steps or (len(steps) == 2 and 1 <= steps[0] <= steps[1]),
+        f"profile_steps={steps}: expected () or (first, last) with 1 <= first <= last")
   if "optim" in c:
     check(c.optim.warmup < c.steps or c.steps == 0,
           f"optim.warmup={c.optim.warmup} must be smaller than steps={c.steps}")

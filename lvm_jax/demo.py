@@ -15,7 +15,7 @@ import os
 
 import jax
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
 from lvm_jax import cli, config as config_lib, evaluate, make_dataset, prompt, train, train_vqgan
 from lvm_jax.data import demo as demo_data
@@ -43,24 +43,28 @@ def demo(workdir: str, quick: bool = False, count: int = 16) -> dict:
   # wherever prompt / evaluate later run.
   workdir = os.path.abspath(workdir)
   vq, data, lvm = configs(workdir, quick)
-  print("[1/5] tiny VQGAN on built-in pictures", flush=True)
+  lvm_dir = os.path.join(workdir, "lvm")
+  logging.info("demo [1/5]: tiny VQGAN on built-in pictures (%s)", os.path.join(workdir, "vqgan"))
   train_vqgan.train_vqgan(vq, os.path.join(workdir, "vqgan"))
-  print("[2/5] demo visual sentences -> token store", flush=True)
-  report = make_dataset.make_dataset(data, show_progress=False)
-  print(f"      {report['sentences']} sentences, {report['tokens']} tokens in {data.store}", flush=True)
-  print("[3/5] tiny LVM on the store", flush=True)
-  train.train(lvm, os.path.join(workdir, "lvm"))
-  print("[4/5] prompting held-out sentences", flush=True)
-  p = prompt.from_workdir(os.path.join(workdir, "lvm"))
+  logging.info("demo [2/5]: demo visual sentences -> token store (%s)", data.store)
+  report = make_dataset.make_dataset(data)
+  logging.info("demo: %d sentences, %d tokens in %s", report["sentences"], report["tokens"], data.store)
+  logging.info("demo [3/5]: tiny LVM on the store (%s)", lvm_dir)
+  train.train(lvm, lvm_dir)
+  logging.info("demo [4/5]: prompting held-out sentences (%s)", os.path.join(workdir, "prompts"))
+  p = prompt.from_workdir(lvm_dir)
   os.makedirs(os.path.join(workdir, "prompts"), exist_ok=True)
   from PIL import Image  # pylint: disable=g-import-not-at-top
   for task in demo_data.TASKS:
-    sents = demo_data.sentences(task, "held_out", 1, p.tokenizer.image_size, seed=1234, images=4)
+    # A held-out sentence drawn as the task metrics draw theirs.
+    sents = demo_data.sentences(task, "held_out", 1, p.tokenizer.image_size, seed=evaluate.TASK_DATA_SEED,
+                                images=evaluate.TASK_IMAGES)
     gen = p.continue_images(sents[0, :-1], 1, jax.random.key(0), candidates=3, top_k=10)[0]
-    Image.fromarray(prompt.grid(sents[0], gen)).save(os.path.join(workdir, "prompts", f"{task}.png"))
-  print("[5/5] evaluation", flush=True)
-  result = {"perplexity": evaluate.perplexity(p.lvm, data.store, dataset="*_held_out", max_sentences=256),
-            "tasks": evaluate.task_metrics(p, demo_data.TASKS, count, jax.random.key(0))}
+    grid = prompt.grid(sents[0, :-1], gen, answer_HW3=sents[0, -1])
+    Image.fromarray(grid).save(os.path.join(workdir, "prompts", f"{task}.png"))
+  logging.info("demo [5/5]: evaluation (%s)", os.path.join(workdir, "eval.json"))
+  # Every held-out task's perplexity (the store holds 64 sentences of each; the cap is per task).
+  result = evaluate.lvm_report(p, lvm_dir, data.store, "*_held_out", None, per_task=64, count=count)
   with open(os.path.join(workdir, "eval.json"), "w") as f:
     json.dump(result, f, indent=1)
   summary(result, workdir)
@@ -69,16 +73,11 @@ def demo(workdir: str, quick: bool = False, count: int = 16) -> dict:
 
 def summary(result: dict, workdir: str) -> None:
   ppl = [v["corpus_ppl"] for v in result["perplexity"].values()]
-  print(f"\nheld-out perplexity of the answer image: {np.median(ppl):.1f} (median over tasks; "
+  print("\n" + evaluate.table(result))
+  print(f"\nheld-out perplexity of the answer image: {np.median(ppl):.1f} (median over the {len(ppl)} tasks; "
         f"uniform over the 256 codes: 256)")
-  print(f"{'task':14s} {'metric':8s} {'LVM':>7s} {'baseline':>9s} {'tokenizer':>9s}  baseline")
-  for task, m in result["tasks"].items():
-    better = m["model"] < m["baseline"] if m["metric"] == "mse" else m["model"] > m["baseline"]
-    print(f"{task:14s} {m['metric']:8s} {m['model']:7.3f} {m['baseline']:9.3f} {m['tokenizer_ceiling']:9.3f}  "
-          f"{m['baseline_is']}{'  (LVM beats it)' if better else ''}")
-  print("tokenizer = the VQGAN's reconstruction of the true answer: the best any generated image can do")
-  print(f"\nprompt grids: {os.path.join(workdir, 'prompts')}/ (prompt and true answer | 3 sampled answers); "
-        f"all numbers: {os.path.join(workdir, 'eval.json')}")
+  print(f"prompt grids: {os.path.join(workdir, 'prompts')}/ (labeled: the prompt and the true answer, then 3 "
+        f"sampled answers); all numbers: {os.path.join(workdir, 'eval.json')}")
 
 
 def cli_main() -> None:

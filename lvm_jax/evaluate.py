@@ -7,6 +7,8 @@ Perplexity: for every sentence, the model reads the whole sentence once and the 
 on the last image's tokens only (the answer given the prompt). Reported per (dataset, task) as
 the corpus-level perplexity exp(sum NLL / sum tokens) and the per-example mean of each
 sentence's perplexity: the release's eval averaged per batch, which weights examples unevenly.
+Each (dataset, task) group is read up to --per_task sentences (the first ones in store order), so
+every group is reported, on the same sentences every run.
 
 Task metrics (--demo_tasks, on the built-in demo data's held-out split): the last image of each
 sentence is generated from the ones before it and compared with the truth, next to a baseline
@@ -23,24 +25,31 @@ ml-aim v1 safetensors file with the config of its size, attentive probes of its 
 
   python -m lvm_jax.evaluate --workdir /tmp/aim_tiny [--probe_train JSON --probe_test JSON]
   python -m lvm_jax.evaluate --ml_aim model.safetensors --aim_config configs/aim_600m.py [...]
+
+The console gets a table; --out gets the JSON: every number, whether higher or lower is better,
+and where it comes from (an LVM's: workdir, checkpoint step, store, selection, sampling settings).
 """
 
 import json
+import os
 import types
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
+from absl import flags, logging
 from flax import nnx
 
-from lvm_jax import cli, config as config_lib
+from lvm_jax import cli, config as config_lib, progress
 from lvm_jax.data import demo, store as store_lib
 from lvm_jax.models import transformer
 
 VIDEO = ("moving_crop", "rotating_crop", "zooming_crop", "moving_digit")
 PAIRS = ("edges", "flip", "invert", "inpainting")
+TASK_DATA_SEED = 1234  # the held-out demo sentences of the task metrics: the same ones for every model
+TASK_IMAGES = 4  # images per sentence, as in the demo store
+TASK_SAMPLING = {"temperature": 0.0, "candidates": 1}  # greedy: one answer, the model's most likely
 
 
 def _answer_nll(graphdef, params, tokens_BL: jax.Array, answer: int) -> jax.Array:
@@ -50,9 +59,22 @@ def _answer_nll(graphdef, params, tokens_BL: jax.Array, answer: int) -> jax.Arra
   return jnp.sum(nll[:, -answer:], axis=-1)
 
 
+def first_per_group(store: store_lib.Store, dataset: Optional[str], task: Optional[str], per_task: int) -> np.ndarray:
+  """Store indices of the first `per_task` sentences (in store order) of every selected (dataset,
+  task) group: a cap per group, so that no group is crowded out by those stored before it, and the
+  same sentences every run."""
+  idx = store.indices(dataset, task)
+  groups = store.meta[idx, :2]
+  keep = [idx[np.all(groups == g, axis=1)][:per_task] for g in np.unique(groups, axis=0)]
+  return np.sort(np.concatenate(keep)) if keep else idx
+
+
 def perplexity(lvm: transformer.Model, root: str, dataset: Optional[str] = None, task: Optional[str] = None,
-               max_sentences: int = 512, batch: int = 8) -> dict:
-  """{"dataset/task": {corpus_ppl, mean_ppl, sentences, tokens}} over the last image of each sentence."""
+               per_task: int = 64, batch: int = 8) -> dict:
+  """{"dataset/task": {corpus_ppl, mean_ppl, sentences, tokens, better}} over the last image of up
+  to `per_task` sentences of every (dataset, task) group that matches the patterns."""
+  if per_task < 1:
+    raise config_lib.ConfigError(f"per_task={per_task}: evaluate at least one sentence per (dataset, task)")
   store = store_lib.Store(root)
   tpi = store.manifest.tokens_per_image
   if store.manifest.vocab > lvm.cfg.vocab_size:  # ids past the head would read as NaN perplexity
@@ -62,8 +84,10 @@ def perplexity(lvm: transformer.Model, root: str, dataset: Optional[str] = None,
   nll_fn = jax.jit(_answer_nll, static_argnums=(0, 3))
   groups: dict[str, list[float]] = {}
   by_length: dict[int, list[int]] = {}
-  for i in store.indices(dataset, task)[:max_sentences]:
+  for i in first_per_group(store, dataset, task, per_task):
     by_length.setdefault(int(store.lengths[i]), []).append(int(i))
+  total, done = sum(len(idx) for idx in by_length.values()), 0
+  count = progress.Progress("perplexity", total, unit="sentence")
   for length, idx in by_length.items():  # equal lengths batch without padding
     for s in range(0, len(idx), batch):
       rows = [store[i] for i in idx[s:s + batch]]
@@ -71,8 +95,12 @@ def perplexity(lvm: transformer.Model, root: str, dataset: Optional[str] = None,
       nll = np.asarray(nll_fn(graphdef, params, jnp.asarray(tokens), tpi))
       for r, v in zip(rows, nll):
         groups.setdefault(f"{r['dataset']}/{r['task']}", []).append(float(v))
-  return {k: {"corpus_ppl": float(np.exp(np.sum(v) / (len(v) * tpi))), "mean_ppl": float(np.mean(np.exp(np.array(v) / tpi))),
-              "sentences": len(v), "tokens": len(v) * tpi} for k, v in sorted(groups.items())}
+      done += len(rows)
+      if done * 10 // total > (done - len(rows)) * 10 // total:  # about every tenth
+        count.log(done)
+  return {k: {"corpus_ppl": float(np.exp(np.sum(v) / (len(v) * tpi))),
+              "mean_ppl": float(np.mean(np.exp(np.array(v) / tpi))),
+              "sentences": len(v), "tokens": len(v) * tpi, "better": "lower"} for k, v in sorted(groups.items())}
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -97,11 +125,12 @@ def _miou(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def task_metrics(prompter: Any, tasks: tuple[str, ...], count: int, key: jax.Array, images: int = 4) -> dict:
   """Generate the last image of `count` held-out demo sentences per task; metric vs baseline."""
-  out = {}
-  for task in tasks:
-    sents = demo.sentences(task, "held_out", count, prompter.tokenizer.image_size, seed=1234, images=images)
+  out, count = {}, progress.Progress("demo tasks", len(tasks), unit="task")
+  for done, task in enumerate(tasks):
+    count.log(done, f"now {task}")
+    sents = demo.sentences(task, "held_out", count, prompter.tokenizer.image_size, seed=TASK_DATA_SEED, images=images)
     key, sub = jax.random.split(key)
-    gen = prompter.continue_images(sents[:, :-1], 1, sub, temperature=0.0)[:, 0, 0]
+    gen = prompter.continue_images(sents[:, :-1], 1, sub, **TASK_SAMPLING)[:, 0, 0]
     truth, last = sents[:, -1], sents[:, -2]
     query = last  # pairs: [.., x, y]; the query x is the image before the answer
     # What the tokenizer alone keeps of the truth: no generated image can score better.
@@ -115,13 +144,31 @@ def task_metrics(prompter: Any, tasks: tuple[str, ...], count: int, key: jax.Arr
     else:  # counting: does the classifier read the digit of the true next image in the generated one?
       clf = digit_classifier(gen.shape[1])
       classify = lambda x: clf.predict(x.reshape(len(x), -1) / 255.0)
-      out[task] = {"metric": "accuracy", "model": float(np.mean(classify(gen) == classify(truth))), "baseline": 0.1,
-                   "baseline_is": "chance", "tokenizer_ceiling": float(np.mean(classify(recon) == classify(truth)))}
+      out[task] = {"metric": "accuracy", "better": "higher", "model": float(np.mean(classify(gen) == classify(truth))),
+                   "baseline": 0.1, "baseline_is": "chance",
+                   "tokenizer_ceiling": float(np.mean(classify(recon) == classify(truth)))}
       continue
     mean = lambda xs: float(np.mean([fn(a, t) for a, t in zip(xs, truth)]))
-    out[task] = {"metric": name, "model": mean(gen), "baseline": mean(base), "baseline_is": base_is,
-                 "tokenizer_ceiling": mean(recon)}
+    out[task] = {"metric": name, "better": "lower" if name == "mse" else "higher", "model": mean(gen),
+                 "baseline": mean(base), "baseline_is": base_is, "tokenizer_ceiling": mean(recon)}
   return out
+
+
+def lvm_report(p: Any, workdir: str, root: str, dataset: Optional[str], task: Optional[str], per_task: int,
+               count: int = 0, seed: int = 0) -> dict:
+  """An LVM's eval.json: where its numbers come from (workdir, checkpoint step, store, selection),
+  the answer perplexity per (dataset, task), and with count > 0 the demo tasks' metrics for
+  `count` held-out sentences each, next to the settings that generated them."""
+  where = lambda path: path if "://" in path else os.path.abspath(path)
+  report = {"workdir": where(workdir), "step": p.step, "store": where(root),
+            "perplexity_settings": {"dataset": dataset, "task": task, "per_task": per_task,
+                                    "selection": "the first per_task of each (dataset, task), in store order"},
+            "perplexity": perplexity(p.lvm, root, dataset, task, per_task)}
+  if count:
+    report["task_settings"] = {"split": "held_out", "count": count, "images": TASK_IMAGES,
+                               "data_seed": TASK_DATA_SEED, "sampling_seed": seed, **TASK_SAMPLING}
+    report["tasks"] = task_metrics(p, demo.TASKS, count, jax.random.key(seed), TASK_IMAGES)
+  return report
 
 
 def _source_flag(text: Optional[str], default: dict) -> dict:
@@ -182,7 +229,8 @@ def _probe_report(c: Any, o: Any) -> dict:
   except ValueError:
     raise config_lib.ConfigError(f"--probe_layers={','.join(o.probe_layers)}: expected block numbers") from None
   splits = [_source_flag(text, default) for text, default in zip((o.probe_train, o.probe_test), probing.DIGITS)]
-  return {"probe": probing.run(trunk, layers, *splits, steps=o.probe_steps, max_images=o.probe_max_images)}
+  report = probing.run(trunk, layers, *splits, steps=o.probe_steps, max_images=o.probe_max_images)
+  return {"probe": {**report, "better": "higher"}}  # its scores are accuracies
 
 
 def _perplexity_report(c: Any, o: Any) -> dict:
@@ -191,11 +239,9 @@ def _perplexity_report(c: Any, o: Any) -> dict:
   # The training command's relative store path means the same from any directory.
   root = o.store or load.resolve(c.data.mixture.main.path, o.workdir, "data.mixture.main.path",
                                  f" in {o.workdir}/config.json")
-  p = prompt.from_workdir(o.workdir, o.vqgan_spec())
-  report = {"perplexity": perplexity(p.lvm, root, o.dataset, o.task, o.max_sentences)}
-  if o.demo_tasks:
-    report["tasks"] = task_metrics(p, demo.TASKS, o.count, jax.random.key(0))
-  return report
+  with progress.phase(f"loading the LVM of {o.workdir} and its VQGAN"):
+    p = prompt.from_workdir(o.workdir, o.vqgan_spec())
+  return lvm_report(p, o.workdir, root, o.dataset, o.task, o.per_task, o.count if o.demo_tasks else 0)
 
 
 def _reconstruction_report(c: Any, o: Any) -> dict:
@@ -206,10 +252,51 @@ def _reconstruction_report(c: Any, o: Any) -> dict:
   held_out = images.held_out(c.image_size, c.data.shrink)
   graphdef, weights = nnx.split(model)
   value, _ = reconstruction(reconstructor(graphdef), weights, held_out)
-  return {"reconstruction": {"step": step, "psnr": value, "images": len(held_out)}}
+  return {"reconstruction": {"step": step, "psnr": value, "better": "higher", "images": len(held_out)}}
 
 
 REPORTS = {"perplexity": _perplexity_report, "probe": _probe_report, "reconstruction": _reconstruction_report}
+
+
+def _perplexity_table(report: dict) -> list[str]:
+  lines = [f"answer-image perplexity (lower is better) of step {report['step']} of {report['workdir']} on "
+           f"{report['store']}, at most {report['perplexity_settings']['per_task']} sentences per group",
+           f"{'dataset/task':40s} {'corpus ppl':>10s} {'mean ppl':>9s} {'sentences':>9s}"]
+  lines += [f"{k:40s} {v['corpus_ppl']:10.2f} {v['mean_ppl']:9.2f} {v['sentences']:9d}"
+            for k, v in report["perplexity"].items()]
+  return lines
+
+
+def _task_table(report: dict) -> list[str]:
+  s = report["task_settings"]
+  lines = [f"demo tasks: {s['count']} {s['split']} sentences each, temperature {s['temperature']} "
+           f"({'greedy' if s['temperature'] == 0 else 'sampled'}); ceiling = the VQGAN's reconstruction of the answer",
+           f"{'task':14s} {'metric':8s} {'better':6s} {'model':>8s} {'baseline':>8s} {'ceiling':>8s}  baseline is"]
+  for task, m in report["tasks"].items():
+    beats = m["model"] > m["baseline"] if m["better"] == "higher" else m["model"] < m["baseline"]
+    lines.append(f"{task:14s} {m['metric']:8s} {m['better']:6s} {m['model']:8.3f} {m['baseline']:8.3f} "
+                 f"{m['tokenizer_ceiling']:8.3f}  {m['baseline_is']}{' (beaten)' if beats else ''}")
+  return lines
+
+
+def _scalars(prefix: str, section: dict) -> list[str]:
+  lines = []
+  for k, v in section.items():
+    if isinstance(v, dict):
+      lines += _scalars(f"{prefix}{k}.", v)
+    else:
+      lines.append(f"{prefix}{k}: {v:.4g}" if isinstance(v, float) else f"{prefix}{k}: {v}")
+  return lines
+
+
+def table(report: dict) -> str:
+  """The console's summary of a report (the JSON holds everything): a line per perplexity group and
+  per task; the numbers of a probe or reconstruction report as name: value."""
+  lines = _perplexity_table(report) if "perplexity" in report else []
+  lines += ([""] + _task_table(report)) if "tasks" in report else []
+  for name in ("probe", "reconstruction"):
+    lines += _scalars(f"{name} ", report.get(name, {}))
+  return "\n".join(lines)
 
 
 def cli_main() -> None:
@@ -218,7 +305,7 @@ def cli_main() -> None:
   flags.DEFINE_string("store", None, "Token store for perplexity (default: the config's main mixture path).")
   flags.DEFINE_string("dataset", None, "Dataset name pattern, e.g. '*_held_out'.")
   flags.DEFINE_string("task", None, "Task name pattern.")
-  flags.DEFINE_integer("max_sentences", 512, "Sentences per run (in store order).")
+  flags.DEFINE_integer("per_task", 64, "Perplexity: sentences per (dataset, task), the first ones in store order.")
   flags.DEFINE_bool("demo_tasks", False, "Also prompt the demo's held-out tasks.")
   flags.DEFINE_list("probe_layers", None, "AIM: blocks whose outputs the probe averages (default: the last "
                     "min(6, depth)).")
@@ -233,7 +320,8 @@ def cli_main() -> None:
   aim_config = flags.DEFINE_string("aim_config", None, "With --ml_aim: the config of its size, e.g. "
                                    "configs/aim_600m.py.")
   flags.DEFINE_integer("count", 32, "Held-out sentences per demo task.")
-  out = flags.DEFINE_string("out", None, "JSON output path.")
+  out = flags.DEFINE_string("out", None, "JSON output path: every number, with its settings and provenance (the "
+                            "console shows a table).")
   vqgan_spec = prompt.define_vqgan_flags()  # LVM: another VQGAN than the workdir's, named by the user
 
   def main(_):
@@ -248,11 +336,12 @@ def cli_main() -> None:
       raise config_lib.ConfigError(f"model_name={c.get('model_name')!r} has no evaluation here")
     options = types.SimpleNamespace(**{name: flags.FLAGS[name].value for name in flags.FLAGS},
                                     vqgan_spec=vqgan_spec)
-    text = json.dumps(REPORTS[evaluation](c, options), indent=1)
+    report = REPORTS[evaluation](c, options)
     if out.value:
       with open(out.value, "w") as f:
-        f.write(text)
-    print(text)
+        json.dump(report, f, indent=1)
+      logging.info("wrote %s", out.value)
+    print(table(report))
 
   cli.run(main, required=[])
 

@@ -20,10 +20,15 @@ from typing import Any, Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from lvm_jax import checkpoint, cli, config as config_lib, metrics, sharding, storage, workdir as workdir_lib
+from lvm_jax import checkpoint, cli, config as config_lib, metrics, profiler, progress, sharding, storage
+from lvm_jax import workdir as workdir_lib
+
+# What a progress line shows of a row, when the trainer reports it (the rest is in metrics.jsonl).
+SHOWN = ("loss", "perplexity", "train_psnr", "d_loss", "grad_norm")
 
 # Counters in every trainer's state: total skipped updates and the current run of them.
 COUNTERS = ("skipped_steps", "skip_streak")
@@ -130,14 +135,17 @@ class Trainer:
   """What a trainer hands the loop. `step_fn(state, batch) -> (state, metrics)` must return the
   guard's counters (and may return `input_errors`, inputs outside the model, which stop the run).
   `row(metrics)` turns a logged step's fetched metrics into host scalars; the loop adds the step
-  time, `rate` (a name and the items one step trains on) and the MFU of `flops_per_step`."""
+  time, the time it waited for input, `rate` (a name and the items one step trains on) and the
+  MFU of `flops_per_step`. Every config.eval_every steps `evaluate(state, step)` gives eval
+  scalars, every config.sample_every steps `samples(state, step, writer)` writes images; their
+  time is kept out of the step time."""
   built: Built
   step_fn: Callable[[Any, dict], tuple[Any, dict]]
   row: Callable[[dict], dict]
   flops_per_step: float
   rate: tuple[str, int]
-  evaluate: Optional[Callable[[Any, int, metrics.Writer], dict]] = None  # -> extra scalars
-  eval_every: int = 0
+  evaluate: Optional[Callable[[Any, int], dict]] = None
+  samples: Optional[Callable[[Any, int, metrics.Writer], None]] = None
   data: Optional[dict] = None  # the data's identity (tokenizer, ...) for the workdir record
 
 
@@ -160,6 +168,10 @@ def _batches(c: Any, data_iter: Iterator[dict], sharding_: jax.sharding.Sharding
     yield sharding.global_batch_array(local, sharding_, c.global_batch)
 
 
+def _due(step: int, every: int, last: int) -> bool:
+  return bool(every) and (step % every == 0 or step == last)
+
+
 def run(c: Any, workdir: str, t: Trainer, data_iter: Any, mesh: jax.sharding.Mesh,
         stop_at: Optional[int] = None) -> Any:
   """Restores or initialises, trains to c.steps (or SIGTERM, or `stop_at`); returns the state."""
@@ -168,39 +180,68 @@ def run(c: Any, workdir: str, t: Trainer, data_iter: Any, mesh: jax.sharding.Mes
   with ckpt, jax.set_mesh(mesh), sharding.axis_rules(c.rules):
     workdir_lib.check_data(c, workdir, t.data)  # before anything compiles
     init = jax.jit(t.built.init, out_shardings=t.built.state_shardings)
-    state, start = ckpt.restore_or_init(t.built.abstract_state, data_iter, lambda: init(jax.random.key(c.seed)))
+    with progress.phase("restoring the newest checkpoint or initialising"):
+      state, start = ckpt.restore_or_init(t.built.abstract_state, data_iter, lambda: init(jax.random.key(c.seed)))
     # Recorded only once the checkpoint took this config: a start that failed leaves no trace.
     workdir_lib.record_start(c, workdir, start, t.data)
     if start:
-      print(f"restored step {start} from {workdir}", flush=True)
+      logging.info("restored step %d from %s", start, workdir)
     if stop_at is not None and start >= stop_at:
-      print(f"step {start} already reaches --stop_at={stop_at}: nothing to do", flush=True)
+      logging.info("step %d already reaches --stop_at=%d: nothing to do", start, stop_at)
       return state
+    peak = metrics.workdir_peak(workdir, c.get("peak_tflops", 0.0), c.model.get("dtype", "float32"))
     with metrics.Writer(workdir, enabled=jax.process_index() == 0, resume_step=start, deadline_s=deadline) as writer, \
         Preemption(stop_at) as preemption:
-      state = _loop(c, workdir, t, state, start, data_iter, ckpt, writer, preemption)
+      writer.text("config", c.to_json(indent=1), start)
+      state = _loop(c, workdir, t, state, start, data_iter, ckpt, writer, preemption, peak)
       ckpt.wait()
   return state
 
 
-def _loop(c: Any, workdir: str, t: Trainer, state: Any, start: int, data_iter: Any,
-          ckpt: checkpoint.Checkpointer, writer: metrics.Writer, preemption: Preemption) -> Any:
+class _Clock:
+  """Host time since the last logged row, split: waiting for input, evaluating, the rest."""
+
+  def __init__(self, step: int):
+    self.t, self.step, self.data, self.eval = time.perf_counter(), step, 0.0, 0.0
+
+  def split(self, step: int) -> dict:
+    """Per-step times since the last row (evaluation excluded), and restarts the count."""
+    now, n = time.perf_counter(), max(step - self.step, 1)
+    out = {"step_time": (now - self.t - self.eval) / n, "data_wait": self.data / n}
+    self.t, self.step, self.data, self.eval = now, step, 0.0, 0.0
+    return out
+
+
+def _loop(c: Any, workdir: str, t: Trainer, state: Any, start: int, data_iter: Any, ckpt: checkpoint.Checkpointer,
+          writer: metrics.Writer, preemption: Preemption, peak: float) -> Any:
   """The steps. A logged step's metrics are fetched after the next step is dispatched, and every
   step's health one step late, so the device always has the next step queued."""
-  pending, previous, clock, step = None, None, (time.perf_counter(), start), start
-  health_keys = (*COUNTERS, "input_errors")
-  peak = metrics.peak_flops_total(c.get("peak_tflops", 0.0), c.model.get("dtype", "float32"))
-  for step, batch in zip(range(start + 1, c.steps + 1), _batches(c, data_iter, t.built.batch_sharding)):
-    state, m = t.step_fn(state, batch)
+  pending, previous, step, clock = None, None, start, _Clock(start)
+  chrono = progress.Progress("train", c.steps, start=start, per_unit={t.rate[0].removesuffix("_per_sec"): t.rate[1]})
+  profile = profiler.Window(c.get("profile_steps", ()), workdir)
+  batches = _batches(c, data_iter, t.built.batch_sharding)
+  for step in range(start + 1, c.steps + 1):
+    waited = time.perf_counter()
+    batch = next(batches, None)
+    if batch is None:
+      break
+    clock.data += time.perf_counter() - waited
+    profile.before(step)
+    if step == start + 1:
+      with progress.phase("compiling the step and running it once"):
+        state, m = t.step_fn(state, batch)
+        jax.block_until_ready(m)
+      chrono.rebase(step)  # the rate and ETA of the steps, not of the compilation
+    else:
+      state, m = t.step_fn(state, batch)
+    profile.after(step, state)
     if previous is not None:
       _check(previous[0], jax.device_get(previous[1]), c, ckpt.latest_step())
     if pending is not None:
-      clock = _write(writer, pending, clock, t, peak)
+      _write(writer, pending, clock, t, peak, chrono)
       pending = None
-    previous = (step, {k: m[k] for k in health_keys if k in m})
-    extra = {}
-    if t.evaluate is not None and t.eval_every and (step % t.eval_every == 0 or step == c.steps):
-      extra = t.evaluate(state, step, writer)
+    previous = (step, {k: m[k] for k in (*COUNTERS, "input_errors") if k in m})
+    extra = _watch(c, t, state, step, writer, clock)
     if step % c.log_every == 0 or step == c.steps or extra:
       pending = (step, m, extra)
     stop = preemption.reached(step)
@@ -209,27 +250,46 @@ def _loop(c: Any, workdir: str, t: Trainer, state: Any, start: int, data_iter: A
       if int(jax.device_get(state["skip_streak"])) == 0:
         ckpt.save(step, state, data_iter, force=True, wait=stop or step == c.steps)
       else:
-        print(f"step {step}: not saved, its update was skipped (non-finite)", flush=True)
+        logging.warning("step %d: not saved, its update was skipped (non-finite)", step)
     if stop:
       break
+  profile.close()
   if previous is not None:
     _check(previous[0], jax.device_get(previous[1]), c, ckpt.latest_step())
   if pending is not None:
-    _write(writer, pending, clock, t, peak)
+    _write(writer, pending, clock, t, peak, chrono)
   if step < c.steps:  # the last line says why the run ended early
-    print(f"stopping early: saved step {ckpt.latest_step()} in {workdir}", flush=True)
+    logging.info("stopping early: saved step %s in %s", ckpt.latest_step(), workdir)
   return state
 
 
-def _write(writer: metrics.Writer, pending: tuple, clock: tuple[float, int], t: Trainer,
-           peak: float) -> tuple[float, int]:
-  """Writes a logged step's row; `clock` is (time, step) of the previous row, returned updated.
+def _watch(c: Any, t: Trainer, state: Any, step: int, writer: metrics.Writer, clock: _Clock) -> dict:
+  """Evaluation and samples due at `step`, timed apart from the steps; returns the eval scalars."""
+  eval_due = t.evaluate is not None and _due(step, c.get("eval_every", 0), c.steps)
+  samples_due = t.samples is not None and _due(step, c.get("sample_every", 0), c.steps)
+  if not (eval_due or samples_due):
+    return {}
+  jax.block_until_ready(state)  # the step itself is not evaluation time
+  began = time.perf_counter()
+  extra = t.evaluate(state, step) if eval_due else {}
+  if samples_due:
+    t.samples(state, step, writer)
+  seconds = time.perf_counter() - began
+  clock.eval += seconds
+  logging.info("step %d: evaluated in %.1f s%s", step, seconds,
+               "".join(f", {k}={v:.4g}" for k, v in extra.items()))
+  return extra
 
-  The first row after a (re)start includes compilation in its step time."""
+
+def _write(writer: metrics.Writer, pending: tuple, clock: _Clock, t: Trainer, peak: float,
+           chrono: progress.Progress) -> None:
+  """Writes a logged step's row and its progress line. The first row after a (re)start includes
+  compilation in its step time."""
   step, m, extra = pending
   m = jax.device_get(m)
-  now = time.perf_counter()
-  step_time = (now - clock[0]) / max(step - clock[1], 1)
-  timing = {"step_time": step_time, t.rate[0]: t.rate[1] / step_time, "mfu": t.flops_per_step / step_time / peak}
-  writer.write(step, {**t.row(m), **timing, "skipped_steps": m["skipped_steps"], **extra})
-  return now, step
+  timing = clock.split(step)
+  timing.update({t.rate[0]: t.rate[1] / timing["step_time"], "mfu": t.flops_per_step / timing["step_time"] / peak})
+  row = t.row(m)
+  writer.write(step, {**row, **timing, "skipped_steps": m["skipped_steps"], **extra})
+  shown = [k for k in SHOWN if k in row][:3] + ["mfu"]
+  chrono.log(step, ", ".join(f"{k} {v:.4g}" for k, v in {**row, **timing}.items() if k in shown))

@@ -22,7 +22,6 @@ same name is not noticed: give it a new name, or use a new store.
 import dataclasses
 import hashlib
 import json
-import time
 from typing import Any
 
 import jax
@@ -30,7 +29,7 @@ import numpy as np
 import tensorstore as ts
 from absl import logging
 
-from lvm_jax import cli
+from lvm_jax import cli, progress
 from lvm_jax.config import ConfigError, plain
 from lvm_jax.data import demo, sentences, sources, store
 from lvm_jax.models import vqgan
@@ -177,12 +176,15 @@ def load_tokenizer(c: Any) -> tuple[vqgan.Tokenizer, store.Manifest]:
 
 def make_dataset(c: Any, show_progress: bool = True) -> dict:
   """Runs the job for this process's units; returns the report of the planned shards so far, with
-  the names of those this process found changed and rebuilt ("rebuilt") or removed ("removed")."""
+  the names of those this process found changed and rebuilt ("rebuilt") or removed ("removed").
+  With show_progress, a log line per shard written: x/N, rate, ETA."""
   if not c.store:
     raise ConfigError("store is empty: set --config.store to a local path or gs://bucket/path")
-  opened = open_sources(c)
-  units = plan(c, opened)
-  tok, manifest = load_tokenizer(c)
+  with progress.phase(f"listing the sources of {len(c.datasets)} datasets"):  # a bucket listing can take minutes
+    opened = open_sources(c)
+    units = plan(c, opened)
+  with progress.phase("loading the tokenizer"):
+    tok, manifest = load_tokenizer(c)
   store.create(c.store, manifest)  # every process: the same bytes, and each checks an existing one
   mine = units[jax.process_index()::jax.process_count()]
   todo, rebuilt = sort_out(c.store, mine)
@@ -193,18 +195,19 @@ def make_dataset(c: Any, show_progress: bool = True) -> dict:
   store.unmark_done(c.store, rebuilt + removed)
   if rebuilt or removed:
     logging.warning("%s", change_message(rebuilt, removed))
-  logging.info("%d units in all, %d for this process, %d already done", len(units), len(mine), len(mine) - len(todo))
-  t0 = time.time()
+  done = len(mine) - len(todo)
+  logging.info("%d units in all, %d for this process, %d already done", len(units), len(mine), done)
+  # Counted over this process's units, with the rate and ETA of this run's (a rerun's) own.
+  shards = progress.Progress("tokenizing", len(mine), unit="shard", start=done)
   with cli.stop_requests():  # SIGTERM: finish the shard being written, then stop (a rerun goes on)
-    for i, unit in enumerate(todo):
+    for i, unit in enumerate(todo, start=1):
       r = tokenize_unit(c, unit, opened[unit.dataset], tok, manifest)
       if show_progress:
-        rate = (i + 1) / (time.time() - t0)
-        print(f"[{i + 1}/{len(todo)}] {unit.name}: {r['sentences']} sentences, {r['tokens']} tokens, "
-              f"{len(r['skipped'])} skipped ({rate:.2f} units/s, ~{(len(todo) - i - 1) / rate:.0f} s left)", flush=True)
-      if cli.terminated() and i + 1 < len(todo):
-        print(f"SIGTERM: stopped after {i + 1}/{len(todo)} shards of this process; rerun the same command to "
-              "finish", flush=True)
+        shards.log(done + i, f"{unit.name}: {r['sentences']} sentences, {r['tokens']} tokens, "
+                             f"{len(r['skipped'])} skipped")
+      if cli.terminated() and i < len(todo):
+        logging.warning("SIGTERM: stopped after %d/%d shards of this process; rerun the same command to finish",
+                        done + i, len(mine))
         break
   return {**summary(c.store, units), "rebuilt": rebuilt, "removed": removed}
 

@@ -28,7 +28,7 @@ from lvm_jax import storage
 # Dense bf16 peak TFLOP/s per chip, by a substring of `device_kind`.
 PEAK_TFLOPS = (("v6 lite", 918.0), ("v6e", 918.0), ("v5 lite", 197.0), ("v5e", 197.0),
                ("v5p", 459.0), ("v5", 459.0), ("v4", 275.0), ("v3", 123.0),
-               ("H100", 989.0), ("A100", 312.0))
+               ("H100", 989.0), ("H200", 989.0), ("B200", 2250.0), ("A100", 312.0))
 
 
 def measured_peak_flops(dtype: str = "float32", n: int = 2048, reps: int = 5) -> float:
@@ -50,6 +50,27 @@ def measured_peak_flops(dtype: str = "float32", n: int = 2048, reps: int = 5) ->
     matmul(x).block_until_ready()
     best = min(best, time.perf_counter() - t0)
   return 2.0 * len(devices) * n**3 / best
+
+
+def workdir_peak(workdir: str, peak_tflops_per_device: float, dtype: str) -> float:
+  """peak_flops_total, measured at most once per workdir: a CPU's measured rate moves with the
+  load of the machine, and a resume must report the MFU of an unchanged step time unchanged, so
+  the first measurement is kept in <workdir>/peak_flops.json (for the same devices and dtype)."""
+  devices = jax.devices()
+  known = devices[0].platform != "cpu" and any(k.lower() in devices[0].device_kind.lower() for k, _ in PEAK_TFLOPS)
+  if peak_tflops_per_device > 0 or known:
+    return peak_flops_total(peak_tflops_per_device, dtype)
+  path = os.path.join(workdir, "peak_flops.json")
+  key = {"device_kind": devices[0].device_kind, "devices": len(devices), "processes": jax.process_count(),
+         "dtype": dtype}
+  kept = storage.retry(lambda: storage.read_bytes(path, 60.0), what=f"reading {path}")
+  if kept and json.loads(kept).get("key") == key:
+    return float(json.loads(kept)["flops"])
+  flops = peak_flops_total(0.0, dtype)
+  if jax.process_index() == 0:
+    record = json.dumps({"key": key, "flops": flops, "note": "measured matmul rate; delete to measure again"})
+    storage.retry(lambda: storage.write_bytes(path, record.encode(), 60.0), what=f"writing {path}")
+  return flops
 
 
 def peak_flops_total(peak_tflops_per_device: float, dtype: str) -> float:
@@ -84,6 +105,9 @@ class _NoEvents:
   def add_image(self, tag: str, image: Any, step: int, dataformats: str = "HWC") -> None:
     pass
 
+  def add_text(self, tag: str, text: str, step: int) -> None:
+    pass
+
   def flush(self) -> None:
     pass
 
@@ -116,6 +140,10 @@ class _Events(_NoEvents):
     """A uint8 image, or a float one in [0, 1]."""
     from tensorboardX import summary  # pylint: disable=g-import-not-at-top
     self._add(self._event(step=int(step), summary=summary.image(tag, np.asarray(image), dataformats=dataformats)))
+
+  def add_text(self, tag: str, text: str, step: int) -> None:
+    from tensorboardX import summary  # pylint: disable=g-import-not-at-top
+    self._add(self._event(step=int(step), summary=summary.text(tag, text)))
 
   def _add(self, event: Any) -> None:
     from tensorboardX.record_writer import masked_crc32c  # pylint: disable=g-import-not-at-top
@@ -201,13 +229,17 @@ class Writer:
     else:
       self._retry(self._rewrite, f"writing {self.path}")
     self._sync_tb(force=False)
-    shown = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
-    print(f"step {step}: {shown}", flush=True)
 
   def image(self, tag: str, image: Any, step: int) -> None:
     """Logs an HWC image (uint8, or float in [0, 1]) to TensorBoard."""
     if self.enabled:
       self.tb.add_image(tag, image, int(step), dataformats="HWC")
+      self._sync_tb(force=False)
+
+  def text(self, tag: str, text: str, step: int) -> None:
+    """Logs text to TensorBoard's Text tab (markdown; indented by 4 it shows as written)."""
+    if self.enabled:
+      self.tb.add_text(tag, "\n".join("    " + line for line in text.splitlines()), int(step))
       self._sync_tb(force=False)
 
   def __enter__(self) -> "Writer":

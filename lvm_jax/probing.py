@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lvm_jax import progress
 from lvm_jax.config import ConfigError
 from lvm_jax.data import sources
 from lvm_jax.models import aim, probe
@@ -110,8 +111,9 @@ def run(trunk: aim.Trunk, layers: tuple[int, ...], train: dict = DIGITS[0], test
     raise ConfigError(f"probe steps={steps}: need at least 2")
   if not layers or len(set(layers)) != len(layers) or not all(0 <= i < cfg.depth for i in layers):
     raise ConfigError(f"probe layers={list(layers)}: need distinct blocks in [0, {cfg.depth})")
-  tr = labeled_images(dict(train), cfg.image_size, max_images)
-  te = labeled_images(dict(test), cfg.image_size, max_images)
+  with progress.phase(f"loading up to {max_images} labeled images per split"):
+    tr = labeled_images(dict(train), cfg.image_size, max_images)
+    te = labeled_images(dict(test), cfg.image_size, max_images)
   xtr, ytr, xte, yte = tr.images, tr.labels, te.images, _align(tr, te)
   if len(np.unique(ytr)) < 2:
     raise ConfigError(f"probe source {train}: one class only; a classifier needs two")
@@ -120,18 +122,27 @@ def run(trunk: aim.Trunk, layers: tuple[int, ...], train: dict = DIGITS[0], test
   few = np.concatenate([rng.choice(idx, min(per_class, len(idx)), replace=False)
                         for k in range(classes) if len(idx := np.flatnonzero(ytr == k))])
 
-  def accuracies(t: aim.Trunk) -> tuple[float, float]:
-    ftr, fte = features(t, xtr, layers), features(t, xte, layers)
+  # Four probes in all: all labels and `per_class`, on each trunk. Updated after each, the rate
+  # (and ETA) includes the features of the trunk, computed before its probes.
+  fits = progress.Progress("probing", 2 * (steps + steps // 2))
+
+  def accuracies(t: aim.Trunk, name: str, done: int) -> tuple[float, float]:
+    with progress.phase(f"features of {len(ytr) + len(yte)} images from the {name} trunk"):
+      ftr, fte = features(t, xtr, layers), features(t, xte, layers)
     # Trained to convergence: a short budget would favour whichever features converge fastest.
     full = probe.fit(ftr, ytr, cfg.heads, classes, steps=steps, seed=seed)
+    fits.log(done + steps, f"{name} trunk, all {len(ytr)} labels")
     some = probe.fit(ftr[few], ytr[few], cfg.heads, classes, steps=steps // 2, seed=seed)
+    fits.log(done + steps + steps // 2, f"{name} trunk, {len(few)} labels ({per_class} per class)")
     return probe.accuracy(full, fte, yte), probe.accuracy(some, fte, yte)
 
-  (trained, trained_few), (rand, rand_few) = accuracies(trunk), accuracies(aim.Trunk(cfg, nnx.Rngs(seed + 1)))
-  return {"attentive_probe": trained, "random_trunk_probe": rand,
-          "linear_probe_pixels": _linear_pixels(xtr, ytr, xte, yte),
+  trained, trained_few = accuracies(trunk, "trained", 0)
+  rand, rand_few = accuracies(aim.Trunk(cfg, nnx.Rngs(seed + 1)), "random", steps + steps // 2)
+  with progress.phase("logistic regressions on pixels"):
+    pixels, pixels_few = _linear_pixels(xtr, ytr, xte, yte), _linear_pixels(xtr[few], ytr[few], xte, yte)
+  return {"attentive_probe": trained, "random_trunk_probe": rand, "linear_probe_pixels": pixels,
           "chance": float(np.max(np.bincount(yte)) / len(yte)),  # always answering the commonest class
           f"{per_class}_per_class": {"attentive_probe": trained_few, "random_trunk_probe": rand_few,
-                                     "linear_probe_pixels": _linear_pixels(xtr[few], ytr[few], xte, yte)},
+                                     "linear_probe_pixels": pixels_few},
           "layers": list(layers), "classes": classes, "train_images": len(ytr), "test_images": len(yte),
           "skipped_inputs": tr.skipped + te.skipped}

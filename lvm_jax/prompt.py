@@ -7,8 +7,8 @@
 The LVM comes from a training workdir (its newest checkpoint and config.json; the VQGAN named in
 that config, read as data by lvm_jax/load.py, or the --vqgan_* flags) or from a Hugging Face
 directory (convert/hf_llama.py). The images are read as the tokenizer job reads them
-(data/sources.py: any format, squashed to the tokenizer's size); the grid has one row per
-candidate: the prompt, then the generated images.
+(data/sources.py: any format, squashed to the tokenizer's size); the grid (lvm_jax/pictures.py)
+shows the labeled prompt images in its first row, then one row of generated images per candidate.
 """
 
 import dataclasses
@@ -20,7 +20,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from lvm_jax import cli, config as config_lib, sample
+from lvm_jax import cli, config as config_lib, pictures, sample
 from lvm_jax.models import transformer, vqgan
 
 
@@ -29,6 +29,7 @@ class Prompter:
   """An LVM and its VQGAN, ready to continue visual sentences."""
   lvm: transformer.Model
   tokenizer: vqgan.Tokenizer
+  step: Optional[int] = None  # the checkpoint's training step (a workdir's), for reports to name
 
   def continue_images(self, images_NHW3: np.ndarray, new_images: int, key: jax.Array, *, candidates: int = 1,
                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -59,8 +60,8 @@ def from_workdir(workdir: str, vqgan_spec: Optional[dict] = None, batch_size: in
                                    "pass --vqgan_workdir or --vqgan_weights")
     # The workdir's record is data: it never runs a file, and its relative paths are the workdir's.
     vq = load.load_vqgan(spec, relative_to=workdir)
-  cfg, params, _ = load.load_params(c, workdir)  # after the VQGAN: its errors come before a long restore
-  return _prompter(cfg, params, *vq, batch_size)
+  cfg, params, step = load.load_params(c, workdir)  # after the VQGAN: its errors come before a long restore
+  return dataclasses.replace(_prompter(cfg, params, *vq, batch_size), step=step)
 
 
 def from_hf(hf_dir: str, vqgan_spec: dict, batch_size: int = 8) -> Prompter:
@@ -79,17 +80,16 @@ def _prompter(cfg: transformer.Config, params: Any, vq: vqgan.Model, image_size:
   return Prompter(lvm, vqgan.Tokenizer(vq, image_size, batch))
 
 
-def grid(prompt_NHW3: np.ndarray, generated_CMHW3: np.ndarray, gap: int = 2) -> np.ndarray:
-  """One row per candidate: the prompt images, a wider gap, the generated images; white gaps."""
-  S = prompt_NHW3.shape[1]
-  white = lambda h, w: np.full((h, w, 3), 255, np.uint8)
-  rows = []
-  for candidate in generated_CMHW3:
-    cells = [x for img in prompt_NHW3 for x in (img, white(S, gap))][:-1] + [white(S, 4 * gap)]
-    cells += [x for img in candidate for x in (img, white(S, gap))][:-1]
-    rows += [np.concatenate(cells, axis=1), white(gap, 0)]
-  width = rows[0].shape[1]
-  return np.concatenate([r if r.shape[1] else white(gap, width) for r in rows[:-1]], axis=0)
+def grid(prompt_NHW3: np.ndarray, generated_CMHW3: np.ndarray, answer_HW3: Optional[np.ndarray] = None,
+         min_cell: int = 128) -> np.ndarray:
+  """Labeled picture (pictures.grid): a first row "prompt 1".."prompt n" and, when known, the true
+  "answer"; then one row per candidate c: "generated c" (c.j for its j-th image when it has several)."""
+  first = [(f"prompt {i + 1}", img) for i, img in enumerate(prompt_NHW3)]
+  first += [] if answer_HW3 is None else [("answer", answer_HW3)]
+  several = generated_CMHW3.shape[1] > 1
+  rows = [[(f"generated {c + 1}" + (f".{j + 1}" if several else ""), img) for j, img in enumerate(candidate)]
+          for c, candidate in enumerate(generated_CMHW3)]
+  return pictures.grid([first, *rows], min_cell)
 
 
 def read_images(paths: list[str], size: int) -> np.ndarray:
@@ -127,7 +127,7 @@ def cli_main() -> None:
   hf = flags.DEFINE_string("hf", None, "Or: a LlamaForCausalLM directory with safetensors weights.")
   vqgan_spec = define_vqgan_flags()
   images = flags.DEFINE_list("images", None, "Prompt images, in sentence order.")
-  out = flags.DEFINE_string("out", None, "Output PNG: prompt | generated, one row per candidate.")
+  out = flags.DEFINE_string("out", None, "Output PNG: the prompt, then one row of generated images per candidate.")
   new_images = flags.DEFINE_integer("new_images", 1, "Images to generate.")
   candidates = flags.DEFINE_integer("candidates", 1, "Continuations to draw.")
   temperature = flags.DEFINE_float("temperature", 1.0, "0 = greedy.")

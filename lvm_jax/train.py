@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from lvm_jax import cli, config as config_lib, load, loop, models, optim, sharding
+from lvm_jax import cli, config as config_lib, load, loop, models, monitor, optim, sharding
 from lvm_jax.kernels import attention
 
 
@@ -105,8 +105,10 @@ def train(c: Any, workdir: str, stop_at: int | None = None) -> dict:
     return {"loss": float(m["loss"]), **family.summary(float(m["loss"])), "grad_norm": m["grad_norm"],
             "param_norm": m["param_norm"], "learning_rate": m["learning_rate"]}
 
+  evaluate, samples = monitor.make(c, b.graphdef)
   trainer = loop.Trainer(built=b, step_fn=jit_train_step(c, b), row=row, data=identity,
-                         flops_per_step=family.flops_per_step(c), rate=("tokens_per_sec", c.global_batch * c.seq_len))
+                         flops_per_step=family.flops_per_step(c), rate=("tokens_per_sec", c.global_batch * c.seq_len),
+                         evaluate=evaluate, samples=samples)
   return loop.run(c, workdir, trainer, data_iter, mesh, stop_at)
 
 

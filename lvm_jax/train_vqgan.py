@@ -21,11 +21,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from lvm_jax import cli, evaluate, loop, metrics
+from lvm_jax import cli, evaluate, loop, metrics, pictures
 from lvm_jax.data import images as images_lib
 from lvm_jax.models import discriminator, lpips, vqgan
 
@@ -111,15 +112,18 @@ def train_vqgan(c: Any, workdir: str, stop_at: int | None = None) -> dict:
                     in_shardings=(b.state_shardings, b.batch_sharding),
                     out_shardings=(b.state_shardings, None), donate_argnums=0)
 
-  def held_out_eval(state: dict, step: int, writer: metrics.Writer) -> dict:
-    psnr, grid = evaluate.reconstruction(reconstruct, state["ema"], held_out)
-    writer.image("held_out/original|reconstruction", grid, step)
-    return {"psnr": psnr}
+  def held_out_psnr(state: dict, step: int) -> dict:
+    return {"eval/psnr": evaluate.reconstruction(reconstruct, state["ema"], held_out)[0]}
+
+  def samples(state: dict, step: int, writer: metrics.Writer) -> None:
+    recon = np.asarray(reconstruct(state["ema"], jnp.asarray(held_out[:8], jnp.float32) / 255.0))
+    rows = [[("original", x), ("reconstruction", r)] for x, r in zip(held_out[:8], recon)]
+    writer.image("samples/original|reconstruction", pictures.grid(rows, min_cell=64), step)
 
   trainer = loop.Trainer(built=b, step_fn=step_fn, row=lambda m: {k: float(v) for k, v in m.items()
                                                                    if k not in loop.COUNTERS},
                          flops_per_step=vqgan.flops_per_step(c), rate=("images_per_sec", c.global_batch),
-                         evaluate=held_out_eval, eval_every=c.eval_every, data=identity)
+                         evaluate=held_out_psnr, samples=samples, data=identity)
   return loop.run(c, workdir, trainer, data_iter, mesh, stop_at)
 
 

@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 import jax
 import ml_collections
+from absl import logging
 from etils import epath
 
 from lvm_jax.config import ConfigError
@@ -89,7 +90,7 @@ def record_start(c: ml_collections.ConfigDict, workdir: str, start: int, data: O
   if old is not None:
     diff = changes(old, new)
     if diff:
-      print(f"config changed since the last start ({len(diff)} keys): " + "; ".join(diff), flush=True)
+      logging.info("config changed since the last start (%d keys): %s", len(diff), "; ".join(diff))
   if jax.process_index() != 0:
     return
   history = root / "configs"

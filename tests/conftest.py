@@ -1,6 +1,7 @@
 """Test set-up: 8 fake CPU devices, rank promotion as an error, absl flags parsed (grain reads one)."""
 
 import os
+from typing import Any
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -44,13 +45,13 @@ def load_config(name: str, arg: str | None = None) -> ml_collections.ConfigDict:
 
 
 def sigterm_on(cmd: list[str], prefix: str, env: dict, timeout: float = 120) -> tuple[int, str]:
-  """Runs an entry point from the repo, sends SIGTERM when a line of its output starts with
-  `prefix`, and returns (exit status, stdout and stderr together)."""
+  """Runs an entry point from the repo, sends SIGTERM when a line of its output (stdout or the
+  log on stderr) contains `prefix`, and returns (exit status, stdout and stderr together)."""
   import signal  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   for line in proc.stdout:
-    if line.startswith(prefix):
+    if prefix in line:
       proc.send_signal(signal.SIGTERM)
       break
   out = proc.communicate(timeout=timeout)[0]
@@ -76,3 +77,30 @@ def gcs_emulator(tmp_path_factory):
   yield env
   proc.terminate()
   proc.wait(timeout=10)
+
+
+def not_info(stderr: str) -> list[str]:
+  """stderr's lines but absl's INFO log lines (the progress a run logs): what an error leaves."""
+  import re  # pylint: disable=g-import-not-at-top
+  return [line for line in stderr.strip().splitlines() if line.strip() and not re.match(r"I\d{4} ", line)]
+
+
+def events(data: bytes) -> list[tuple[int, str, Any]]:
+  """(step, tag, value) of every summary in a TensorBoard event file, its checksums checked: a
+  scalar's float, an image's summary, a text's string."""
+  import struct  # pylint: disable=g-import-not-at-top
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  from tensorboardX.record_writer import masked_crc32c  # pylint: disable=g-import-not-at-top
+  out, i = [], 0
+  while i < len(data):
+    header, (n,) = data[i:i + 8], struct.unpack("<Q", data[i:i + 8])
+    body = data[i + 12:i + 12 + n]
+    assert struct.unpack("<I", data[i + 8:i + 12])[0] == masked_crc32c(header)
+    assert struct.unpack("<I", data[i + 12 + n:i + 16 + n])[0] == masked_crc32c(body)
+    event = event_pb2.Event.FromString(body)
+    for v in event.summary.value:
+      value = (v.simple_value if v.HasField("simple_value") else v.image if v.HasField("image")
+               else b"".join(v.tensor.string_val).decode())
+      out.append((event.step, v.tag, value))
+    i += 16 + n
+  return out

@@ -45,6 +45,7 @@ def test_tiny_train_step_uses_the_flash_kernel_on_tpu():
   assert "tpu_custom_call" in compiled.as_text()
 
 
+@pytest.mark.slow  # ~15 s: an XLA:TPU compile
 @needs_libtpu
 def test_aim_train_step_compiles_with_the_prefix_kernel():
   """AIM through the same compile path: images + prefix lengths in, the flash kernel's prefix mask."""
@@ -88,6 +89,7 @@ def test_7b_at_seq_4096_fits_a_v5p_128():
   assert r["chips"] == 64 and r["total_gib"] < r["hbm_gib"]
 
 
+@pytest.mark.slow  # ~15 s: an XLA:TPU compile
 @needs_libtpu
 def test_two_slices_put_the_dcn_axis_across_slices():
   c = load_config("lvm_tiny")

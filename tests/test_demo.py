@@ -13,7 +13,11 @@ from lvm_jax.data import demo as demo_data
 def test_quick_demo_runs_every_stage(tmp_path):
   result = demo.demo(str(tmp_path), quick=True, count=2)
   assert set(result["tasks"]) == set(demo_data.TASKS)
-  assert all(k.endswith("_held_out/" + k.split("/")[1]) for k in result["perplexity"])
+  # Every held-out task, each with all of its sentences (2 in the quick store; the cap is per task).
+  assert {k: v["sentences"] for k, v in result["perplexity"].items()} == {
+      f"{t}_held_out/{t}": 2 for t in demo_data.TASKS}
+  assert result["step"] == 6 and result["store"] == str(tmp_path / "store")
+  assert result["task_settings"]["count"] == 2 and result["task_settings"]["temperature"] == 0.0
   for path in ("vqgan/checkpoints", "store/manifest.json", "lvm/metrics.jsonl", "eval.json", "prompts/counting.png"):
     assert os.path.exists(tmp_path / path), path
   assert json.load(open(tmp_path / "eval.json")) == json.loads(json.dumps(result))

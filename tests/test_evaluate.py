@@ -1,13 +1,16 @@
 """Evaluation: answer-image perplexity equals the NLL spelled out; prompting metrics and their
 baselines."""
 
+import json
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from lvm_jax import evaluate, prompt
+from lvm_jax import config as config_lib, evaluate, prompt
 from lvm_jax.data import demo as demo_data, store
 from lvm_jax.models import transformer, vqgan
 from tests.conftest import load_config
@@ -15,39 +18,95 @@ from tests.conftest import load_config
 CFG = transformer.Config(d_model=32, ffn=64, layers=1, heads=2, vocab_size=20, remat="none")
 
 
-def test_perplexity_is_the_answer_images_nll(tmp_path):
+def _write_store(root: str, shards: list[list[tuple[np.ndarray, str, str]]]) -> None:
+  """A store of 3-token images and vocabulary 20, one shard per list (store order: shard by shard)."""
   manifest = store.Manifest(tokens_per_image=3, vocab=20, tokenizer="t")
-  store.create(str(tmp_path), manifest)
+  store.create(root, manifest)
+  for name, sentences in enumerate(shards):
+    w = store.ShardWriter(root, str(name), manifest)
+    for tokens, d, t in sentences:
+      w.add(tokens, d, t)
+    w.close()
+
+
+def _answer_nll(lvm: transformer.Model, tokens: np.ndarray) -> float:
+  """NLL of the last 3-token image, spelled out token by token."""
+  logp = jax.nn.log_softmax(lvm(jnp.asarray(tokens[None], jnp.int32))[0, :-1])
+  return -float(sum(logp[t - 1, tokens[t]] for t in range(len(tokens) - 3, len(tokens))))
+
+
+def test_perplexity_is_the_answer_images_nll(tmp_path):
   rng = np.random.default_rng(0)
-  w = store.ShardWriter(str(tmp_path), "0", manifest)
-  sentences = [(rng.integers(0, 20, 3 * n), d) for n, d in ((2, "a"), (3, "a"), (2, "b"), (2, "a"))]
-  for tokens, d in sentences:
-    w.add(tokens, d, "t")
-  w.close()
+  sentences = [(rng.integers(0, 20, 3 * n), d, "t") for n, d in ((2, "a"), (3, "a"), (2, "b"), (2, "a"))]
+  _write_store(str(tmp_path), [sentences])
   lvm = transformer.Model(CFG, rngs=nnx.Rngs(0))
   got = evaluate.perplexity(lvm, str(tmp_path))
   nll = {}
-  for tokens, d in sentences:
-    logp = jax.nn.log_softmax(lvm(jnp.asarray(tokens[None], jnp.int32))[0, :-1])
-    nll.setdefault(d, []).append(-float(sum(logp[t - 1, tokens[t]] for t in range(len(tokens) - 3, len(tokens)))))
+  for tokens, d, _ in sentences:
+    nll.setdefault(d, []).append(_answer_nll(lvm, tokens))
   for d, v in nll.items():
     g = got[f"{d}/t"]
-    assert g["sentences"] == len(v) and g["tokens"] == 3 * len(v)
+    assert g["sentences"] == len(v) and g["tokens"] == 3 * len(v) and g["better"] == "lower"
     np.testing.assert_allclose(g["corpus_ppl"], np.exp(np.sum(v) / (3 * len(v))), rtol=1e-4)
     np.testing.assert_allclose(g["mean_ppl"], np.mean(np.exp(np.array(v) / 3)), rtol=1e-4)
 
 
-def test_task_metrics_report_model_and_baseline():
+def test_the_sentence_cap_is_per_dataset_and_task(tmp_path):
+  """A global cap filled in store order left out the groups stored last: every group gets
+  min(cap, available), the first ones in store order, whatever is stored before or after them."""
+  rng = np.random.default_rng(1)
+  sizes = {("a", "x"): 5, ("a", "y"): 1, ("b", "x"): 4, ("b", "z"): 3}
+  # Groups interleaved over two shards, the last group only in the second.
+  order = [g for i in range(5) for g in sizes if i < sizes[g] and g != ("b", "z")] + [("b", "z")] * 3
+  sentences = [(rng.integers(0, 20, 6), d, t) for d, t in order]
+  _write_store(str(tmp_path), [sentences[:6], sentences[6:]])
+  lvm = transformer.Model(CFG, rngs=nnx.Rngs(0))
+  got = evaluate.perplexity(lvm, str(tmp_path), per_task=3)
+  assert {k: (v["sentences"], v["tokens"]) for k, v in got.items()} == {
+      "a/x": (3, 9), "a/y": (1, 3), "b/x": (3, 9), "b/z": (3, 9)}
+  for (d, t), n in (("a", "x"), 3), (("b", "z"), 3):
+    first = [_answer_nll(lvm, tok) for tok, dd, tt in sentences if (dd, tt) == (d, t)][:n]
+    np.testing.assert_allclose(got[f"{d}/{t}"]["corpus_ppl"], np.exp(np.sum(first) / (3 * n)), rtol=1e-4)
+  # The selection: store indices, the same on every read of the store.
+  s = store.Store(str(tmp_path))
+  want_a = [i for i, g in enumerate(order) if g == ("a", "x")][:2] + [order.index(("a", "y"))]
+  np.testing.assert_array_equal(evaluate.first_per_group(s, "a", None, 2), sorted(want_a))
+  np.testing.assert_array_equal(evaluate.first_per_group(store.Store(str(tmp_path)), "a", None, 2), sorted(want_a))
+  assert list(evaluate.first_per_group(s, None, "z", 2)) == [10, 11]
+  with pytest.raises(config_lib.ConfigError, match="per_task=0"):
+    evaluate.perplexity(lvm, str(tmp_path), per_task=0)
+
+
+def test_lvm_report_names_its_sources_settings_and_directions(tmp_path, monkeypatch):
+  """eval.json: checkpoint step, workdir, store, selection, sampling settings, and for every
+  number whether higher or lower is better; the console table shows them per group and task."""
   vq = vqgan.Model(vqgan.Config(**load_config("vqgan_tiny").model), rngs=nnx.Rngs(0))
   lvm = transformer.Model(transformer.Config(d_model=32, ffn=64, layers=1, heads=2, vocab_size=256, remat="none"),
                           rngs=nnx.Rngs(1))
-  p = prompt.Prompter(lvm, vqgan.Tokenizer(vq, 32, 8))
-  m = evaluate.task_metrics(p, ("moving_digit", "counting", "colorization"), 4, jax.random.key(0))
+  p = prompt.Prompter(lvm, vqgan.Tokenizer(vq, 32, 8), step=7)
+  rng = np.random.default_rng(0)
+  _write_store(str(tmp_path / "store"), [[(rng.integers(0, 20, 6), "d", t) for t in "xxxy"]])
+  monkeypatch.setattr(demo_data, "TASKS", ("moving_digit", "counting", "colorization"))
+  r = evaluate.lvm_report(p, "w", str(tmp_path / "store"), None, None, per_task=2, count=4, seed=3)
+  assert json.loads(json.dumps(r)) == r  # what eval.json holds
+  assert (r["step"], r["workdir"], r["store"]) == (7, os.path.abspath("w"), str(tmp_path / "store"))
+  assert r["perplexity_settings"]["per_task"] == 2 and r["perplexity_settings"]["dataset"] is None
+  assert {k: (v["sentences"], v["tokens"], v["better"]) for k, v in r["perplexity"].items()} == {
+      "d/x": (2, 6, "lower"), "d/y": (1, 3, "lower")}
+  assert r["task_settings"] == {"split": "held_out", "count": 4, "images": 4, "data_seed": 1234, "sampling_seed": 3,
+                                "temperature": 0.0, "candidates": 1}
+  m = r["tasks"]
+  assert {t: (v["metric"], v["better"]) for t, v in m.items()} == {
+      "moving_digit": ("psnr", "higher"), "counting": ("accuracy", "higher"), "colorization": ("mse", "lower")}
   sents = demo_data.sentences("moving_digit", "held_out", 4, 32, seed=1234, images=4)
   copy_last = np.mean([evaluate.psnr(a, b) for a, b in zip(sents[:, -2], sents[:, -1])])
-  assert m["moving_digit"]["metric"] == "psnr" and np.isclose(m["moving_digit"]["baseline"], copy_last)
+  assert np.isclose(m["moving_digit"]["baseline"], copy_last)
   assert m["counting"]["baseline"] == 0.1 and 0 <= m["counting"]["model"] <= 1
-  assert m["colorization"]["metric"] == "mse" and m["colorization"]["baseline"] > 0
+  assert m["colorization"]["baseline"] > 0
+  lines = evaluate.table(r).splitlines()
+  assert [ln.split()[-1] for ln in lines if ln.startswith("d/")] == ["2", "1"]  # sentences per group
+  row = next(ln for ln in lines if ln.startswith("colorization")).split()
+  assert row[1:4] == ["mse", "lower", f"{m['colorization']['model']:.3f}"]
 
 
 @pytest.mark.slow  # ~2 min: probes trained to convergence
@@ -57,8 +116,6 @@ def test_aim_probe_reports_against_pixels_and_a_random_trunk(tmp_path):
   ml-aim's layout (python -m lvm_jax.convert.aim_torch) and probed from that file reports the same."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   from lvm_jax import train  # pylint: disable=g-import-not-at-top
   from tests.conftest import REPO  # pylint: disable=g-import-not-at-top
   train.train(load_config("aim_tiny", "test"), str(tmp_path / "aim"))
@@ -83,7 +140,6 @@ def test_aim_probe_reports_against_pixels_and_a_random_trunk(tmp_path):
 
 
 def test_probe_source_flags_are_json_objects():
-  from lvm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   assert evaluate._source_flag(None, {"kind": "digits"}) == {"kind": "digits"}
   assert evaluate._source_flag('{"kind": "image_folder", "root": "/d"}', {}) == {"kind": "image_folder", "root": "/d"}
   with pytest.raises(config_lib.ConfigError, match="not JSON"):
@@ -93,7 +149,6 @@ def test_probe_source_flags_are_json_objects():
 
 
 def test_an_ml_aim_file_of_another_size_is_a_config_error(tmp_path):
-  from lvm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from lvm_jax.convert import aim_torch  # pylint: disable=g-import-not-at-top
   from lvm_jax.models import aim  # pylint: disable=g-import-not-at-top
   other = aim.Config(width=64, depth=2, heads=4, patch=4, image_size=16, head_width=32, head_depth=1, head_mlp=64)
@@ -108,7 +163,6 @@ def test_an_ml_aim_file_of_another_size_is_a_config_error(tmp_path):
     (["--ml_aim=m.safetensors", "--aim_config=configs/lvm_tiny.py"], "not an AIM config (model_name='transformer')"),
     (["--ml_aim=missing.safetensors", "--aim_config=configs/aim_tiny.py"], "--ml_aim missing.safetensors: ")])
 def test_flag_mistakes_are_one_line_errors(flags, error):
-  import os  # pylint: disable=g-import-not-at-top
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   from tests.conftest import REPO  # pylint: disable=g-import-not-at-top
@@ -118,7 +172,6 @@ def test_flag_mistakes_are_one_line_errors(flags, error):
 
 
 def test_perplexity_refuses_a_store_beyond_the_models_vocabulary(tmp_path):
-  from lvm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from tests.test_workdir import _store  # pylint: disable=g-import-not-at-top
   root = _store(str(tmp_path / "store"), "tok-a", vocab=256)
   lvm = transformer.Model(transformer.Config(d_model=32, ffn=64, layers=1, heads=2, vocab_size=100), rngs=nnx.Rngs(0))

@@ -1,6 +1,7 @@
 """The tokenization job end to end: demo data -> VQGAN -> store; deterministic, resumable, reported;
 rebuilt where sources or config changed; and the trainer reading the store through the pipeline."""
 
+import glob
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from lvm_jax import make_dataset, train
 from lvm_jax.convert import vqgan_torch
 from lvm_jax.data import demo, pipeline, store
 from lvm_jax.models import vqgan
-from tests.conftest import load_config
+from tests.conftest import REPO, events, load_config
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,7 @@ def demo_config(root: str, weights: str):
   return c
 
 
-def test_demo_store_is_complete_deterministic_and_resumable(tmp_path, weights):
+def test_demo_store_is_complete_deterministic_and_resumable(tmp_path, weights, caplog):
   c = demo_config(str(tmp_path / "store"), weights)
   report = make_dataset.make_dataset(c, show_progress=False)
   n_tasks = len(demo.TASKS)
@@ -57,8 +58,13 @@ def test_demo_store_is_complete_deterministic_and_resumable(tmp_path, weights):
   marker = tmp_path / "store" / "done" / f"{unit.name}.json"
   before = {p: p.stat().st_mtime_ns for p in (tmp_path / "store" / "done").iterdir()}
   os.remove(marker)
-  again = make_dataset.make_dataset(c, show_progress=False)
+  with caplog.at_level(logging.INFO):
+    again = make_dataset.make_dataset(c)
   assert again == report
+  # The rerun's progress counts the shards found done: x/N of the whole job, and no ETA at the end.
+  lines, n = [m for m in caplog.messages if m.startswith("tokenizing: ")], report["shards"]
+  assert len(lines) == 1 and lines[0].startswith(f"tokenizing: shard {n}/{n} (100%), ") and "ETA" not in lines[0]
+  assert lines[0].endswith(f"; {unit.name}: 2 sentences, 512 tokens, 0 skipped"), lines
   after = {p: p.stat().st_mtime_ns for p in (tmp_path / "store" / "done").iterdir()}
   assert [p.name for p in before if before[p] != after[p]] == [marker.name]
   s = store.Store(c.store)
@@ -85,9 +91,21 @@ def test_trainer_learns_from_the_store(tmp_path, weights):
   t.model.vocab_size, t.tokens_per_image, t.seq_len = 256, 64, 128
   t.data = dict(name="pipeline", seed=0, threads=2, bos=-1, mixture={"demo": dict(path=c.store)})
   t.steps, t.optim.warmup, t.optim.lr = 8, 2, 3e-3
+  # Evaluation and samples at the end (monitor.py), on the store's own sentences here.
+  t.eval_every, t.sample_every = 8, 8
+  t.eval_data = dict(dataset="*", per_task=2, samples=2)
+  t.vqgan = dict(weights=weights, config=os.path.join(REPO, "configs", "vqgan_tiny.py"))
   train.train(t, str(tmp_path / "lvm"))
   rows = [json.loads(line) for line in open(tmp_path / "lvm" / "metrics.jsonl")]
   assert [r["step"] for r in rows] == list(range(1, 9))
+  s = store.Store(c.store)
+  groups = {f"eval/{s[i]['dataset']}/{s[i]['task']}/perplexity" for i in range(len(s))}
+  assert sorted(k for k in rows[-1] if k.startswith("eval/")) == sorted(groups), rows[-1]
+  assert all(1 < rows[-1][k] < 256 for k in groups)  # below the uniform guess over the 256 codes
+  [tb] = glob.glob(str(tmp_path / "lvm" / "tensorboard" / "events.out.tfevents.*"))
+  images = [(step, tag, v) for step, tag, v in events(open(tb, "rb").read()) if tag.startswith("samples/")]
+  assert len(images) == 2 and {step for step, _, _ in images} == {8}
+  assert all(v.width >= 3 * 128 and v.height >= 128 for _, _, v in images)  # labeled cells of >= 128 px
   # A fresh model predicts the 256 codes about uniformly; a few updates on the store's codes
   # (a handful used far more than others) bring the loss well below that.
   assert abs(rows[0]["loss"] - np.log(256)) < 0.1, rows[0]
@@ -177,6 +195,7 @@ def assert_as_if_built_fresh(c, fresh_root: str, report: dict, dataset: str = "*
   assert sentences_of(root, dataset) == sentences_of(fresh_root, dataset)
 
 
+@pytest.mark.slow  # ~25 s: three tokenizing runs
 def test_files_added_or_removed_rebuild_the_shards_they_shift(tmp_path, weights, caplog):
   folder, done = tmp_path / "pictures", tmp_path / "store" / "done"
   pictures(folder, ["p0", "p1", "p2", "p3", "p4", "p5"])
@@ -202,6 +221,7 @@ def test_files_added_or_removed_rebuild_the_shards_they_shift(tmp_path, weights,
   assert_as_if_built_fresh(c, str(tmp_path / "fresh2"), report)
 
 
+@pytest.mark.slow  # ~20 s: three tokenizing runs
 def test_a_changed_sentence_config_or_seed_rebuilds_the_same_rewrites_nothing(tmp_path, weights):
   folder, done = tmp_path / "pictures", tmp_path / "store" / "done"
   pictures(folder, ["p0", "p1", "p2", "p3"])
@@ -250,8 +270,9 @@ def test_sigterm_mid_job_finishes_the_shard_exits_0_and_a_rerun_completes(tmp_pa
   from tests.conftest import sigterm_on  # pylint: disable=g-import-not-at-top
   root = str(tmp_path / "store")
   cmd = [sys.executable, "-m", "lvm_jax.make_dataset", "--config", "configs/dataset_demo.py:test",
-         f"--config.store={root}", f"--config.vqgan.weights={weights}", "--config.batch_size=16"]
-  returncode, out = sigterm_on(cmd, "[1/", dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+         f"--config.store={root}", f"--config.vqgan.weights={weights}", "--config.batch_size=16",
+         "--noshowprefixforinfo"]  # absl's INFO lines then start with the message, as sigterm_on reads them
+  returncode, out = sigterm_on(cmd, "tokenizing: shard 1/", dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
   assert returncode == 0 and "SIGTERM: stopped after" in out, out[-3000:]
   done = len(os.listdir(os.path.join(root, "done")))
   assert 1 <= done < len(demo.TASKS) * 3  # stopped early, every written shard complete

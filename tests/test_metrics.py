@@ -2,19 +2,17 @@
 
 import json
 import logging
-import struct
 import tempfile
 import threading
 import time
-from typing import Any
 
+import jax
 import numpy as np
 import pytest
-from tensorboardX.proto import event_pb2
-from tensorboardX.record_writer import masked_crc32c
 
 from lvm_jax import metrics, storage
 from tests import gcs
+from tests.conftest import events as _events
 
 
 def test_writer_drops_rows_past_the_resumed_step(tmp_path):
@@ -25,21 +23,6 @@ def test_writer_drops_rows_past_the_resumed_step(tmp_path):
     w.write(3, {"loss": 0.5})
   rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 0.5), (3, 0.5)]
-
-
-def _events(data: bytes) -> list[tuple[int, str, Any]]:
-  """(step, tag, value) of every summary in a TensorBoard event file, its checksums checked."""
-  out, i = [], 0
-  while i < len(data):
-    header, (n,) = data[i:i + 8], struct.unpack("<Q", data[i:i + 8])
-    body = data[i + 12:i + 12 + n]
-    assert struct.unpack("<I", data[i + 8:i + 12])[0] == masked_crc32c(header)
-    assert struct.unpack("<I", data[i + 12 + n:i + 16 + n])[0] == masked_crc32c(body)
-    event = event_pb2.Event.FromString(body)
-    out += [(event.step, v.tag, v.simple_value if v.HasField("simple_value") else v.image)
-            for v in event.summary.value]
-    i += 16 + n
-  return out
 
 
 @pytest.fixture
@@ -114,3 +97,22 @@ def test_a_disabled_writer_has_the_same_api_and_writes_nothing(tmp_path):
   off.tb.add_image("grid", np.zeros((4, 4, 3), np.uint8), 1, dataformats="HWC")
   off.close()
   assert not (tmp_path / "off").exists()
+
+
+def test_a_measured_peak_is_kept_per_workdir(tmp_path, monkeypatch):
+  """On a CPU the MFU's peak is a measured matmul rate, which moves with the machine's load: it is
+  measured once per workdir and devices, so a resume reports the same MFU for the same step time."""
+  rates = iter([1e9, 5e9, 7e9])
+  monkeypatch.setattr(metrics, "measured_peak_flops", lambda dtype="float32": next(rates))
+  first = metrics.workdir_peak(str(tmp_path), 0.0, "float32")
+  assert first == metrics.workdir_peak(str(tmp_path), 0.0, "float32") == 1e9 * jax.process_count()
+  assert metrics.workdir_peak(str(tmp_path), 0.0, "bfloat16") == 5e9  # another dtype is measured anew
+  assert metrics.workdir_peak(str(tmp_path), 2.0, "float32") == 2e12 * len(jax.devices())  # given: used as is
+
+
+def test_config_text_reaches_tensorboard(tmp_path):
+  with metrics.Writer(str(tmp_path)) as w:
+    w.text("config", '{\n "steps": 3\n}', 0)
+  [events_file] = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+  [(step, tag, value)] = [e for e in _events(events_file.read_bytes()) if e[1].startswith("config")]
+  assert step == 0 and '"steps": 3' in value

@@ -23,6 +23,7 @@ def _run(workdir, nproc, devices, config="configs/lvm_tiny.py:test", *flags):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow  # ~40 s: 2 processes x 4 devices against 1 x 8
 def test_two_processes_match_one(tmp_path):
   one = _run(tmp_path / "one", 1, 8)
   two = _run(tmp_path / "two", 2, 4)
@@ -61,6 +62,7 @@ def get_config(arg=None):
   np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-5)
 
 
+@pytest.mark.slow  # ~20 s: two processes and a preemption
 def test_sigterm_stops_both_processes_at_one_checkpoint(tmp_path):
   """The JAX coordinator makes both processes agree on the step they save at."""
   cmd = ["bash", os.path.join(REPO, "launch/local.sh"), "2", "2", "--", sys.executable, "-m",
@@ -71,7 +73,7 @@ def test_sigterm_stops_both_processes_at_one_checkpoint(tmp_path):
   lines = []
   for line in proc.stdout:
     lines.append(line)
-    if line.startswith("step 3:"):
+    if "train: step 3/" in line:
       proc.send_signal(signal.SIGTERM)  # the launcher forwards it to both processes
       break
   lines += proc.communicate(timeout=120)[0].splitlines()
@@ -80,6 +82,7 @@ def test_sigterm_stops_both_processes_at_one_checkpoint(tmp_path):
   assert os.listdir(tmp_path / "checkpoints") == [saved[0]]
 
 
+@pytest.mark.slow  # ~20 s: two tokenizing processes
 def test_two_processes_write_the_same_store_as_one(tmp_path):
   """Units are dealt to processes; the store is the same whichever process made a shard."""
   from flax import nnx  # pylint: disable=g-import-not-at-top

@@ -10,12 +10,13 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from lvm_jax import load, prompt, train
+from lvm_jax import load, pictures as pict, prompt, train
 from lvm_jax.convert import vqgan_torch
 from lvm_jax.models import vqgan
 from tests.conftest import REPO, load_config
 
 VQ_CONFIG = os.path.join(REPO, "configs", "vqgan_tiny.py")
+GAP, STRIP = pict.GAP, pict.STRIP
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,7 @@ def pictures(n: int, seed: int = 0) -> np.ndarray:
 
 def test_continue_images_shapes_and_seeds(lvm_workdir):
   p = prompt.from_workdir(lvm_workdir[0])
+  assert p.step == 2  # the checkpoint's step, for reports to name
   imgs = pictures(3)
   a = p.continue_images(imgs, 2, jax.random.key(0), candidates=2)
   assert a.shape == (1, 2, 2, 32, 32, 3) and a.dtype == np.uint8
@@ -49,11 +51,26 @@ def test_continue_images_shapes_and_seeds(lvm_workdir):
   assert batch.shape == (2, 1, 1, 32, 32, 3)
 
 
-def test_grid_lays_out_prompt_then_candidates():
-  g = prompt.grid(pictures(3), pictures(2 * 2).reshape(2, 2, 32, 32, 3), gap=2)
-  # 5 images of 32, 3 gaps of 2 between neighbours and one of 8 before the generated images.
-  assert g.shape == (2 * 32 + 2, 5 * 32 + 3 * 2 + 8, 3)
-  np.testing.assert_array_equal(g[:32, 34:66], pictures(3)[1])
+def test_grid_labels_prompt_answer_and_candidates():
+  prompts, answer, generated = pictures(3), pictures(1, seed=1)[0], pictures(2 * 2, seed=2).reshape(2, 2, 32, 32, 3)
+  g = prompt.grid(prompts, generated, answer)
+  cell, step = STRIP + 128, 128 + GAP  # 32 -> 128 by nearest neighbour; a label strip above each
+  # First row: prompt 1..3 and the answer; then candidate 1 and 2, each with its two images.
+  assert g.shape == (3 * cell + 2 * GAP, 4 * 128 + 3 * GAP, 3)
+  big = lambda x: x.repeat(4, 0).repeat(4, 1)
+  np.testing.assert_array_equal(g[STRIP:cell, step:step + 128], big(prompts[1]))
+  np.testing.assert_array_equal(g[STRIP:cell, 3 * step:], big(answer))
+  np.testing.assert_array_equal(g[2 * (cell + GAP) + STRIP:, step:step + 128], big(generated[1, 1]))
+  assert np.all(g[cell + GAP:, 2 * step:] == 255)  # candidate rows are two cells wide
+  label = lambda text: pict.grid([[(text, answer)]])[:STRIP]
+  np.testing.assert_array_equal(g[:STRIP, :128], label("prompt 1"))
+  np.testing.assert_array_equal(g[:STRIP, 3 * step:], label("answer"))
+  np.testing.assert_array_equal(g[2 * (cell + GAP):2 * (cell + GAP) + STRIP, step:step + 128], label("generated 2.2"))
+  assert not np.array_equal(label("generated 2.2"), label("generated 2.1"))
+  # Without a known answer (the CLI) and one image per candidate: "generated c" under the prompt.
+  one = prompt.grid(prompts, generated[:, :1])
+  assert one.shape == (3 * cell + 2 * GAP, 3 * 128 + 2 * GAP, 3)
+  np.testing.assert_array_equal(one[cell + GAP:cell + GAP + STRIP, :128], label("generated 1"))
 
 
 def test_cli_writes_the_grid(lvm_workdir, tmp_path):
@@ -67,10 +84,13 @@ def test_cli_writes_the_grid(lvm_workdir, tmp_path):
   r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                      env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
   assert r.returncode == 0, r.stderr[-3000:]
-  assert Image.open(out).size == (3 * 32 + 2 + 8, 2 * 32 + 2)
+  # Two prompt images in the first row, then one row per candidate (pictures.grid's layout).
+  assert Image.open(out).size == (2 * 128 + GAP, 3 * (STRIP + 128) + 2 * GAP)
   bad = subprocess.run(cmd[:4] + [f"--images={tmp_path / 'missing.png'}", f"--out={out}"], cwd=REPO,
                        capture_output=True, text=True, timeout=300, env=dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu"))
-  assert bad.returncode == 2 and "missing.png" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+  # The error is the last line, with no traceback (cli.py may log a "starting:" line before it).
+  assert bad.returncode == 2 and "missing.png" in bad.stderr.strip().splitlines()[-1], bad.stderr
+  assert "Traceback" not in bad.stderr, bad.stderr
 
 
 def test_hf_export_prompts_like_the_workdir(lvm_workdir, tmp_path):

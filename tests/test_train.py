@@ -84,7 +84,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   cmd = [sys.executable, "-m", "lvm_jax.train", "--config", os.path.join(REPO, "configs/lvm_tiny.py"),
          f"--workdir={tmp_path}", "--config.steps=100000", "--config.log_every=1",
          "--config.ckpt_every=0", "--config.peak_tflops=1"]
-  returncode, out = sigterm_on(cmd, "step 3:", dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+  returncode, out = sigterm_on(cmd, "train: step 3/", dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
   assert returncode == 0, out
   saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
   assert len(saved) == 1 and saved[0] >= 3, (saved, out)
@@ -130,6 +130,7 @@ def test_unwritable_workdir_fails_in_one_line(tiny_config, tmp_path):
     train.train(tiny_config, str(blocker / "run"))
 
 
+@pytest.mark.slow  # ~30 s: two training processes on the GCS emulator
 def test_gs_workdir_trains_resumes_and_logs(gcs_emulator, tmp_path):
   """The same run on gs:// (local emulator): checkpoints, resume, metrics.jsonl and TensorBoard."""
   workdir = "gs://lvm-test/runs/tiny"
@@ -139,7 +140,7 @@ def test_gs_workdir_trains_resumes_and_logs(gcs_emulator, tmp_path):
   for extra in (["--stop_at=3"], []):
     out = subprocess.run(cmd + extra, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-  assert "restored step 3" in out.stdout
+  assert "restored step 3" in out.stderr  # the log
   rows = [json.loads(line) for line in gcs.read(gcs_emulator, workdir + "/metrics.jsonl").splitlines()]
   assert [r["step"] for r in rows] == list(range(1, 7))
   names = gcs.list_objects(gcs_emulator, workdir + "/")
@@ -161,3 +162,31 @@ def test_aim_pretrains_on_the_same_trainer(tmp_path):
   assert [r["step"] for r in rows] == list(range(1, 7)) and "perplexity" not in rows[0]
   assert rows[-1]["loss"] < 0.8 * rows[0]["loss"], rows
   assert 0 < rows[-1]["mfu"] < 1 and (tmp_path / "checkpoints" / "6").exists()
+
+
+def test_a_run_shows_progress_evaluates_profiles_and_logs_its_config(tmp_path, caplog):
+  """What a person watches: x/N progress lines with an ETA, held-out evaluation every eval_every
+  steps (AIM: validation loss) kept out of the step time, the data wait per step, the config as
+  TensorBoard text, and a profiler trace of the chosen steps."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import logging  # pylint: disable=g-import-not-at-top
+  from tests.conftest import events  # pylint: disable=g-import-not-at-top
+  c = load_config("aim_tiny", "test")
+  c.steps, c.log_every, c.eval_every, c.profile_steps = 4, 1, 2, (2, 3)
+  c.eval_data.images = 32
+  with caplog.at_level(logging.INFO):
+    train.train(c, str(tmp_path))
+  lines = [m for m in caplog.messages if m.startswith("train: step ")]
+  assert [m.split()[2] for m in lines] == ["1/4", "2/4", "3/4", "4/4"], lines
+  assert lines[0].startswith("train: step 1/4 (25%), ") and "tokens/s" in lines[1] and "ETA" in lines[1]
+  assert any(m.startswith("compiling the step and running it once: ") for m in caplog.messages)
+  rows = _metrics(tmp_path)
+  evals = {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
+  assert sorted(evals) == [2, 4] and all(0 < v < 2 for v in evals.values()), evals
+  assert all(0 <= r["data_wait"] <= r["step_time"] for r in rows)
+  [tb] = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+  found = events(open(tb, "rb").read())
+  assert {(s, t) for s, t, _ in found if t == "eval/loss"} == {(2, "eval/loss"), (4, "eval/loss")}
+  [config_text] = [v for _, t, v in found if t.startswith("config")]
+  assert '"model_name": "aim"' in config_text
+  assert glob.glob(str(tmp_path / "profile" / "plugins" / "profile" / "*" / "*.trace.json.gz"))

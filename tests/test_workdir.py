@@ -2,6 +2,7 @@
 every start's config kept, local paths stored absolute."""
 
 import json
+import logging
 import os
 
 import numpy as np
@@ -52,7 +53,7 @@ def test_mixing_stores_of_two_tokenizers_is_refused(tiny_config, tmp_path):
     train.train(c, str(tmp_path / "run"))
 
 
-def test_resume_on_another_tokenizer_is_refused_unless_allowed_and_history_is_kept(tiny_config, tmp_path, capsys):
+def test_resume_on_another_tokenizer_is_refused_unless_allowed_and_history_is_kept(tiny_config, tmp_path, caplog):
   run = tmp_path / "run"
   c = _on_store(tiny_config, _store(str(tmp_path / "a"), "tok-a"))
   train.train(c, str(run))
@@ -66,9 +67,9 @@ def test_resume_on_another_tokenizer_is_refused_unless_allowed_and_history_is_ke
   assert json.loads((run / "config.json").read_text()) == first  # a refused start leaves no trace
   assert [p.name for p in sorted((run / "configs").iterdir())] == ["0000-step0.json"]
   c.data.allow_new_tokenizer = True
-  capsys.readouterr()
-  train.train(c, str(run))
-  out = capsys.readouterr().out
+  with caplog.at_level(logging.INFO):
+    train.train(c, str(run))
+  out = caplog.text
   assert "config changed since the last start" in out and f"data.mixture.main.path: {tmp_path / 'a'} -> " in out
   assert "steps: 2 -> 4" in out
   assert [p.name for p in sorted((run / "configs").iterdir())] == ["0000-step0.json", "0001-step2.json"]

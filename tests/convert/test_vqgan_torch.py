@@ -131,6 +131,7 @@ def test_muse_layout_names_and_round_trip(tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # ~15 s: a second diffusers parity
 def test_taming_attention_matches_diffusers():
   """Taming-style self-attention in the mid blocks and inside one level (diffusers'
   mid_block_add_attention and Attn{Down,Up}*Block2D); level 1 of 4 is up_blocks.2 in the decoder."""
