@@ -125,9 +125,9 @@ def _miou(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def task_metrics(prompter: Any, tasks: tuple[str, ...], count: int, key: jax.Array, images: int = 4) -> dict:
   """Generate the last image of `count` held-out demo sentences per task; metric vs baseline."""
-  out, count = {}, progress.Progress("demo tasks", len(tasks), unit="task")
+  out, tracker = {}, progress.Progress("demo tasks", len(tasks), unit="task")
   for done, task in enumerate(tasks):
-    count.log(done, f"now {task}")
+    tracker.log(done, f"now {task}")
     sents = demo.sentences(task, "held_out", count, prompter.tokenizer.image_size, seed=TASK_DATA_SEED, images=images)
     key, sub = jax.random.split(key)
     gen = prompter.continue_images(sents[:, :-1], 1, sub, **TASK_SAMPLING)[:, 0, 0]
