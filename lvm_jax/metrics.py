@@ -1,4 +1,4 @@
-"""Training metrics: stdout, metrics.jsonl, TensorBoard, and model FLOPs utilization.
+"""Training metrics: metrics.jsonl, TensorBoard, and model FLOPs utilization.
 
 MFU counts model FLOPs only (each family's flops_per_step: forward + backward matmuls, no remat
 recompute, as in the PaLM paper, causal attention at half the full product as MaxText counts it)
@@ -57,31 +57,35 @@ def workdir_peak(workdir: str, peak_tflops_per_device: float, dtype: str) -> flo
   load of the machine, and a resume must report the MFU of an unchanged step time unchanged, so
   the first measurement is kept in <workdir>/peak_flops.json (for the same devices and dtype)."""
   devices = jax.devices()
-  known = devices[0].platform != "cpu" and any(k.lower() in devices[0].device_kind.lower() for k, _ in PEAK_TFLOPS)
-  if peak_tflops_per_device > 0 or known:
+  if peak_tflops_per_device > 0 or _table_tflops(devices[0]):
     return peak_flops_total(peak_tflops_per_device, dtype)
   path = os.path.join(workdir, "peak_flops.json")
   key = {"device_kind": devices[0].device_kind, "devices": len(devices), "processes": jax.process_count(),
          "dtype": dtype}
   kept = storage.retry(lambda: storage.read_bytes(path, 60.0), what=f"reading {path}")
-  if kept and json.loads(kept).get("key") == key:
-    return float(json.loads(kept)["flops"])
-  flops = peak_flops_total(0.0, dtype)
+  record = json.loads(kept) if kept else {}
+  if record.get("key") == key:
+    return float(record["flops"])
+  flops = measured_peak_flops(dtype) * jax.process_count()
   if jax.process_index() == 0:
     record = json.dumps({"key": key, "flops": flops, "note": "measured matmul rate; delete to measure again"})
     storage.retry(lambda: storage.write_bytes(path, record.encode(), 60.0), what=f"writing {path}")
   return flops
 
 
+def _table_tflops(device: jax.Device) -> float | None:
+  """The PEAK_TFLOPS entry of an accelerator's device_kind; None for CPUs and unknown kinds."""
+  if device.platform == "cpu":
+    return None
+  return next((tflops for key, tflops in PEAK_TFLOPS if key.lower() in device.device_kind.lower()), None)
+
+
 def peak_flops_total(peak_tflops_per_device: float, dtype: str) -> float:
   """Peak FLOP/s of the whole job."""
   devices = jax.devices()
-  if peak_tflops_per_device > 0:
-    return peak_tflops_per_device * 1e12 * len(devices)
-  kind = devices[0].device_kind
-  for key, tflops in PEAK_TFLOPS:
-    if devices[0].platform != "cpu" and key.lower() in kind.lower():
-      return tflops * 1e12 * len(devices)
+  tflops = peak_tflops_per_device if peak_tflops_per_device > 0 else _table_tflops(devices[0])
+  if tflops:
+    return tflops * 1e12 * len(devices)
   # CPUs: the host's measured matmul rate, times the hosts.
   return measured_peak_flops(dtype) * jax.process_count()
 

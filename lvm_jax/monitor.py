@@ -65,13 +65,9 @@ def _held_out_prompts(c: Any, count: int) -> list[tuple[str, np.ndarray]]:
   found = []
   for root in _stores(c):
     s = store_lib.Store(root)
-    seen = set()
-    for i in s.indices(c.eval_data.dataset, None):
-      row = s[int(i)]
-      name = f"{row['dataset']}/{row['task']}"
-      if name not in seen and len(found) < count:
-        seen.add(name)
-        found.append((name, np.asarray(row["tokens"], np.int32)))
+    for i in evaluate.first_per_group(s, c.eval_data.dataset, None, 1)[:count - len(found)]:
+      row = s[int(i)]  # only the sentences shown are read
+      found.append((f"{row['dataset']}/{row['task']}", np.asarray(row["tokens"], np.int32)))
   return found
 
 
@@ -104,8 +100,8 @@ def _aim_eval(c: Any, graphdef: Any) -> Eval:
   if not keys:
     raise config_lib.ConfigError(f"eval_data.source {dict(c.eval_data.source)} has no images")
   images = np.stack([source.load(k)[0] for k in keys])
-  patches = (m.image_size // m.patch) ** 2
-  prefix = np.asarray(jax.random.randint(jax.random.key(0), (len(images),), 1, patches), np.int32)
+  # Fixed prefix lengths, drawn as pretraining draws them: every evaluation scores the same task.
+  prefix = np.asarray(family.sample_prefix(jax.random.key(0), len(images), family.Config(**m).patches), np.int32)
   loss = jax.jit(lambda params, batch: family.loss(nnx.merge(graphdef, params), batch))
 
   def run(state: Any, step: int) -> dict:

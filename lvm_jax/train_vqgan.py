@@ -21,7 +21,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -116,9 +115,9 @@ def train_vqgan(c: Any, workdir: str, stop_at: int | None = None) -> dict:
     return {"eval/psnr": evaluate.reconstruction(reconstruct, state["ema"], held_out)[0]}
 
   def samples(state: dict, step: int, writer: metrics.Writer) -> None:
-    recon = np.asarray(reconstruct(state["ema"], jnp.asarray(held_out[:8], jnp.float32) / 255.0))
+    _, recon = evaluate.reconstruction(reconstruct, state["ema"], held_out[:8])
     rows = [[("original", x), ("reconstruction", r)] for x, r in zip(held_out[:8], recon)]
-    writer.image("samples/original|reconstruction", pictures.grid(rows, min_cell=64), step)
+    writer.image("samples/reconstructions", pictures.grid(rows, min_cell=64), step)
 
   trainer = loop.Trainer(built=b, step_fn=step_fn, row=lambda m: {k: float(v) for k, v in m.items()
                                                                    if k not in loop.COUNTERS},
