@@ -303,6 +303,7 @@ def read_weights(directory: str, item: str, abstract: Any) -> tuple[Any, int]:
   weights a tool runs (e.g. the params, not the optimizer's moments), read from disk alone.
   Moves nothing (a tool is not the run's owner); one line when no step verifies."""
   with Checkpointer(directory, keep=1, every=0, create=False) as ckpt:
+    directory = ckpt.directory  # absolute: orbax's readers refuse a relative path
     steps = sorted(ckpt.manager.all_steps(), reverse=True)
     if not steps:
       raise CheckpointError(f"no checkpoint in {directory}")

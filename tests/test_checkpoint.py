@@ -64,7 +64,7 @@ def test_readable_but_wrong_arrays_are_caught_by_the_fingerprint(tmp_path):
   assert (tmp_path / "a" / "1").is_dir()  # and moves nothing
 
 
-def test_read_weights_reads_one_item_of_the_newest_step_that_verifies(tmp_path):
+def test_read_weights_reads_one_item_of_the_newest_step_that_verifies(tmp_path, monkeypatch):
   """Tools read the weights alone (not the optimizer's moments), as numpy, from the newest step
   whose arrays match their fingerprints; a damaged newer step is passed over, not moved."""
   rng = np.random.default_rng(0)
@@ -84,6 +84,9 @@ def test_read_weights_reads_one_item_of_the_newest_step_that_verifies(tmp_path):
   weights, step = checkpoint.read_weights(str(tmp_path), "params", abstract)
   assert step == 1 and (tmp_path / "2").is_dir()
   jax.tree.map(np.testing.assert_array_equal, weights, jax.device_get(saved[1]["params"]))
+  monkeypatch.chdir(tmp_path.parent)  # a workdir named relative to the current directory, as typed
+  weights, step = checkpoint.read_weights(tmp_path.name, "params", abstract)
+  assert step == 1
   wrong = {**abstract, "w": jax.ShapeDtypeStruct((4, 4), jnp.float32)}
   with pytest.raises(checkpoint.CheckpointError, match=r"params/w is \(8, 4\) in the checkpoint, \(4, 4\) in this config"):
     checkpoint.read_weights(str(tmp_path), "params", wrong)
