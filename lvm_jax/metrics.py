@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lvm_jax import storage
+from lvm_jax import progress, storage
 
 # Dense bf16 peak TFLOP/s per chip, by a substring of `device_kind`.
 PEAK_TFLOPS = (("v6 lite", 918.0), ("v6e", 918.0), ("v5 lite", 197.0), ("v5e", 197.0),
@@ -66,7 +66,8 @@ def workdir_peak(workdir: str, peak_tflops_per_device: float, dtype: str) -> flo
   record = json.loads(kept) if kept else {}
   if record.get("key") == key:
     return float(record["flops"])
-  flops = measured_peak_flops(dtype) * jax.process_count()
+  with progress.phase("measuring this host's matmul peak for the MFU (once per workdir)"):
+    flops = measured_peak_flops(dtype) * jax.process_count()
   if jax.process_index() == 0:
     record = json.dumps({"key": key, "flops": flops, "note": "measured matmul rate; delete to measure again"})
     storage.retry(lambda: storage.write_bytes(path, record.encode(), 60.0), what=f"writing {path}")
