@@ -38,8 +38,9 @@ def lvm_config(d_model: int, ffn: int, layers: int, heads: int) -> ml_collection
       rope_theta=1e4, norm_eps=1e-6,
       dtype="bfloat16",  # compute dtype; params and optimizer state stay fp32
       remat="full",  # none | full | dots (see models/transformer.py)
-      attention="auto",  # kernels/attention.py: auto (flash on TPU/GPU, xla on CPU) | xla | flash
+      attention="auto",  # kernels/attention.py: auto (flash on TPU, cudnn on GPU, xla on CPU) | xla | flash | cudnn
       attention_block=0,  # flash query/key block; 0 = the backend's default
+      scan_layers=True,  # False: unrolled layers, faster on GPUs, slower to compile (models/transformer.py)
   )
   c.seq_len = 4096  # 16 images of 16x16 tokens
   c.tokens_per_image = 256

@@ -153,8 +153,9 @@ def _check(step: int, health: dict, c: Any, newest: Optional[int]) -> None:
   """Raises if `step`'s metrics say the run went wrong."""
   errors = int(health.get("input_errors", 0))
   if errors:
-    raise RunError(f"step {step}: the batch holds {errors} inputs the model cannot take (e.g. token ids "
-                   "outside [0, model.vocab_size)): the data does not match the model's config")
+    raise RunError(f"step {step}: the batch holds {errors} inputs the model cannot take (token ids outside "
+                   "[0, model.vocab_size), or, with attention=cudnn, rows of more sentences than its run table "
+                   "holds): the data does not match the model's config")
   limit = c.get("max_skipped_steps", 10)
   if int(health["skip_streak"]) >= limit:
     kept = f"the newest checkpoint, step {newest}, is from before them" if newest else "no checkpoint was saved"

@@ -15,7 +15,7 @@ from tests.conftest import load_config
 @pytest.mark.parametrize("name,key,value,error", [
     ("lvm_tiny", "model.d_model", 30, r"model.d_model=30 is not divisible by model.heads=4"),
     ("lvm_tiny", "model.remat", "some", r"model.remat='some': expected one of \('none', 'full', 'dots'\)"),
-    ("lvm_tiny", "model.attention", "cudnn", r"model.attention='cudnn': expected one of"),
+    ("lvm_tiny", "model.attention", "pallas", r"model.attention='pallas': expected one of"),
     ("lvm_tiny", "model.attention_block", 24, r"model.attention_block=24: expected 0"),
     ("lvm_tiny", "seq_len", 100, r"seq_len=100 is not a multiple of tokens_per_image=8"),
     ("lvm_tiny", "grad_accum", 3, r"global_batch=8 is not divisible by grad_accum=3"),

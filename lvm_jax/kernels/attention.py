@@ -10,13 +10,20 @@ visual sentences never attend across sentence boundaries). Implementations:
          jax.shard_map over the context mesh (batch on its data/fsdp axes, heads on tensor),
          since a Pallas call sees one device's block. On a CPU they run in interpret mode
          (tests only: slow).
-  auto   flash on TPU and GPU, xla on CPU.
+  cudnn  GPU only: cuDNN's fused attention (jax.nn.dot_product_attention's cuDNN path) for the
+         causal mask, and with segment ids through its packed-sequence form (each contiguous run
+         of one segment id is one sequence; cuDNN takes per-row run lengths and offsets). cuDNN
+         has no per-example prefix mask, so AIM's prefix attention runs the Triton kernel.
+  auto   flash on TPU, cudnn on GPU, xla on CPU.
 
-`resolve(impl, platform)` turns a config's name into what runs, "xla" or "flash:<platform>",
-from the mesh's devices: the trainer may compile for a TPU topology on a CPU host (compile.py).
+`resolve(impl, platform)` turns a config's name into what runs, "xla", "cudnn" or
+"flash:<platform>", from the mesh's devices: the trainer may compile for a TPU topology on a CPU
+host (compile.py).
 
-GPU note: cuDNN's fused attention (jax.nn.dot_product_attention(implementation="cudnn")) takes
-causal and padding masks but not per-example prefixes, so the Triton kernel covers every mask.
+cuDNN's packed form sizes its table of runs statically: max_runs(L) = L // MIN_RUN + 2 runs a
+row (sentences of at least MIN_RUN tokens, plus the padding run). A row with more runs would
+lose attention for the ones past the table, so the LVM's loss counts such rows as input errors
+(`run_overflow`) and the trainer stops on the first.
 """
 
 import dataclasses
@@ -25,7 +32,9 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "xla", "flash")
+IMPLEMENTATIONS = ("auto", "xla", "flash", "cudnn")
+GPU_AUTO = "cudnn"  # what auto runs on GPUs (bench/accelerator.py measured the choice)
+MIN_RUN = 256  # the shortest sentence the cuDNN packed path expects: one image of 256 tokens
 
 
 def make_mask(
@@ -104,9 +113,16 @@ def attention(
   if q_BLHK.shape != k_BLHK.shape or k_BLHK.shape != v_BLHK.shape:
     raise ValueError(f"attention: q/k/v shapes differ: {q_BLHK.shape}, {k_BLHK.shape}, {v_BLHK.shape}")
   impl = resolve(impl, jax.default_backend()) if impl in IMPLEMENTATIONS else impl
+  if impl == "cudnn" and (prefix_len_B is not None or not causal):
+    impl = "flash:gpu"  # cuDNN has no per-example prefix mask; the Triton kernel has every mask
+  if impl == "cudnn":
+    kernel = lambda q, k, v, s, p: cudnn_attention(q, k, v, None if segment_ids_BL is None else s)
+    return _sharded(kernel, q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, prefix_len_B)
   if impl.startswith("flash:"):
-    return _flash_sharded(q_BLHK, k_BLHK, v_BLHK, causal, segment_ids_BL, prefix_len_B, block,
-                          impl.split(":")[1])
+    platform = impl.split(":")[1]
+    kernel = lambda q, k, v, s, p: _flash(q, k, v, s, p if prefix_len_B is not None else None, causal, block,
+                                          platform)
+    return _sharded(kernel, q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, prefix_len_B)
   if impl != "xla":
     raise ValueError(f"attention impl={impl!r}: expected one of {IMPLEMENTATIONS}")
   length = q_BLHK.shape[1]
@@ -122,14 +138,17 @@ def attention(
 
 
 def resolve(impl: str, platform: str) -> str:
-  """A config's implementation for a platform: 'xla', 'flash:tpu', 'flash:gpu' or 'flash:cpu'
-  (the TPU kernels in interpret mode). 'auto' is flash except on CPU."""
+  """A config's implementation for a platform: 'xla', 'cudnn', 'flash:tpu', 'flash:gpu' or
+  'flash:cpu' (the TPU kernels in interpret mode). 'auto' is flash on TPU, GPU_AUTO on GPU, xla
+  on CPU; 'cudnn' is for GPUs only."""
   if impl not in IMPLEMENTATIONS:
     raise ValueError(f"attention impl={impl!r}: expected one of {IMPLEMENTATIONS}")
   platform = "gpu" if platform in ("gpu", "cuda", "rocm") else platform
-  if impl == "xla" or (impl == "auto" and platform == "cpu"):
-    return "xla"
-  return f"flash:{platform}"
+  if impl == "auto":
+    impl = {"cpu": "xla", "gpu": GPU_AUTO}.get(platform, "flash")
+  if impl == "cudnn" and platform != "gpu":
+    raise ValueError(f"attention impl='cudnn' runs on NVIDIA GPUs only, not on {platform}: use auto, flash or xla")
+  return f"flash:{platform}" if impl == "flash" else impl
 
 
 def for_platform(cfg: Any, platform: Optional[str]) -> Any:
@@ -138,17 +157,62 @@ def for_platform(cfg: Any, platform: Optional[str]) -> Any:
   return dataclasses.replace(cfg, attention=resolve(cfg.attention, platform)) if platform else cfg
 
 
-def _flash_sharded(q_BLHK, k_BLHK, v_BLHK, causal, segment_ids_BL, prefix_len_B, block, platform) -> jax.Array:
-  """The Pallas kernel on each device's [batch shard, L, head shard, K] block."""
-  from lvm_jax import sharding  # pylint: disable=g-import-not-at-top
+# ------------------------------------------------------------------------------ cuDNN (GPU)
+
+
+def max_runs(length: int) -> int:
+  """The size of cuDNN's per-row table of runs: sentences of >= MIN_RUN tokens, plus padding."""
+  return max(1, length // MIN_RUN) + 1
+
+
+def segment_runs(segment_ids_BL: jax.Array, runs: int) -> tuple[jax.Array, jax.Array]:
+  """Contiguous runs of equal segment ids -> cuDNN's packed description: lengths [B, runs] and
+  start offsets [B, runs + 1], -1 past a row's last run. Runs past `runs` are not described."""
+  B, L = segment_ids_BL.shape
+  starts_BL = jnp.concatenate([jnp.ones((B, 1), bool), segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1]], axis=1)
+  offsets_BR = jax.vmap(lambda row: jnp.nonzero(row, size=runs + 1, fill_value=-1)[0])(starts_BL).astype(jnp.int32)
+  ends_BR = jnp.where(offsets_BR[:, 1:] >= 0, offsets_BR[:, 1:], L)
+  lengths_BR = jnp.where(offsets_BR[:, :-1] >= 0, ends_BR - offsets_BR[:, :-1], -1)
+  return lengths_BR, offsets_BR.at[:, -1].set(-1)
+
+
+def run_overflow(segment_ids_BL: jax.Array) -> jax.Array:
+  """How many rows hold more runs than cuDNN's table (max_runs): their attention would be wrong."""
+  B, L = segment_ids_BL.shape
+  runs_B = 1 + jnp.sum(segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1], axis=1)
+  return jnp.sum(runs_B > max_runs(L))
+
+
+def cudnn_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
+                    segment_ids_BL: Optional[jax.Array] = None) -> jax.Array:
+  """Causal attention by cuDNN, within each run of equal segment ids when they are given."""
+  if segment_ids_BL is None:
+    return jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, is_causal=True, implementation="cudnn")
+  # The packed form is not in jax.nn's signature: jax's cuDNN module takes it (jax 0.10 - 0.12).
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=g-import-not-at-top
+  lengths_BR, offsets_BR = segment_runs(segment_ids_BL, max_runs(q_BLHK.shape[1]))
+  return cudnn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, None, None, lengths_BR, lengths_BR, offsets_BR,
+                                     offsets_BR, scale=q_BLHK.shape[-1] ** -0.5,
+                                     mask_type=cudnn.MaskType.PADDING_CAUSAL)
+
+
+# ------------------------------------------------------------------------------ under the mesh
+
+
+def _flash(q, k, v, seg, prefix, causal, block, platform) -> jax.Array:
   from lvm_jax.kernels import flash_attention  # pylint: disable=g-import-not-at-top
+  return flash_attention.flash_attention(
+      q, k, v, causal=causal, segment_ids_BL=seg, prefix_len_B=prefix, block_q=block or None,
+      block_k=block or None, interpret=platform == "cpu", backend="gpu" if platform == "gpu" else "tpu")
+
+
+def _sharded(kernel, q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, prefix_len_B) -> jax.Array:
+  """kernel(q, k, v, seg, prefix) on each device's [batch shard, L, head shard, K] block: a
+  Pallas or cuDNN call sees one device's arrays."""
+  from lvm_jax import sharding  # pylint: disable=g-import-not-at-top
   B, L = q_BLHK.shape[:2]
   seg = jnp.zeros((B, L), jnp.int32) if segment_ids_BL is None else segment_ids_BL
   prefix = jnp.zeros((B,), jnp.int32) if prefix_len_B is None else prefix_len_B
-  kernel = lambda q, k, v, s, p: flash_attention.flash_attention(
-      q, k, v, causal=causal, segment_ids_BL=s, prefix_len_B=p if prefix_len_B is not None else None,
-      block_q=block or None, block_k=block or None, interpret=platform == "cpu",
-      backend="gpu" if platform == "gpu" else "tpu")
   mesh = jax.sharding.get_abstract_mesh()
   spec = sharding.current_spec(("batch", None, "heads", None))
   if mesh.empty or spec is None:

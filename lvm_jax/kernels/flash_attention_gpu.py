@@ -22,9 +22,14 @@ from lvm_jax.kernels.flash_common import (MASK, Static, allowed, blocks, check_i
                                           last_key_block, padded_call, with_vjp)
 
 PREFIX_LANES = 16  # the prefix length travels as a small row: Triton blocks are power-of-two arrays
-# Selects the Triton lowering (pallas_call on GPU otherwise picks Mosaic GPU, whose whole-row
-# key/value blocks would not fit shared memory).
-TRITON = pltriton.CompilerParams(num_warps=4, num_stages=2)
+# (block_q, block_k, warps, stages) by padded head dim, from bench/accelerator.py's sweep on an H200.
+TUNING = {64: (64, 64, 4, 2), 128: (64, 64, 4, 2)}
+
+
+def _triton(st) -> pltriton.CompilerParams:
+  # Selects the Triton lowering (pallas_call on GPU otherwise picks Mosaic GPU, whose whole-row
+  # key/value blocks would not fit shared memory).
+  return pltriton.CompilerParams(num_warps=st.warps, num_stages=st.stages)
 
 
 def _next_pow2(x: int) -> int:
@@ -137,7 +142,7 @@ def _forward(q, k, v, seg, prefix, st: Static):
   whole, block, vec, seg_spec, prefix_spec = _specs(L, K)
   return pl.pallas_call(
       functools.partial(_fwd_kernel, **st.kernel_kw()), grid=(B, H, L // st.bq), interpret=st.interpret,
-      compiler_params=TRITON,
+      compiler_params=_triton(st),
       in_specs=[block(st.bq), whole, whole, seg_spec, prefix_spec], out_specs=[block(st.bq), vec(st.bq)],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, L), jnp.float32)],
   )(q, k, v, seg, _prefix_rows(prefix))
@@ -151,13 +156,13 @@ def _backward(q, k, v, o, lse, do, seg, prefix, st: Static):
   full_vec = pl.BlockSpec((None, None, L), lambda b, h, x: (b, h, 0))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, **st.kernel_kw(nq=L // st.bq)), grid=(B, H, L // st.bk),
-      interpret=st.interpret, compiler_params=TRITON,
+      interpret=st.interpret, compiler_params=_triton(st),
       in_specs=[whole, block(st.bk), block(st.bk), whole, full_vec, full_vec, seg_spec, prefix_spec],
       out_specs=[block(st.bk), block(st.bk)], out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
   )(q, k, v, do, lse, d, seg, prefix)
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, **st.kernel_kw()), grid=(B, H, L // st.bq), interpret=st.interpret,
-      compiler_params=TRITON,
+      compiler_params=_triton(st),
       in_specs=[block(st.bq), whole, whole, block(st.bq), vec(st.bq), vec(st.bq), seg_spec, prefix_spec],
       out_specs=block(st.bq), out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
   )(q, k, v, do, lse, d, seg, prefix)
@@ -170,10 +175,14 @@ _flash = with_vjp(_forward, _backward)
 def flash_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array, *, causal: bool = True,
                     segment_ids_BL: Optional[jax.Array] = None, prefix_len_B: Optional[jax.Array] = None,
                     block_q: Optional[int] = None, block_k: Optional[int] = None,
-                    interpret: bool = False) -> jax.Array:
-  """As flash_attention.flash_attention, with the Triton kernels (blocks: powers of two >= 16)."""
+                    interpret: bool = False, warps: Optional[int] = None, stages: Optional[int] = None) -> jax.Array:
+  """As flash_attention.flash_attention, with the Triton kernels (blocks: powers of two >= 16).
+  Blocks, warps and stages not given come from TUNING for the padded head dim."""
   _, L, _, K = check_inputs(q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, prefix_len_B)
-  bq, bk = blocks(block_q, block_k, "gpu", valid=lambda blk: blk >= 16 and not blk & (blk - 1),
+  head_dim = _next_pow2(K)
+  tuned_q, tuned_k, tuned_warps, tuned_stages = TUNING.get(head_dim, TUNING[128])
+  bq, bk = blocks(block_q or tuned_q, block_k or tuned_k, "gpu", valid=lambda blk: blk >= 16 and not blk & (blk - 1),
                   rule="powers of two >= 16", cap=_next_pow2(L))
   return padded_call(_flash, q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, prefix_len_B, causal=causal, bq=bq, bk=bk,
-                     head_dim=_next_pow2(K), interpret=interpret)
+                     head_dim=head_dim, interpret=interpret, warps=warps or tuned_warps,
+                     stages=stages or tuned_stages)

@@ -40,6 +40,8 @@ class Static:
   causal: bool
   kv_len: int  # keys at or past this position are padding
   interpret: bool
+  warps: int = 4  # GPU (Triton) only: warps per program and software-pipelining stages
+  stages: int = 2
 
   def kernel_kw(self, **counts: int) -> dict:
     """Keyword arguments of a kernel: the static parameters plus its block counts (nq, nk)."""
@@ -135,7 +137,7 @@ def with_vjp(forward: Forward, backward: Backward) -> Flash:
 
 def padded_call(flash: Flash, q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
                 segment_ids_BL: Optional[jax.Array], prefix_len_B: Optional[jax.Array], *, causal: bool,
-                bq: int, bk: int, head_dim: int, interpret: bool) -> jax.Array:
+                bq: int, bk: int, head_dim: int, interpret: bool, warps: int = 4, stages: int = 2) -> jax.Array:
   """Runs `flash` on [B, H, L', head_dim] copies of the inputs, L' a multiple of both blocks,
   and crops its output back to [B, L, H, K]. Padded keys are masked (Static.kv_len), padded
   queries dropped, and zero head-dim columns change no dot product."""
@@ -145,6 +147,6 @@ def padded_call(flash: Flash, q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.
   seg = jnp.pad(seg, ((0, 0), (0, Lp - L)), mode="edge")  # padding keeps block id ranges unchanged
   prefix = jnp.zeros((B,), jnp.int32) if prefix_len_B is None else prefix_len_B.astype(jnp.int32)
   pad = lambda x: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, Lp - L), (0, head_dim - K)))
-  st = Static(float(K) ** -0.5, int(bq), int(bk), bool(causal), int(L), bool(interpret))
+  st = Static(float(K) ** -0.5, int(bq), int(bk), bool(causal), int(L), bool(interpret), int(warps), int(stages))
   out = flash(pad(q_BLHK), pad(k_BLHK), pad(v_BLHK), seg, prefix, st)
   return jnp.swapaxes(out[:, :, :L, :K], 1, 2)

@@ -47,6 +47,10 @@ class Config:
   remat: str = "full"
   attention: str = "xla"  # kernels/attention.py: xla | auto | flash, or resolved (flash:tpu)
   attention_block: int = 0  # flash kernels: query and key block; 0 = the backend default
+  # False: one copy of the layer per layer instead of a lax.scan. Compiles take longer, but the
+  # backward reads each layer's saved activations where they were made: under the scan XLA:GPU
+  # copies them into stacked buffers (~14% of an LVM-300M step on an H200, bench/accelerator.py).
+  scan_layers: bool = True
 
   @property
   def head_dim(self) -> int:
@@ -103,7 +107,12 @@ class Model(nnx.Module):
     def layer(x_BLD: jax.Array, p: dict) -> tuple[jax.Array, None]:
       return decoder_layer(x_BLD, p, sin_BLK, cos_BLK, attend, cfg)
 
-    x_BLD, _ = jax.lax.scan(remat(layer, cfg.remat), self._embed(tokens_BL), self._stacked())
+    x_BLD, stacked = self._embed(tokens_BL), self._stacked()
+    if cfg.scan_layers:
+      x_BLD, _ = jax.lax.scan(remat(layer, cfg.remat), x_BLD, stacked)
+    else:
+      for n in range(cfg.layers):
+        x_BLD, _ = remat(layer, cfg.remat)(x_BLD, {k: w[n] for k, w in stacked.items()})
     return self._logits(x_BLD)
 
   def decode(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: dict,
@@ -282,8 +291,11 @@ def loss(model: Model, batch: dict, *, z_loss: float = 0.0) -> tuple[jax.Array, 
   target_logit_BL = jnp.take_along_axis(logits_BLV, targets_BL[..., None], axis=-1)[..., 0]
   nll = jnp.sum((log_z_BL - target_logit_BL) * weights_BL)
   z_penalty = z_loss * jnp.sum(jnp.square(log_z_BL) * weights_BL)
-  # The embedding clamps ids it has no row for: count them, the loop stops on any (loop.py).
+  # The embedding clamps ids it has no row for: count them, the loop stops on any (loop.py). So
+  # are rows with more sentences than cuDNN's packed attention describes (kernels/attention.py).
   input_errors = jnp.sum((tokens_BL < 0) | (tokens_BL >= model.cfg.vocab_size))
+  if model.cfg.attention == "cudnn":
+    input_errors = input_errors + attention_lib.run_overflow(seg_BL)
   return nll + z_penalty, {"loss": nll, "targets": jnp.sum(weights_BL), "input_errors": input_errors}
 
 
@@ -312,6 +324,7 @@ def validate(c: Any) -> None:
   check((m.d_model // m.heads) % 2 == 0, f"head dim {m.d_model // m.heads} must be even for RoPE")
   check(m.remat in REMAT, f"model.remat={m.remat!r}: expected one of {tuple(REMAT)}")
   check(m.dtype in ("float32", "bfloat16"), f"model.dtype={m.dtype!r}: expected float32|bfloat16")
+  check(isinstance(m.get("scan_layers", True), bool), f"model.scan_layers={m.get('scan_layers')!r}: expected True|False")
   check(m.attention in attention_lib.IMPLEMENTATIONS,
         f"model.attention={m.attention!r}: expected one of {attention_lib.IMPLEMENTATIONS}")
   block = m.get("attention_block", 0)

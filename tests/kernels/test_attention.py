@@ -79,5 +79,30 @@ def test_bad_inputs_name_the_problem():
 
 
 def test_resolve_follows_the_platform():
-  assert [attention.resolve("auto", p) for p in ("cpu", "tpu", "cuda")] == ["xla", "flash:tpu", "flash:gpu"]
+  assert [attention.resolve("auto", p) for p in ("cpu", "tpu", "cuda")] == ["xla", "flash:tpu", "cudnn"]
   assert attention.resolve("flash", "cpu") == "flash:cpu" and attention.resolve("xla", "tpu") == "xla"
+  assert attention.resolve("flash", "gpu") == "flash:gpu" and attention.resolve("cudnn", "cuda") == "cudnn"
+  with pytest.raises(ValueError, match="cudnn.*GPUs only"):
+    attention.resolve("cudnn", "tpu")
+
+
+def test_segment_runs_describe_every_run_of_a_packed_row():
+  """cuDNN's packed form: per-row run lengths and start offsets, -1 past the last run; rows with
+  more runs than the table are what run_overflow counts."""
+  rng = np.random.default_rng(0)
+  L, runs = 64, attention.max_runs(64)
+  rows = []
+  for n in (1, 2, runs - 1, runs, runs + 3):
+    cuts = np.sort(rng.choice(np.arange(1, L), n - 1, replace=False))
+    ids = np.repeat(np.arange(n), np.diff(np.r_[0, cuts, L]))
+    rows.append(np.where(ids == n - 1, 0, ids + 1) if n > 1 else ids + 1)  # the last run as padding (0)
+  seg = jnp.asarray(np.stack(rows), jnp.int32)
+  lengths, offsets = (np.asarray(x) for x in attention.segment_runs(seg, runs))
+  assert lengths.shape == (5, runs) and offsets.shape == (5, runs + 1) and np.all(offsets[:, -1] == -1)
+  for row, length, offset in zip(np.asarray(seg), lengths, offsets):
+    starts = np.flatnonzero(np.r_[True, row[1:] != row[:-1]])
+    n = min(len(starts), runs)
+    np.testing.assert_array_equal(offset[:n], starts[:n])
+    np.testing.assert_array_equal(length[:n], np.diff(np.r_[starts, L])[:n])
+    assert np.all(offset[n:] == -1) and np.all(length[n:] == -1)
+  assert int(attention.run_overflow(seg)) == 1  # only the row of runs + 3

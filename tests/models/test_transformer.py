@@ -75,6 +75,20 @@ def test_remat_policies_recompute_without_changing_numbers(policy):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("policy", ["none", "full"])
+def test_unrolled_layers_equal_the_scan(policy):
+  """scan_layers=False runs the same layers, one copy each: same loss and gradients."""
+  tokens = _tokens((2, 16))
+  out = {}
+  for scan in (True, False):
+    g, params = nnx.split(_model(dataclasses.replace(SMALL, remat=policy, scan_layers=scan)))
+    loss = lambda prm, g=g: nnx.merge(g, prm)(tokens).astype(jnp.float32).var()
+    assert (" scan[" in str(jax.make_jaxpr(loss)(params))) == scan  # the flag really flips
+    out[scan] = jax.jit(jax.value_and_grad(loss))(params)
+  for a, b in zip(jax.tree.leaves(out[True]), jax.tree.leaves(out[False]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_bfloat16_compute_tracks_float32():
   tokens = _tokens((2, 16))
   f32 = _model()(tokens)

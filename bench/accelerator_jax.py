@@ -1,0 +1,313 @@
+"""bench/accelerator.py's JAX part: attention, train steps, a profile, the sampler, the VQGAN."""
+
+import gc
+import os
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from accelerator_parts import PEAK_BF16, SIZES, Rows
+from profile_summary import summarize
+
+from lvm_jax import config as config_lib, models, sample, sharding, train
+from lvm_jax.kernels import attention as attn, flash_attention_gpu
+from lvm_jax.models import transformer, vqgan
+
+# Triton (block_q, block_k, warps, stages) tried at L 4096, head dim 128.
+SWEEP = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 2))
+
+
+def seconds(fn, *args, reps: int = 10, warmup: int = 2) -> float:
+  """Median seconds of fn(*args) (blocked on), after warmup calls (compilation)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def run(rows: Rows, quick: bool, flags_only: bool = False, skip: tuple = ()) -> None:
+  """The measurements, those that decide defaults first (a part stopped by its budget keeps them).
+  `skip`: sections not to run (numerics, sweep, vqgan, ...); flags_only: the sampler and the step
+  under extra XLA flags (the orchestrator sets XLA_FLAGS for that process)."""
+  gpu = jax.default_backend() == "gpu"
+  small, large = ("tiny", "tiny") if quick else ("lvm_300m", "lvm_1b")
+  if flags_only:
+    rows.guarded("env", "ceilings", lambda: ceilings(rows, quick))
+    rows.guarded("sampler", "flags", lambda: sampler(rows, quick, tag="+flags"), need=50)
+    rows.guarded("step", "flags", lambda: train_step(rows, small, "auto", "none", quick, tag="+flags", scan=False),
+                 need=60)
+    return
+  dev = jax.devices()[0]
+  rows.add("env", "device", dev.device_kind, note=f"jax {jax.__version__}, backend {jax.default_backend()}")
+  rows.guarded("env", "ceilings", lambda: ceilings(rows, quick))
+  if "numerics" not in skip:
+    rows.guarded("numerics", "kernels", lambda: numerics(rows, quick, gpu))
+  lengths = (256, 512) if quick else (4096, 8192)
+  rows.guarded("attention", f"L{lengths[0]}", lambda: attention_speed(
+      rows, quick, gpu, lengths[0], first=True, tune="sweep" not in skip), need=60)
+  # auto is cuDNN on GPUs: if its packed form failed above, the steps measure the Triton kernel.
+  cudnn_ok = not gpu or any(str(r.get("key", "")).startswith("ours_seg:") for r in rows.rows)
+  best = "auto" if cudnn_ok else "flash"
+  variants = [(small, best, False, True), (small, best, True, False), (small, "flash", False, False),
+              (large, best, False, False)]
+  for size, impl, scan, profile in dict.fromkeys(variants[:2] + variants[2 if best == "auto" else 3:]):
+    rows.guarded("step", f"{size} {impl} scan={scan}", need=70 if size == large else 45,
+                 fn=lambda a=(size, impl, "none", quick), kw=dict(scan=scan, profile=profile): train_step(rows, *a, **kw))
+    gc.collect()  # the step's state and executable died with train_step
+    jax.clear_caches()
+  if "sampler" not in skip:
+    rows.guarded("sampler", "generate", lambda: sampler(rows, quick), need=50)
+  if "vqgan" not in skip:
+    rows.guarded("vqgan", "encode/decode", lambda: vqgan_rate(rows, quick), need=30)
+  rows.guarded("attention", f"L{lengths[1]}", lambda: attention_speed(rows, quick, gpu, lengths[1]), need=30)
+
+
+def ceilings(rows: Rows, quick: bool) -> None:
+  n = 1024 if quick else 8192
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+  t = seconds(jax.jit(lambda x: x @ x), a)
+  rows.add("env", f"bf16 matmul {n}^3", 2 * n ** 3 / t / 1e12, "TFLOP/s")
+  rates = []
+  for dtype in (jnp.bfloat16, jnp.float32):
+    x = jax.random.normal(jax.random.key(1), (1 << (20 if quick else 28),), dtype)
+    rates.append(2 * x.nbytes / seconds(jax.jit(lambda v: v * 1.5), x) / 1e9)
+  rows.add("env", "copy bandwidth (read + write)", max(rates), "GB/s", key="bandwidth",
+           note=f"bf16 {rates[0]:.0f}, fp32 {rates[1]:.0f}")
+
+
+# ------------------------------------------------------------------------------ attention
+
+
+def qkv(B, L, H, K, dtype, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 4)
+  return [jax.random.normal(k, (B, L, H, K), jnp.float32).astype(dtype) for k in ks]
+
+
+def masks(B: int, L: int) -> dict:
+  """The masks' extra inputs: packed sentences (whole images and a padding run), one sentence a
+  row (the causal mask's work through the packed path), per-example prefixes."""
+  cuts = np.asarray([0, 3 * L // 8, 5 * L // 8, 15 * L // 16, L])
+  seg = np.zeros((B, L), np.int32)
+  for s, (a, b) in enumerate(zip(cuts[:-2], cuts[1:-1]), 1):
+    seg[:, a:b] = s  # the last run (cuts[-2]:L) stays 0: padding
+  prefix = np.random.default_rng(0).integers(1, L, B).astype(np.int32)
+  return {"causal": {}, "segments": {"segment_ids_BL": jnp.asarray(seg)},
+          "one segment": {"segment_ids_BL": jnp.ones((B, L), jnp.int32)}, "prefix": {"prefix_len_B": jnp.asarray(prefix)}}
+
+
+def visible_pairs(B: int, L: int, kw: dict) -> float:
+  """(query, key) pairs the mask lets through, summed over the batch: the work a kernel that
+  skips masked blocks does (FLOPs = 4 K H pairs forward)."""
+  tri = lambda n: n * (n + 1) / 2
+  if "prefix_len_B" in kw:
+    P = np.asarray(kw["prefix_len_B"], np.float64)
+    return float(np.sum(P * P + tri(L) - tri(P)))
+  if "segment_ids_BL" in kw:
+    seg = np.asarray(kw["segment_ids_BL"])
+    starts = [np.flatnonzero(np.r_[True, row[1:] != row[:-1]]) for row in seg]
+    return float(sum(tri(np.diff(np.r_[st, L])).sum() for st in starts))
+  return B * tri(L)
+
+
+def attention_fn(impl: str, kw: dict, backward: bool, tuning=None):
+  def fwd(q, k, v):
+    if impl == "cudnn_ref":
+      return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+    if tuning:
+      bq, bk, w, s = tuning
+      return flash_attention_gpu.flash_attention(q, k, v, causal=True, block_q=bq, block_k=bk, warps=w, stages=s, **kw)
+    return attn.attention(q, k, v, causal=True, impl=impl, **kw)
+  if not backward:
+    return jax.jit(fwd)
+
+  def fwd_bwd(q, k, v, do):
+    out, vjp = jax.vjp(fwd, q, k, v)
+    return out, vjp(do)
+  return jax.jit(fwd_bwd)
+
+
+def numerics(rows: Rows, quick: bool, gpu: bool) -> None:
+  """max relative error (out, dq, dk, dv) of each kernel and mask against fp32 XLA: every mask at
+  K 128 in bf16 (the Triton kernel was checked at K 64 and in fp32 before; one of each here)."""
+  B, L, H = (1, 128, 2) if quick else (2, 1024, 4)
+  flash = "flash:gpu" if gpu else "flash:cpu"
+  cases = [(flash, name, 128, jnp.bfloat16) for name in ("causal", "segments", "prefix")]
+  cases += [(flash, "segments", 128, jnp.float32), (flash, "causal", 64, jnp.bfloat16)]
+  cases += [("cudnn", name, K, jnp.bfloat16) for name in ("causal", "segments") for K in (64, 128)] if gpu else []
+  for impl, name, K, dtype in cases:
+    q, k, v, do = qkv(B, L, H, K, jnp.float32, seed=K)
+    kw = masks(B, L)[name]
+    ref = attention_fn("xla", kw, True)(q, k, v, do)
+    got = attention_fn(impl, kw, True)(*[x.astype(dtype) for x in (q, k, v, do)])
+    errs = [float(jnp.linalg.norm(a.astype(jnp.float32) - b) / jnp.linalg.norm(b))
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref))]
+    rows.add("numerics", f"{impl} {name} K{K} {jnp.dtype(dtype).name} (out, dq, dk, dv)", max(errs), "rel err",
+             note="NOT FINITE" if not np.all(np.isfinite(errs)) else "")
+
+
+def attention_speed(rows: Rows, quick: bool, gpu: bool, L: int, first: bool = False, tune: bool = True) -> None:
+  """TFLOP/s at one length, counting the work each mask leaves (visible_pairs). The first length
+  also sizes cuDNN's run table and (with `tune`) sweeps the Triton configs."""
+  B, H, K = (1, 2, 64) if quick else (4, 16, 128)
+  flash = "flash:gpu" if gpu else "flash:cpu"
+  q, k, v, do = qkv(B, L, H, K, jnp.bfloat16)
+  ms = masks(B, L)
+
+  def time_row(what, impl, kw, key=None, modes=("fwd+bwd", "fwd")):
+    flops = 4 * H * K * visible_pairs(B, L, kw)  # forward; backward = 2.5x forward (FlashAttention's count)
+    for mode in modes:
+      backward = mode == "fwd+bwd"
+      args = (q, k, v, do) if backward else (q, k, v)
+      t = seconds(attention_fn(impl, kw, backward), *args, reps=3 if quick else 10)
+      rows.add("attention", f"{what} L{L} {mode}", (3.5 if backward else 1.0) * flops / t / 1e12, "TFLOP/s",
+               ms=t * 1e3, **({"key": f"{key}:{L}:{mode}"} if key else {}))
+
+  table = f"(table {attn.max_runs(L)} runs)"
+  if gpu:
+    rows.guarded("attention", f"cudnn causal L{L}", lambda: time_row("cuDNN causal (jax.nn)", "cudnn_ref", {}, "cudnn"))
+    rows.guarded("attention", f"ours cudnn one segment L{L}",
+                 lambda: time_row(f"ours cudnn, one segment a row {table}", "cudnn", ms["one segment"], "ours_seg1"))
+    rows.guarded("attention", f"ours cudnn segments L{L}",
+                 lambda: time_row(f"ours cudnn, 4 runs a row {table}", "cudnn", ms["segments"], "ours_seg"))
+  if first and gpu:
+    default = attn.MIN_RUN
+    for min_run in (L // 4, 64):  # 5 and L/64 + 1 runs a row: does the table's size cost time?
+      attn.MIN_RUN = min_run
+      rows.guarded("attention", f"cudnn table {attn.max_runs(L)}",
+                   lambda: time_row(f"ours cudnn, one segment a row (table {attn.max_runs(L)} runs)", "cudnn",
+                                    ms["one segment"], modes=("fwd+bwd",)))
+    attn.MIN_RUN = default
+    if tune:
+      flash_attention_gpu.TUNING[128] = sweep(rows, q, k, v, do, 4 * H * K * visible_pairs(B, L, {}))
+  for name in ("causal", "segments", "prefix"):
+    modes = ("fwd+bwd", "fwd") if name == "causal" else ("fwd+bwd",)
+    rows.guarded("attention", f"triton {name} L{L}",
+                 lambda n=name, m=modes: time_row(f"ours triton, {n}", flash, ms[n], f"triton_{n}", m))
+
+
+def sweep(rows: Rows, q, k, v, do, flops) -> tuple:
+  """The Triton configs of SWEEP, causal fwd+bwd; returns the fastest as a TUNING entry."""
+  best, best_t = flash_attention_gpu.TUNING[128], float("inf")
+  for cfg in SWEEP:
+    if rows.left() < 60:
+      break
+    try:
+      t = seconds(attention_fn("flash:gpu", {}, True, cfg), q, k, v, do, reps=5)
+    except Exception as e:  # pylint: disable=broad-except
+      rows.add("sweep", f"triton {cfg}", "failed", note=f"{type(e).__name__}")
+      continue
+    rows.add("sweep", f"triton bq,bk,warps,stages {cfg} causal fwd+bwd", 3.5 * flops / t / 1e12, "TFLOP/s")
+    if t < best_t:
+      best, best_t = cfg, t
+  rows.add("sweep", "best", str(best))
+  return best
+
+
+# ------------------------------------------------------------------------------ train step
+
+
+def lvm(size: str, impl: str, remat: str, quick: bool):
+  d, f, n, h = SIZES[size]
+  c = config_lib.lvm_config(d, f, n, h)
+  c.model.update(attention=impl, remat=remat, dtype="bfloat16")
+  c.seq_len, c.global_batch, c.steps = (128, 2, 100) if quick else (4096, 8, 1000)
+  c.optim.warmup = 10
+  return c
+
+
+def train_step(rows: Rows, size: str, impl: str, remat: str, quick: bool, tag: str = "",
+               profile: bool = False, scan: bool = True) -> None:
+  """Tokens/s, MFU and compiled memory of one LVM train step; with `profile`, then three more
+  steps under jax.profiler, summarised by kernel kind."""
+  c = lvm(size, impl, remat, quick)
+  c.model.scan_layers = scan
+  mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+  b = train.build(c, mesh)
+  B, L = c.global_batch, c.seq_len
+  tokens = np.random.default_rng(0).integers(0, 8192, (B, L)).astype(np.int32)
+  # One sentence a row: the same attention work as the reference's unpacked rows.
+  batch = {"tokens": tokens, "segment_ids": np.ones_like(tokens), "loss_mask": np.ones_like(tokens),
+           "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy()}
+  with jax.set_mesh(mesh), sharding.axis_rules(c.rules):
+    state = jax.jit(b.init, out_shardings=b.state_shardings)(jax.random.key(0))
+    batch = {k: jax.device_put(jnp.asarray(v), b.batch_sharding) for k, v in batch.items()}
+    t0 = time.perf_counter()
+    compiled = train.jit_train_step(c, b).lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    gib = (mem.temp_size_in_bytes + mem.argument_size_in_bytes + mem.output_size_in_bytes
+           - mem.alias_size_in_bytes) / 2 ** 30 if mem else float("nan")
+
+    def steps(n):
+      nonlocal state
+      for _ in range(n):
+        state, m = compiled(state, batch)
+      return float(m["loss"])  # waits for the last step
+
+    steps(2)
+    n = 2 if quick else 8
+    t0 = time.perf_counter()
+    loss_value = steps(n)
+    t = (time.perf_counter() - t0) / n
+    flops = transformer.train_flops_per_token(transformer.Config(**c.model), L) * B * L
+    resolved = b.model_cfg.attention
+    layers = "scan" if scan else "unrolled"
+    rows.add("step", f"{size} attention {resolved} remat {remat} {layers}{tag}", B * L / t, "tok/s",
+             key=f"step:{size}:{resolved}:{remat}:{layers}{tag}", mfu=flops / t / PEAK_BF16,
+             note=f"MFU {flops / t / PEAK_BF16:.1%}, {gib:.1f} GiB, compile {compile_s:.0f} s, loss {loss_value:.3f}")
+    if profile:
+      out = Path(os.environ.get("OUT") or "bench_out") / "profile"
+      jax.profiler.start_trace(str(out))
+      steps(3)
+      jax.profiler.stop_trace()
+      for what, ms, share in summarize(out, steps=3):
+        rows.add("profile", what, ms, "ms/step", note=f"{share:.1%}")
+      trace = max(out.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+      if trace.stat().st_size < 15 * 2 ** 20:  # the device tool returns files up to 16 MiB, 2 folders deep
+        shutil.copy(trace, out.parent / "profile.trace.json.gz")
+      shutil.rmtree(out, ignore_errors=True)
+
+
+
+# ------------------------------------------------------------------------------ sampler and VQGAN
+
+
+def sampler(rows: Rows, quick: bool, tag: str = "") -> None:
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  d, f, n, h = SIZES["tiny" if quick else "lvm_300m"]
+  cfg = transformer.Config(d_model=d, ffn=f, layers=n, heads=h, dtype="bfloat16", remat="none", attention="auto")
+  model = transformer.Model(cfg, rngs=nnx.Rngs(0))
+  n_params = models.count_params(models.abstract(transformer, cfg))
+  weight_bytes = 2 * (n_params - cfg.vocab_size * d)  # bf16, every matmul weight (the embedding: one row)
+  bandwidth = next((r["value"] for r in rows.rows if r.get("key") == "bandwidth"), None)
+  prompt_len, new = (32, 16) if quick else (768, 256)
+  for B in (1, 64):
+    prompt = np.random.default_rng(B).integers(0, 8192, (B, prompt_len))
+    fn = lambda p=prompt: sample.generate(model, p, new, jax.random.key(0), codes=8192)
+    t = seconds(fn, reps=2, warmup=1)
+    rate = B * new / t
+    bound = B * bandwidth * 1e9 / weight_bytes if bandwidth else None
+    rows.add("sampler", f"{'tiny' if quick else 'lvm_300m'} B{B} prompt {prompt_len} + {new} new{tag}", rate, "tok/s",
+             key=f"sampler:{B}{tag}",
+             share=rate / bound if bound else None,
+             note=f"{rate / bound:.1%} of the weight-read bound ({bound:.0f} tok/s)" if bound else "")
+
+
+def vqgan_rate(rows: Rows, quick: bool) -> None:
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  cfg = vqgan.Config(dtype="float32")
+  size, B = (64, 2) if quick else (256, 8)
+  model = vqgan.Model(cfg, rngs=nnx.Rngs(0))
+  tok = vqgan.Tokenizer(model, size, B, jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+  images = np.random.default_rng(0).integers(0, 256, (B, size, size, 3), dtype=np.uint8)
+  ids = tok.encode(images)
+  for name, fn, arg in (("encode", tok.encode, images), ("decode", tok.decode, ids)):
+    t = seconds(fn, arg, reps=5)
+    rows.add("vqgan", f"amused f16-8192 {name} {size}px B{B} fp32", B / t, "img/s", key=f"vqgan:{name}")
