@@ -298,15 +298,20 @@ class Checkpointer:
     self.close()
 
 
-def read_weights(directory: str, item: str, abstract: Any) -> tuple[Any, int]:
-  """(state[item] as numpy arrays, step) of the newest step in `directory` that verifies: only the
-  weights a tool runs (e.g. the params, not the optimizer's moments), read from disk alone.
-  Moves nothing (a tool is not the run's owner); one line when no step verifies."""
+def read_weights(directory: str, item: str, abstract: Any, step: Optional[int] = None) -> tuple[Any, int]:
+  """(state[item] as numpy arrays, step) of the newest step in `directory` that verifies, or of
+  the named `step` (that one or a one-line error, never another): only the weights a tool runs
+  (e.g. the params, not the optimizer's moments), read from disk alone. Moves nothing (a tool is
+  not the run's owner); one line when no step verifies."""
   with Checkpointer(directory, keep=1, every=0, create=False) as ckpt:
     directory = ckpt.directory  # absolute: orbax's readers refuse a relative path
     steps = sorted(ckpt.manager.all_steps(), reverse=True)
     if not steps:
       raise CheckpointError(f"no checkpoint in {directory}")
+    if step is not None:
+      if step not in steps:
+        raise CheckpointError(f"no step {step} in {directory} (steps: {', '.join(map(str, sorted(steps)))})")
+      steps = [step]
     wanted = {item: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract)}
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
     errors = []

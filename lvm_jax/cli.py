@@ -19,8 +19,10 @@ is nothing to save yet); inside `stop_requests()` it only sets a flag that the j
 trainers save and exit 0, make_dataset finishes its shard).
 """
 
+import ast
 import contextlib
 import glob
+import importlib.util
 import logging as std_logging
 import os
 import shlex
@@ -48,6 +50,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", _env_int("JAX_PROCESS_ID"), "Th
 _AUTO = flags.DEFINE_bool("distributed", None,
                           "Let JAX detect the cluster (default: on for TPU VMs, off elsewhere).")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "CPU devices per process (for testing).")
+_JOB_FLAGS = (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID, _AUTO, _CPU_DEVICES)
+_ENTRY = ["__main__"]  # the module whose cli_main runs (its docstring is the --help text)
 
 # Errors that mean "the input is wrong", reported as one line instead of a traceback; anything
 # else is a bug and keeps its traceback.
@@ -88,15 +92,39 @@ def _fail(prog: str, message: str) -> None:
 
 def _config_error(argv: list[str], e: Exception) -> None:
   """One line for a config that does not load or an override that does not apply."""
+  # KeyError's str() is the repr of its message (escaped quotes and newlines), and
+  # ml_collections may wrap that again: unquote to the message itself.
+  message = str(e.args[0] if e.args and isinstance(e.args[0], str) else e)
+  while len(message) > 1 and message[0] == message[-1] and message[0] in "'\"" and "\n" not in message:
+    try:
+      message = ast.literal_eval(message)
+    except (ValueError, SyntaxError):
+      break
+  message = " ".join(message.split())
   if isinstance(e, OSError):
-    _fail(argv[0], f"cannot load --config: {' '.join(str(e).split())}")
+    _fail(argv[0], f"cannot load --config: {message}")
   # ml_collections names only the last part of an unknown key: find the override it came from.
-  key = str(e).strip("\"' ")
-  culprit = [a for a in argv[1:] if a.startswith("--config.") and key in a.split("=")[0]]
-  _fail(argv[0], f"unknown config key in {culprit[0]}" if culprit else f"bad --config: {key}")
+  key = message.split()[0].strip("\"'") if message else ""
+  culprit = [a for a in argv[1:] if a.startswith("--config.") and key and key in a.split("=")[0]]
+  hint = message[len(key) + 2:].strip() if message.startswith(("'", '"')) else ""
+  _fail(argv[0], (f"unknown config key in {culprit[0]}" + (f" ({hint})" if hint else "")) if culprit
+        else f"bad --config: {message}")
+
+
+def _config_argv(argv: list[str]) -> list[str]:
+  """argv with built-in config names as paths (--config=NAME or --config NAME)."""
+  out = list(argv)
+  for i, a in enumerate(out):
+    if a.startswith("--config="):
+      out[i] = "--config=" + config.config_path(a.split("=", 1)[1])
+    elif a == "--config" and i + 1 < len(out):
+      out[i + 1] = config.config_path(out[i + 1])
+  return out
 
 
 _CONFIG_ERRORS = (AttributeError, KeyError, ValueError, OSError)
+CONFIG_HELP = ("Experiment config: a built-in name (lvm_300m, lvm_tiny, ...; see --help) or a config file, "
+               "optionally FILE:ARG; override any key with --config.KEY=VALUE.")
 
 
 def train_main(train: Callable[[Any, str, Optional[int]], Any]) -> None:
@@ -111,15 +139,20 @@ def define_config(default: str | None = None) -> flags.FlagHolder:
   """--config=FILE[:ARG] (a get_config(arg) file) with --config.key=value overrides; unknown
   keys are errors. With a default, ml_collections applies the overrides right here."""
   try:
-    return config_flags.DEFINE_config_file("config", default, "Experiment config file.", lock_config=True)
+    return config_flags.DEFINE_config_file("config", default and config.config_path(default), CONFIG_HELP, lock_config=True)
+  except config.ConfigError as e:
+    _fail(sys.argv[0], str(e))
   except _CONFIG_ERRORS as e:
     _config_error(sys.argv, e)
     raise
 
 
 def _parse(argv: list[str]) -> list[str]:
+  if any(a in ("-h", "--help", "-?", "--helpshort") for a in argv[1:]):
+    print(usage(argv[0]))
+    sys.exit(0)
   try:
-    rest = flags.FLAGS(argv)
+    rest = flags.FLAGS(_config_argv(argv))
     if "config" in flags.FLAGS and flags.FLAGS.config is not None:
       flags.FLAGS.config.keys()  # a config that failed to load raises only when used: use it here
     return rest
@@ -127,9 +160,34 @@ def _parse(argv: list[str]) -> list[str]:
     lines = [line for line in str(e).splitlines() if line.strip()]
     # A config file that raised arrives with its traceback: keep the flag and the error.
     _fail(argv[0], lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}")
+  except config.ConfigError as e:
+    _fail(argv[0], str(e))
   except _CONFIG_ERRORS as e:
     _config_error(argv, e)
   return []
+
+
+def _own_flags() -> tuple[list, list]:
+  """(the entry point's flags, the job flags every entry point has): lvm_jax's and the main
+  module's, not absl's or JAX's."""
+  by_module = flags.FLAGS.flags_by_module_dict()
+  shared = [flags.FLAGS[h.name] for h in _JOB_FLAGS]
+  own = [flags.FLAGS["config"]] if "config" in flags.FLAGS else []
+  own += [f for m, fl in by_module.items() if m.startswith("lvm_jax") or m == sys.argv[0] for f in fl]
+  return [f for f in {f.name: f for f in own}.values() if f not in shared], shared
+
+
+def usage(prog: str) -> str:
+  """--help: what the entry point does (its module's docstring) and its flags, one line each."""
+  doc = (getattr(sys.modules.get(_ENTRY[0]), "__doc__", None) or "").strip()
+  own, shared = _own_flags()
+  line = lambda f: f"  --{f.name}: {f.help}" + ("" if f.default in (None, "") else f" (default: {f.default!r})")
+  text = [f"usage: {os.path.basename(prog)} [--flag=value ...]", "", doc, "", "flags:", *map(line, own)]
+  if "config" in flags.FLAGS:
+    text += ["", "built-in configs: " + " ".join(config.builtin_configs())]
+  text += ["", "job flags (every entry point):", *map(line, shared), "",
+           "logging: --verbosity, --log_dir, --alsologtostderr; every absl and JAX flag: --helpfull"]
+  return "\n".join(text)
 
 
 def initialize() -> None:
@@ -179,6 +237,23 @@ def _set_up_logging(argv: list[str]) -> None:
   logging.info("starting: %s", shlex.join([os.path.basename(argv[0]), *argv[1:]]))
 
 
+# Optional dependencies (setup.py EXTRAS): a missing one is one line naming the extra to install.
+_EXTRA_OF = {"av": "data", "tensorflow_datasets": "data", "skimage": "data", "sklearn": "demo", "gcsfs": "gcs",
+             "google": "gcs", "torch": "torch", "transformers": "torch", "diffusers": "torch", "libtpu": "tpu"}
+
+
+def select_platforms() -> None:
+  """Keeps JAX off libtpu on hosts without TPU chips, before any backend starts: there libtpu
+  only prints an error banner and holds /tmp/libtpu_lockfile, which fails the next lvm_jax
+  process on the host. Leaves JAX_PLATFORMS alone when set. lvm-compile still gets libtpu's
+  topologies (they load it apart from the backends)."""
+  if os.environ.get("JAX_PLATFORMS") or _on_tpu_vm() or importlib.util.find_spec("libtpu") is None:
+    return
+  gpu = glob.glob("/dev/nvidia[0-9]*") and any(
+      importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_plugins.xla_cuda12"))
+  jax.config.update("jax_platforms", "cuda,cpu" if gpu else "cpu")
+
+
 def _on_tpu_vm() -> bool:
   """TPU VMs expose their chips as /dev/accel* (v4, v5p) or /dev/vfio/N (v5e, v6e)."""
   return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
@@ -187,8 +262,13 @@ def _on_tpu_vm() -> bool:
 def run(main: Callable[[list[str]], None], required: list[str]) -> None:
   """app.run with one-line errors for bad flags, bad configs and bad inputs."""
   flags.mark_flags_as_required(required)
+  caller = sys._getframe(1)  # pylint: disable=protected-access
+  while caller and caller.f_globals.get("__name__") == __name__:
+    caller = caller.f_back
+  _ENTRY[0] = caller.f_globals.get("__name__", "__main__") if caller else "__main__"
 
   def wrapped(argv: list[str]) -> None:
+    select_platforms()
     _set_up_logging(sys.argv)
     prog = os.path.basename(argv[0])
     try:
@@ -199,6 +279,11 @@ def run(main: Callable[[list[str]], None], required: list[str]) -> None:
           raise Terminated()
       initialize()
       main(argv)
+    except ModuleNotFoundError as e:
+      top = (e.name or "").split(".")[0]
+      if top not in _EXTRA_OF:
+        raise
+      _fail(argv[0], f"this needs the optional dependency {top!r}: pip install 'lvm_jax[{_EXTRA_OF[top]}]'")
     except Terminated:
       print(f"{prog}: SIGTERM before there was anything to save: exiting", flush=True)
       sys.exit(0)

@@ -50,8 +50,12 @@ def compile_train_step(c: Any, topology: str, num_slices: int = 1) -> Any:
     devices = topologies.get_topology_desc(topology_name=name, platform="tpu",
                                            num_slices=num_slices).devices
   except Exception as e:  # pylint: disable=broad-except
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "lockfile" in str(e):  # libtpu admits one process per host
+      raise config_lib.ConfigError(f"cannot get TPU topology {name}: another process on this host holds libtpu "
+                                   "(/tmp/libtpu_lockfile); wait for it to end, or compile on another host") from None
     raise config_lib.ConfigError(f"cannot get TPU topology {name} (is libtpu installed? pip install "
-                                 f"-e .[tpu]): {str(e).splitlines()[0]}") from None
+                                 f"'lvm_jax[tpu]'): {first}") from None
   mesh = sharding.make_mesh(c.mesh, devices)
   sharding.check_batch(c.global_batch, c.grad_accum, mesh, c.rules)
   b = train.build(c, mesh)

@@ -48,6 +48,7 @@ def lvm_config(d_model: int, ffn: int, layers: int, heads: int) -> ml_collection
   c.grad_accum = 1  # micro-batches per update, scanned inside the step
   c.steps = 100_000  # optimizer updates
   c.seed = 0
+  c.init_from = ""  # a new run's weights: WORKDIR[:STEP] of this family, an HF Llama dir, an ml-aim .safetensors
 
   c.optim = dict(
       lr=1.5e-4, end_lr=3e-5, warmup=2000, b1=0.9, b2=0.95, eps=1e-8,
@@ -169,11 +170,41 @@ def load_from_workdir(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(plain(json.loads(path.read_text())))
 
 
+def config_dirs() -> list[str]:
+  """Where built-in configs live: the installed package's lvm_jax/configs (setup.py maps the
+  checkout's configs/ there), then a checkout's configs/ beside lvm_jax/."""
+  import os  # pylint: disable=g-import-not-at-top
+  package = os.path.dirname(os.path.abspath(__file__))
+  dirs = [os.path.join(package, "configs"), os.path.join(os.path.dirname(package), "configs")]
+  return [d for d in dirs if os.path.isdir(d)]
+
+
+def builtin_configs() -> list[str]:
+  import glob  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  return sorted({os.path.basename(f)[:-3] for d in config_dirs() for f in glob.glob(os.path.join(d, "*.py"))
+                 if not os.path.basename(f).startswith("_")})
+
+
+def config_path(value: str) -> str:
+  """A config as named on a command line, FILE[:ARG] or a built-in NAME[:ARG] (lvm_300m,
+  lvm_tiny:test), as FILE[:ARG]; one line when it is neither."""
+  import os  # pylint: disable=g-import-not-at-top
+  path, sep, arg = value.partition(":")
+  if os.path.exists(path) or os.sep in path or path.endswith(".py"):
+    return value
+  for d in config_dirs():
+    if os.path.exists(os.path.join(d, path + ".py")):
+      return os.path.join(d, path + ".py") + sep + arg
+  raise ConfigError(f"--config={value}: no such file and no built-in config of that name "
+                    f"(built-in: {', '.join(builtin_configs())})")
+
+
 def load_file(path: str) -> ml_collections.ConfigDict:
-  """get_config(arg) of a config file named as on the command line: FILE[:ARG]."""
+  """get_config(arg) of a config named as on the command line: FILE[:ARG] or NAME[:ARG]."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
-  file, _, arg = path.partition(":")
+  file, _, arg = config_path(path).partition(":")
   if not os.path.isfile(file):
     raise ConfigError(f"config file {file} does not exist")
   spec = importlib.util.spec_from_file_location(os.path.basename(file)[:-3], file)
@@ -213,7 +244,11 @@ def validate(c: Any) -> None:
   steps = tuple(c.get("profile_steps", ()))
   check(not steps or (len(steps) == 2 and 1 <= steps[0] <= steps[1]),
         f"profile_steps={steps}: expected () or (first, last) with 1 <= first <= last")
-  if "optim" in c:
-    check(c.optim.warmup < c.steps or c.steps == 0,
-          f"optim.warmup={c.optim.warmup} must be smaller than steps={c.steps}")
+  init_from = c.get("init_from", "")
+  check(isinstance(init_from, str), f"init_from={init_from!r}: expected a path (a training workdir[:step], "
+        "a Hugging Face LlamaForCausalLM directory or an ml-aim .safetensors file), or '' for random weights")
+  if "optim" in c and c.steps and c.optim.warmup >= c.steps:  # a smoke run (--config.steps=5) is fine
+    from absl import logging  # pylint: disable=g-import-not-at-top
+    logging.warning("optim.warmup=%d >= steps=%d: the learning rate never reaches optim.lr=%g",
+                    c.optim.warmup, c.steps, c.optim.lr)
   model_module(c).validate(c)

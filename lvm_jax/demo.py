@@ -20,16 +20,15 @@ from absl import flags, logging
 from lvm_jax import cli, config as config_lib, evaluate, make_dataset, prompt, train, train_vqgan
 from lvm_jax.data import demo as demo_data
 
-_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def configs(workdir: str, quick: bool) -> tuple:
-  vq = config_lib.load_file(os.path.join(_CONFIGS, "vqgan_tiny.py") + (":test" if quick else ""))
-  data = config_lib.load_file(os.path.join(_CONFIGS, "dataset_demo.py") + (":test" if quick else ""))
+  vq = config_lib.load_file("vqgan_tiny" + (":test" if quick else ""))
+  data = config_lib.load_file("dataset_demo" + (":test" if quick else ""))
   data.store = os.path.join(workdir, "store")
-  data.vqgan = dict(config=os.path.join(_CONFIGS, "vqgan_tiny.py"), workdir=os.path.join(workdir, "vqgan"),
+  data.vqgan = dict(config=config_lib.config_path("vqgan_tiny"), workdir=os.path.join(workdir, "vqgan"),
                     weights="", layout="diffusers")
-  lvm = config_lib.load_file(os.path.join(_CONFIGS, "lvm_demo.py"))
+  lvm = config_lib.load_file("lvm_demo")
   lvm.data.mixture.main.path = data.store
   lvm.vqgan = dict(data.vqgan)
   if quick:

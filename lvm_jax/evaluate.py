@@ -198,7 +198,7 @@ def reconstruction(reconstruct: Any, weights: Any, images: np.ndarray) -> tuple[
 
 def _aim_trunk(c: Any, workdir: Optional[str], ml_aim: Optional[str]) -> Any:
   """The AIM trunk of a training workdir, or of an ml-aim v1 safetensors file."""
-  from lvm_jax import load  # pylint: disable=g-import-not-at-top
+  from lvm_jax import convert, load  # pylint: disable=g-import-not-at-top
   from lvm_jax.convert import aim_torch  # pylint: disable=g-import-not-at-top
   family = config_lib.model_module(c)
   if not ml_aim:
@@ -207,7 +207,7 @@ def _aim_trunk(c: Any, workdir: Optional[str], ml_aim: Optional[str]) -> Any:
   else:
     trunk = nnx.eval_shape(lambda: family.Trunk(family.inference(family.Config(**c.model)), nnx.Rngs(0)))
     try:
-      weights, _ = aim_torch.from_ml_aim(aim_torch.load_safetensors(ml_aim))
+      weights, _ = aim_torch.from_ml_aim(convert.load_float32(ml_aim))
     except Exception as e:  # pylint: disable=broad-except  # missing, not safetensors, not ml-aim v1
       raise config_lib.ConfigError(f"--ml_aim {ml_aim}: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from None
     shapes = jax.tree.map(np.shape, nnx.to_pure_dict(nnx.state(trunk, nnx.Param)))

@@ -6,6 +6,10 @@ training starts on the user's own command line (`vqgan_record`): absolute paths 
 tokenizer's architecture as JSON. `load_vqgan` reads such a record and refuses the Python config
 file older workdirs name, rather than executing it. Relative paths of older workdirs resolve
 against the workdir first and then the current directory (where they used to resolve).
+
+A new run's starting weights (config.init_from, `init_params`) are read here too: a training
+workdir of the same family (newest step that verifies, or WORKDIR:STEP), a Hugging Face
+LlamaForCausalLM directory, or an ml-aim safetensors file; again only orbax, safetensors, JSON.
 """
 
 import os
@@ -13,17 +17,20 @@ from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from absl import logging
 from etils import epath
 from flax import nnx
 
 from lvm_jax import checkpoint, config as config_lib, models
-from lvm_jax.models import vqgan
+from lvm_jax.models import aim, transformer, vqgan
 
 
-def load_params(c: Any, workdir: str) -> tuple[Any, dict, int]:
+def load_params(c: Any, workdir: str, step: Optional[int] = None) -> tuple[Any, dict, int]:
   """(model config for inference, weights as numpy pure dicts, step) of the newest checkpoint in a
-  training workdir that verifies, for any model family (c.model_name): only the family's WEIGHTS
-  item is read (the LVM's params, the VQGAN's EMA generator), never the optimizer's moments."""
+  training workdir that verifies (or of `step`), for any model family (c.model_name): only the
+  family's WEIGHTS item is read (the LVM's params, the VQGAN's EMA generator), never the
+  optimizer's moments."""
   family = config_lib.model_module(c)
   try:
     cfg = family.Config(**c.model)
@@ -34,7 +41,7 @@ def load_params(c: Any, workdir: str) -> tuple[Any, dict, int]:
   if not epath.Path(directory).exists():
     raise checkpoint.CheckpointError(f"no checkpoint in {_display(directory)} (not a training workdir, or "
                                      "training saved none yet)")
-  weights, step = checkpoint.read_weights(directory, family.WEIGHTS, abstract)
+  weights, step = checkpoint.read_weights(directory, family.WEIGHTS, abstract, step)
   return family.inference(cfg), weights, step
 
 
@@ -44,6 +51,93 @@ def load_model(c: Any, workdir: str) -> tuple[Any, int]:
   model = models.abstract(config_lib.model_module(c), cfg)
   nnx.update(model, jax.tree.map(jnp.asarray, weights))
   return model, step
+
+
+def init_source(spec: str) -> tuple[str, Optional[int]]:
+  """(path, step or None) of a config.init_from value: a trailing ':N' names a workdir's step
+  (gs://bucket/w:1200 too; the 'gs:' of a bare gs:// path is no step)."""
+  path, sep, step = spec.rpartition(":")
+  return (path, int(step)) if sep and path and step.isdigit() else (spec, None)
+
+
+def absolute_init_from(spec: str) -> str:
+  """config.init_from with a local path made absolute, so the workdir's record means it from anywhere."""
+  path, step = init_source(spec)
+  if not path or "://" in path:
+    return spec
+  return os.path.abspath(os.path.expanduser(path)) + ("" if step is None else f":{step}")
+
+
+def init_params(c: Any, abstract_params: Any) -> dict:
+  """A new run's starting weights from c.init_from: {top-level key: subtree} of the parameters it
+  holds (all of them; of an ml-aim file, the AIM trunk), each checked against `abstract_params`
+  (shapes, dtypes, shardings of the run's params) and placed on its sharding. A shape that
+  differs is one ConfigError line naming the parameter."""
+  path, step = init_source(c.init_from)
+  weights, source = _init_weights(c, path, step)
+  _check_init_shapes(c.init_from, weights, abstract_params)
+  placed = {k: jax.tree.map(_place, weights[k], abstract_params[k]) for k in weights}
+  count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+  loaded, total = count(weights), count(abstract_params)
+  rest = "" if loaded == total else f" (the rest, {', '.join(sorted(abstract_params.keys() - weights.keys()))}: random)"
+  logging.info("init_from: %s of %s parameters from %s (%s)%s; optimizer state and step start fresh",
+               f"{loaded:,}", f"{total:,}", path, source, rest)
+  return placed
+
+
+def _place(w: np.ndarray, a: jax.ShapeDtypeStruct) -> jax.Array:
+  """A host array on its sharding: each process puts only its own shards on its devices."""
+  w = np.asarray(w, a.dtype)
+  return jax.make_array_from_callback(a.shape, a.sharding, lambda index: w[index])
+
+
+def _init_weights(c: Any, path: str, step: Optional[int]) -> tuple[dict, str]:
+  """(numpy params or a part of them, what they are) of an init_from path, by what it holds."""
+  family, where = config_lib.model_module(c), f"init_from={c.init_from}"
+  if not epath.Path(path).exists():
+    raise config_lib.ConfigError(f"{where}: {_display(path)} does not exist")
+  if (epath.Path(path) / "checkpoints").exists():  # a training workdir: its own config.json says what it holds
+    source = config_lib.load_from_workdir(path)
+    if source.get("model_name") != c.model_name:
+      raise config_lib.ConfigError(f"{where}: a model_name={source.get('model_name')!r} workdir, "
+                                   f"this run trains {c.model_name!r}")
+    _, weights, step = load_params(source, path, step)
+    return weights, f"step {step} of a training workdir"
+  if step is not None:
+    raise config_lib.ConfigError(f"{where}: ':{step}' names a checkpoint step, but {_display(path)} has no "
+                                 "checkpoints/ (not a training workdir)")
+  try:
+    if family is transformer:
+      from lvm_jax.convert import hf_llama  # pylint: disable=g-import-not-at-top
+      return hf_llama.load_pretrained(path)[1], "Hugging Face LlamaForCausalLM"
+    if family is aim:
+      from lvm_jax import convert  # pylint: disable=g-import-not-at-top
+      from lvm_jax.convert import aim_torch  # pylint: disable=g-import-not-at-top
+      file = str(epath.Path(path) / "model.safetensors") if epath.Path(path).is_dir() else path
+      return {"trunk": aim_torch.from_ml_aim(convert.load_float32(file))[0]}, "ml-aim safetensors, trunk"
+  except Exception as e:  # pylint: disable=broad-except  # unreadable, not safetensors, another layout
+    raise config_lib.ConfigError(f"{where}: {type(e).__name__}: {str(e).strip().splitlines()[0]}") from None
+  raise config_lib.ConfigError(f"{where}: {_display(path)} has no checkpoints/, and model_name={c.model_name!r} "
+                               "starts from no other format (an LVM from a Hugging Face directory, AIM from ml-aim)")
+
+
+def _check_init_shapes(spec: str, weights: dict, abstract_params: dict) -> None:
+  """One ConfigError line for the first parameter whose shape differs, is missing or is unknown."""
+  flat = lambda tree: {"params/" + "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): tuple(x.shape)
+                       for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  have = flat(weights)
+  want = flat({k: v for k, v in abstract_params.items() if k in weights})
+  changed = sorted(k for k in have.keys() & want.keys() if have[k] != want[k])
+  missing, extra = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+  if changed:
+    what = f"{changed[0]} is {have[changed[0]]} there, {want[changed[0]]} in this config's model"
+  elif missing:
+    what = f"no {missing[0]} there (this config's model has it, {want[missing[0]]})"
+  elif extra:
+    what = f"{extra[0]} {have[extra[0]]} there is not in this config's model"
+  else:
+    return
+  raise config_lib.ConfigError(f"init_from={spec}: {what}")
 
 
 def vqgan_record(spec: Mapping[str, Any], base_dir: Optional[str] = None) -> dict:

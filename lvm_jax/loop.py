@@ -24,7 +24,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from lvm_jax import checkpoint, cli, config as config_lib, metrics, profiler, progress, sharding, storage
+from lvm_jax import checkpoint, cli, config as config_lib, load, metrics, profiler, progress, sharding, storage
 from lvm_jax import workdir as workdir_lib
 
 # What a progress line shows of a row, when the trainer reports it (the rest is in metrics.jsonl).
@@ -86,18 +86,19 @@ class Preemption:
 @dataclasses.dataclass(frozen=True)
 class Built:
   """A trainer's state before any FLOP: the model's graph and config, the optimizer, the state's
-  init function, its abstract shapes on their shardings, and the batch's sharding."""
+  init function (init(key), and for train.py's families init(key, loaded params): `fresh`), its
+  abstract shapes on their shardings, and the batch's sharding."""
   model_cfg: Any
   graphdef: Any
   tx: Any  # optax.GradientTransformation (the VQGAN trainer adds its critic's, train_vqgan.Built)
-  init: Callable[[jax.Array], dict]
+  init: Callable[..., dict]
   abstract_state: Any
   state_shardings: Any
   batch_sharding: jax.sharding.NamedSharding
 
   @classmethod
   def make(cls, c: Any, mesh: jax.sharding.Mesh, model_cfg: Any, graphdef: Any, tx: Any,
-           init: Callable[[jax.Array], dict], abstract_state: Any, state_shardings: Any, **extra: Any) -> "Built":
+           init: Callable[..., dict], abstract_state: Any, state_shardings: Any, **extra: Any) -> "Built":
     return cls(model_cfg=model_cfg, graphdef=graphdef, tx=tx, init=init,
                abstract_state=checkpoint.abstract_like(abstract_state, state_shardings),
                state_shardings=state_shardings, batch_sharding=batch_sharding(c, mesh), **extra)
@@ -115,6 +116,8 @@ def prepare(c: Any, workdir: str, devices: Optional[list] = None) -> jax.shardin
   workdir_lib.check_writable(workdir)
   with c.unlocked():
     workdir_lib.absolute_paths(c)
+    if c.get("init_from"):  # not one of workdir.PATH_KEYS: its ':step' suffix stays
+      c.init_from = load.absolute_init_from(c.init_from)
   mesh = sharding.make_mesh(c.mesh, devices)
   sharding.check_batch(c.global_batch, c.get("grad_accum", 1), mesh, c.rules)
   return mesh
@@ -180,13 +183,14 @@ def run(c: Any, workdir: str, t: Trainer, data_iter: Any, mesh: jax.sharding.Mes
   ckpt = checkpoint.Checkpointer(str(epath.Path(workdir) / "checkpoints"), c.ckpt_keep, c.ckpt_every, deadline)
   with ckpt, jax.set_mesh(mesh), sharding.axis_rules(c.rules):
     workdir_lib.check_data(c, workdir, t.data)  # before anything compiles
-    init = jax.jit(t.built.init, out_shardings=t.built.state_shardings)
     with progress.phase("restoring the newest checkpoint or initialising"):
-      state, start = ckpt.restore_or_init(t.built.abstract_state, data_iter, lambda: init(jax.random.key(c.seed)))
+      state, start = ckpt.restore_or_init(t.built.abstract_state, data_iter, lambda: fresh(c, t.built))
     # Recorded only once the checkpoint took this config: a start that failed leaves no trace.
     workdir_lib.record_start(c, workdir, start, t.data)
     if start:
       logging.info("restored step %d from %s", start, workdir)
+      if c.get("init_from"):  # it names where a NEW run starts; a restart goes on from its own steps
+        logging.info("init_from=%s ignored: the run resumes its own checkpoint, step %d", c.init_from, start)
     if stop_at is not None and start >= stop_at:
       logging.info("step %d already reaches --stop_at=%d: nothing to do", start, stop_at)
       return state
@@ -197,6 +201,18 @@ def run(c: Any, workdir: str, t: Trainer, data_iter: Any, mesh: jax.sharding.Mes
       state = _loop(c, workdir, t, state, start, data_iter, ckpt, writer, preemption, peak)
       ckpt.wait()
   return state
+
+
+def fresh(c: Any, b: Built) -> Any:
+  """A new run's state on its shardings: b.init's, with the weights config.init_from names in
+  place of random ones (load.init_params; the trainer's init takes them as its second argument).
+  The optimizer state and the step start fresh either way."""
+  key = jax.random.key(c.seed)
+  if not c.get("init_from"):
+    return jax.jit(b.init, out_shardings=b.state_shardings)(key)
+  loaded = load.init_params(c, b.abstract_state["params"])
+  # Donated: the loaded arrays become the state's parameters rather than a second copy of the model.
+  return jax.jit(b.init, out_shardings=b.state_shardings, donate_argnums=1)(key, loaded)
 
 
 class _Clock:

@@ -4,15 +4,16 @@ next token of a visual sentence) or AIM (models/aim.py, next patch's pixels).
   python -m lvm_jax.train --config configs/lvm_tiny.py --workdir W
 
 Reads top to bottom: config -> mesh -> the data checked against the model -> model and optimizer
-shapes -> shardings -> the step -> loop.run (lvm_jax/loop.py: workdir record, verified restore,
-non-finite guard, checkpoints, preemption). The family is `config.model_name`; this file uses
-only its contract (Config, Model, loss, flops_per_step, summary), so a new family is a new module
-under models/ and a config. Restarting with the same workdir resumes from the newest checkpoint
+shapes -> shardings -> the step -> loop.run (lvm_jax/loop.py: workdir record, verified restore
+or a new run's state, with the weights config.init_from names if set; non-finite guard,
+checkpoints, preemption). The family is `config.model_name`; this file uses only its contract
+(Config, Model, loss, flops_per_step, summary), so a new family is a new module under models/
+and a config. Restarting with the same workdir resumes from the newest checkpoint
 that verifies, data iterator included; SIGTERM saves a checkpoint and exits 0.
 """
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -65,8 +66,11 @@ def build(c: Any, mesh: jax.sharding.Mesh) -> loop.Built:
   graphdef, _ = nnx.split(abstract_model)
   tx = optim.make(c)
 
-  def init(key: jax.Array) -> dict:
+  def init(key: jax.Array, loaded: Optional[dict] = None) -> dict:
     params = nnx.to_pure_dict(nnx.state(family.Model(model_cfg, rngs=nnx.Rngs(key)), nnx.Param))
+    # Weights a new run starts from (config.init_from, load.init_params) replace whole top-level
+    # subtrees (all, or e.g. an ml-aim trunk); under jit the random values they replace are never computed.
+    params = {**params, **(loaded or {})}
     return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params), **loop.counters()}
 
   abstract_state = jax.eval_shape(init, jax.random.key(0))

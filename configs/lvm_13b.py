@@ -1,0 +1,19 @@
+"""LVM 13B (12.8B parameters): d_model 5120, ffn 13824, 40 layers, 40 heads.
+
+The vqlm_13b size of the LVM release, trained on visual sentences of 16 images x 256 tokens.
+
+  python -m lvm_jax.compile --config configs/lvm_13b.py --topology v5p-256   # memory check, no TPU
+  bash launch/tpu_pod.sh NAME v5p-256 configs/lvm_13b.py gs://BUCKET/lvm_13b
+
+Expect the loss to fall fastest in the first few thousand steps (warmup 2000) and the learning
+rate to follow warmup + cosine from 1.5e-4 to 3e-5 over `steps` optimizer updates.
+"""
+
+from lvm_jax.config import lvm_config
+
+
+def get_config(arg=None):
+  del arg
+  c = lvm_config(d_model=5120, ffn=13824, layers=40, heads=40)
+  c.global_batch = 128
+  return c
