@@ -192,6 +192,7 @@ def test_damaged_step_on_gcs_is_moved_aside_and_the_previous_restores(gcs_emulat
   assert "checkpoint_test.damaged/2.reason.txt" in names
 
 
+@pytest.mark.slow  # ~14 s: the CLI in a subprocess
 def test_a_damaged_step_costs_one_warning_line_on_the_command_line(trained, tmp_path):
   """The reads still in flight when one fails used to print ~70 'Event loop is closed' tracebacks
   and a TensorStore spec each; the user sees one warning and the run goes on."""

@@ -134,6 +134,7 @@ def test_init_from_parses_a_step_and_is_recorded_absolute():
   assert load.absolute_init_from("gs://b/w:5") == "gs://b/w:5"
 
 
+@pytest.mark.slow  # ~6 s: an AIM run
 def test_aim_starts_from_an_ml_aim_trunk_its_head_random(tmp_path, source, caplog):
   c = load_config("aim_tiny", "test")
   abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: aim.Model(aim.Config(**c.model), rngs=nnx.Rngs(0))),

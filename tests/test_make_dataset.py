@@ -265,6 +265,7 @@ def test_a_shrunk_source_leaves_no_stale_shard_visible(tmp_path, weights, store_
   assert_as_if_built_fresh(c, str(tmp_path / "fresh"), report, dataset="pics")
 
 
+@pytest.mark.slow  # ~17 s: two CLI runs
 def test_sigterm_mid_job_finishes_the_shard_exits_0_and_a_rerun_completes(tmp_path, weights):
   import sys  # pylint: disable=g-import-not-at-top
   from tests.conftest import sigterm_on  # pylint: disable=g-import-not-at-top

@@ -73,6 +73,7 @@ def test_grid_labels_prompt_answer_and_candidates():
   np.testing.assert_array_equal(one[cell + GAP:cell + GAP + STRIP, :128], label("generated 1"))
 
 
+@pytest.mark.slow  # ~17 s: the CLI in a subprocess
 def test_cli_writes_the_grid(lvm_workdir, tmp_path):
   paths = []
   for i, img in enumerate(pictures(2)):

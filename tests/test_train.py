@@ -154,6 +154,7 @@ def test_gs_workdir_trains_resumes_and_logs(gcs_emulator, tmp_path):
   assert "error: workdir gs://no-such-bucket/run is not writable" in bad.stderr.splitlines()[-1]
 
 
+@pytest.mark.slow  # ~35 s; AIM's model tests stay in the default suite
 def test_aim_pretrains_on_the_same_trainer(tmp_path):
   """The AIM objective through train(): prefix-causal next-patch loss falls, state checkpointed."""
   c = load_config("aim_tiny", "test")

@@ -53,6 +53,7 @@ def test_mixing_stores_of_two_tokenizers_is_refused(tiny_config, tmp_path):
     train.train(c, str(tmp_path / "run"))
 
 
+@pytest.mark.slow  # ~19 s: three runs
 def test_resume_on_another_tokenizer_is_refused_unless_allowed_and_history_is_kept(tiny_config, tmp_path, caplog):
   run = tmp_path / "run"
   c = _on_store(tiny_config, _store(str(tmp_path / "a"), "tok-a"))

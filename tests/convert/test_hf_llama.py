@@ -75,6 +75,7 @@ def test_round_trip_is_exact(tmp_path):
     np.testing.assert_array_equal(np.asarray(a), b)
 
 
+@pytest.mark.slow  # ~16 s: a training run first
 def test_training_checkpoint_exports(tiny_config, tmp_path):
   tiny_config.steps, tiny_config.optim.warmup = 2, 1
   train.train(tiny_config, str(tmp_path / "run"))
