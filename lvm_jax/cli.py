@@ -92,6 +92,8 @@ def _fail(prog: str, message: str) -> None:
 
 def _config_error(argv: list[str], e: Exception) -> None:
   """One line for a config that does not load or an override that does not apply."""
+  if isinstance(e, config.ConfigError):  # already one line of ours (e.g. an unknown built-in name)
+    _fail(argv[0], str(e))
   # KeyError's str() is the repr of its message (escaped quotes and newlines), and
   # ml_collections may wrap that again: unquote to the message itself.
   message = str(e.args[0] if e.args and isinstance(e.args[0], str) else e)
@@ -140,8 +142,6 @@ def define_config(default: str | None = None) -> flags.FlagHolder:
   keys are errors. With a default, ml_collections applies the overrides right here."""
   try:
     return config_flags.DEFINE_config_file("config", default and config.config_path(default), CONFIG_HELP, lock_config=True)
-  except config.ConfigError as e:
-    _fail(sys.argv[0], str(e))
   except _CONFIG_ERRORS as e:
     _config_error(sys.argv, e)
     raise
@@ -160,8 +160,6 @@ def _parse(argv: list[str]) -> list[str]:
     lines = [line for line in str(e).splitlines() if line.strip()]
     # A config file that raised arrives with its traceback: keep the flag and the error.
     _fail(argv[0], lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}")
-  except config.ConfigError as e:
-    _fail(argv[0], str(e))
   except _CONFIG_ERRORS as e:
     _config_error(argv, e)
   return []
