@@ -96,12 +96,15 @@ def test_evaluate_reports_a_vqgan_workdirs_held_out_psnr(runs):
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from lvm_jax import evaluate  # pylint: disable=g-import-not-at-top
   c = config_lib.load_from_workdir(runs.vqgan)
-  report = evaluate.REPORTS[vqgan.EVALUATION](c, types.SimpleNamespace(workdir=runs.vqgan))["reconstruction"]
+  full = evaluate.REPORTS[vqgan.EVALUATION](c, types.SimpleNamespace(workdir=runs.vqgan))
+  report = full["reconstruction"]  # lvm_jax/tokenizer_report.py's, on the held-out crops
   held = images_lib.held_out(c.image_size, c.data.shrink)
   graphdef, _ = nnx.split(nnx.eval_shape(lambda: vqgan.Model(vqgan.Config(**c.model), rngs=nnx.Rngs(0))))
   want, _ = evaluate.reconstruction(evaluate.reconstructor(graphdef), runs.saved["vqgan"]["ema"], held)
-  assert report["step"] == 0 and report["images"] == len(held)
-  np.testing.assert_allclose(report["psnr"], want, rtol=1e-6)
+  assert report["tokenizer"] == {"workdir": runs.vqgan, "step": 0, "weights": "ema"} and report["images"] == len(held)
+  np.testing.assert_allclose(report["metrics"]["psnr"]["value"], want, rtol=1e-6)
+  assert {"ssim", "codebook_usage", "codebook_perplexity"} <= set(report["metrics"])
+  assert f"{len(held)} images from the held-out" in evaluate.table(full)
 
 
 def lvm_workdir(runs: Runs, name: str, vqgan_entry: dict) -> str:

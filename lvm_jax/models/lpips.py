@@ -77,13 +77,19 @@ def load(model: Model, weights: dict[str, np.ndarray]) -> None:
       raise ValueError(f"LPIPS weights: missing tensor {name}")
     if tuple(weights[name].shape) != shape:
       raise ValueError(f"LPIPS weights: {name} has shape {tuple(weights[name].shape)}, expected {shape}")
+  # Whole values, not [...] = : the model may be an abstract one (from_file), with no array to write into.
   for i, idx in enumerate(_VGG_CONVS):
-    model.convs[i].kernel[...] = jnp.asarray(weights[f"features.{idx}.weight"]).transpose(2, 3, 1, 0)
-    model.convs[i].bias[...] = jnp.asarray(weights[f"features.{idx}.bias"])
+    model.convs[i].kernel.value = jnp.asarray(weights[f"features.{idx}.weight"]).transpose(2, 3, 1, 0)
+    model.convs[i].bias.value = jnp.asarray(weights[f"features.{idx}.bias"])
   for k in range(len(_TAPS)):
-    model.lins[k].kernel[...] = jnp.asarray(weights[f"lin{k}.model.1.weight"]).transpose(2, 3, 1, 0)
+    model.lins[k].kernel.value = jnp.asarray(weights[f"lin{k}.model.1.weight"]).transpose(2, 3, 1, 0)
 
 
 def from_file(path: str) -> Model:
   from safetensors.numpy import load_file  # pylint: disable=g-import-not-at-top
-  return Model(nnx.Rngs(0), weights=load_file(path))
+  weights = load_file(path)
+  # Shapes only: the file holds every parameter, and a random VGG16 init, thrown away, would take
+  # ~20 s to compile on a CPU.
+  model = nnx.eval_shape(lambda: Model(nnx.Rngs(0)))
+  load(model, weights)
+  return model
