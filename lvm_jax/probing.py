@@ -13,7 +13,8 @@ most 32 x 32, which keeps the regression tractable for large images).
 """
 
 import concurrent.futures
-from typing import NamedTuple, Optional
+import functools
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -70,7 +71,7 @@ def labeled_images(spec: dict, size: int, max_images: int, threads: int = 16) ->
                  src.class_names(), len(keys) - len(loaded))
 
 
-def _align(train: Labeled, test: Labeled) -> np.ndarray:
+def align(train: Labeled, test: Labeled) -> np.ndarray:
   """Test labels in the train split's ids: folder roots number their own class folders."""
   if train.names is None or test.names is None:
     return test.labels
@@ -80,10 +81,28 @@ def _align(train: Labeled, test: Labeled) -> np.ndarray:
   return np.array([ids[test.names[k]] for k in test.labels], np.int32)
 
 
+def default_layers(depth: int) -> tuple[int, ...]:
+  """The blocks whose outputs the probe averages unless told: the last min(6, depth)."""
+  return tuple(range(max(0, depth - 6), depth))
+
+
+def few_per_class(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
+  """Indices of `per_class` examples of every class (all of a smaller class), drawn with `seed`."""
+  rng = np.random.default_rng(seed)
+  return np.concatenate([rng.choice(idx, min(per_class, len(idx)), replace=False)
+                         for k in range(int(labels.max()) + 1) if len(idx := np.flatnonzero(labels == k))])
+
+
+@functools.cache
+def _feature_fn(graphdef: nnx.GraphDef, layers: tuple[int, ...]) -> Any:
+  # One compilation per architecture: probing many checkpoints of a run (aim_curve.py) reuses it.
+  return jax.jit(lambda s, im: nnx.merge(graphdef, s)(aim.normalize(im), layers=layers)[1].astype(jnp.float16))
+
+
 def features(trunk: aim.Trunk, images: np.ndarray, layers: tuple[int, ...], batch: int = 64) -> np.ndarray:
   """float16 [N, patches, D]: the mean of `layers`' outputs of the bidirectional trunk."""
   graphdef, state = nnx.split(trunk)
-  run = jax.jit(lambda s, im: nnx.merge(graphdef, s)(aim.normalize(im), layers=layers)[1].astype(jnp.float16))
+  run = _feature_fn(graphdef, tuple(layers))
   out = None
   for i in range(0, len(images), batch):  # filled in place: a split's features can be gigabytes
     f = np.asarray(run(state, jnp.asarray(images[i:i + batch])))
@@ -92,15 +111,20 @@ def features(trunk: aim.Trunk, images: np.ndarray, layers: tuple[int, ...], batc
   return out
 
 
-def _linear_pixels(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> float:
+def linear_pixels(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray) -> float:
+  """Held-out accuracy of a logistic regression on the pixels, box-filtered to at most 32 x 32."""
   from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
+  from threadpoolctl import threadpool_limits  # pylint: disable=g-import-not-at-top  (scikit-learn's)
 
   def flat(im: np.ndarray) -> np.ndarray:
     f = max(1, -(-im.shape[1] // 32))  # box filter down to at most 32 x 32
     n, s = len(im), im.shape[1] // f * f
     return im[:, :s, :s].reshape(n, s // f, f, s // f, f, 3).mean((2, 4)).reshape(n, -1) / 255.0
 
-  return float(LogisticRegression(max_iter=3000).fit(flat(x), y).score(flat(x_test), y_test))
+  # One BLAS thread: the matrices are small, and OpenBLAS's spinning threads made the fit 15x
+  # slower on 2 busy CPU cores (107 s against 7 s for the 1438 digits).
+  with threadpool_limits(1):
+    return float(LogisticRegression(max_iter=3000).fit(flat(x), y).score(flat(x_test), y_test))
 
 
 def run(trunk: aim.Trunk, layers: tuple[int, ...], train: dict = DIGITS[0], test: dict = DIGITS[1],
@@ -114,13 +138,11 @@ def run(trunk: aim.Trunk, layers: tuple[int, ...], train: dict = DIGITS[0], test
   with progress.phase(f"loading up to {max_images} labeled images per split"):
     tr = labeled_images(dict(train), cfg.image_size, max_images)
     te = labeled_images(dict(test), cfg.image_size, max_images)
-  xtr, ytr, xte, yte = tr.images, tr.labels, te.images, _align(tr, te)
+  xtr, ytr, xte, yte = tr.images, tr.labels, te.images, align(tr, te)
   if len(np.unique(ytr)) < 2:
     raise ConfigError(f"probe source {train}: one class only; a classifier needs two")
   classes = int(max(ytr.max(), yte.max())) + 1
-  rng = np.random.default_rng(seed)
-  few = np.concatenate([rng.choice(idx, min(per_class, len(idx)), replace=False)
-                        for k in range(classes) if len(idx := np.flatnonzero(ytr == k))])
+  few = few_per_class(ytr, per_class, seed)
 
   # Four probes in all: all labels and `per_class`, on each trunk. Updated after each, the rate
   # (and ETA) includes the features of the trunk, computed before its probes.
@@ -139,7 +161,7 @@ def run(trunk: aim.Trunk, layers: tuple[int, ...], train: dict = DIGITS[0], test
   trained, trained_few = accuracies(trunk, "trained", 0)
   rand, rand_few = accuracies(aim.Trunk(cfg, nnx.Rngs(seed + 1)), "random", steps + steps // 2)
   with progress.phase("logistic regressions on pixels"):
-    pixels, pixels_few = _linear_pixels(xtr, ytr, xte, yte), _linear_pixels(xtr[few], ytr[few], xte, yte)
+    pixels, pixels_few = linear_pixels(xtr, ytr, xte, yte), linear_pixels(xtr[few], ytr[few], xte, yte)
   return {"attentive_probe": trained, "random_trunk_probe": rand, "linear_probe_pixels": pixels,
           "chance": float(np.max(np.bincount(yte)) / len(yte)),  # always answering the commonest class
           f"{per_class}_per_class": {"attentive_probe": trained_few, "random_trunk_probe": rand_few,

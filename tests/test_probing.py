@@ -56,9 +56,9 @@ def test_test_classes_are_numbered_as_the_train_folders(tmp_path):
       Image.new("RGB", (8, 8), (ord(k),) * 3).save(tmp_path / split / k / "0.png")
   tr = probing.labeled_images(folder(tmp_path / "train"), 8, 10)
   te = probing.labeled_images(folder(tmp_path / "test"), 8, 10)
-  assert list(te.labels) == [0, 1] and list(probing._align(tr, te)) == [0, 2]
+  assert list(te.labels) == [0, 1] and list(probing.align(tr, te)) == [0, 2]
   with pytest.raises(ConfigError, match=r"test classes \['b'\] are not among the train classes"):
-    probing._align(te, tr)
+    probing.align(te, tr)
 
 
 @pytest.mark.slow  # ~25 s

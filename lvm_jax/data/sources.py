@@ -463,13 +463,14 @@ class BuiltinImages(Source):
     return self._arrays([np.asarray(getattr(skimage.data, key)())])
 
 
-def digits(size: int, mode: str = "squash", split: str = "train") -> NumpyArrays:
+def digits(size: int, mode: str = "squash", split: str = "train", clutter: bool = False) -> NumpyArrays:
   """scikit-learn's 8x8 digits upsampled (bilinear), white on black, labeled: the demo's split
-  (data/demo.py; `held_out` is what evaluations test on)."""
-  from lvm_jax.data import demo  # pylint: disable=g-import-not-at-top
-  pictures, labels = demo.digit_images(split, size)
+  (data/demo.py; `held_out` is what evaluations test on); clutter: each at a random place, scale
+  and colour on a crop of a picture (data/clutter.py)."""
+  from lvm_jax.data import clutter as clutter_lib, demo  # pylint: disable=g-import-not-at-top
+  pictures, labels = clutter_lib.cluttered_digits(split, size)[:2] if clutter else demo.digit_images(split, size)
   source = NumpyArrays(pictures, size, mode, labels=labels)
-  source.name = f"digits/{split}"
+  source.name = f"{'cluttered_' if clutter else ''}digits/{split}"
   return source
 
 

@@ -7,6 +7,7 @@ classifier without bias. Unlike ml-aim's JAX port, which always normalises with 
 statistics (even for one image), evaluation here uses the running statistics.
 """
 
+import functools
 from typing import Any
 
 import jax
@@ -36,30 +37,40 @@ class AttentiveProbe(nnx.Module):
     return self.linear(pooled)
 
 
+@functools.cache
+def _adamw(steps: int, lr: float, weight_decay: float) -> optax.GradientTransformation:
+  # One object per setting: the optimizer's graph holds it, so probes fitted alike (the checkpoints
+  # of a run, lvm_jax/aim_curve.py) share one compiled step.
+  return optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay)
+
+
+@nnx.jit
+def _step(probe: AttentiveProbe, opt: Any, x: jax.Array, y: jax.Array) -> jax.Array:
+  def loss_fn(probe):
+    return optax.softmax_cross_entropy_with_integer_labels(probe(x, train=True), y).mean()
+  loss, grads = nnx.value_and_grad(loss_fn)(probe)
+  opt.update(probe, grads)
+  return loss
+
+
+@nnx.jit
+def _predict(probe: AttentiveProbe, x: jax.Array) -> jax.Array:
+  return jnp.argmax(probe(x, train=False), axis=-1)
+
+
 def fit(feats_BND: np.ndarray, labels_B: np.ndarray, heads: int, classes: int, *, steps: int = 300,
         batch: int = 64, lr: float = 1e-3, weight_decay: float = 0.05, seed: int = 0) -> AttentiveProbe:
   """AdamW with cosine decay on frozen features, minibatches drawn with replacement."""
   probe = AttentiveProbe(feats_BND.shape[-1], heads, classes, rngs=nnx.Rngs(seed))
-  opt = nnx.Optimizer(probe, optax.adamw(optax.cosine_decay_schedule(lr, steps), weight_decay=weight_decay),
-                      wrt=nnx.Param)
-
-  @nnx.jit
-  def step(probe: AttentiveProbe, opt: Any, x: jax.Array, y: jax.Array) -> jax.Array:
-    def loss_fn(probe):
-      return optax.softmax_cross_entropy_with_integer_labels(probe(x, train=True), y).mean()
-    loss, grads = nnx.value_and_grad(loss_fn)(probe)
-    opt.update(probe, grads)
-    return loss
-
+  opt = nnx.Optimizer(probe, _adamw(steps, lr, weight_decay), wrt=nnx.Param)
   rng = np.random.default_rng(seed)
   for _ in range(steps):
     idx = rng.integers(0, len(labels_B), batch)
-    step(probe, opt, jnp.asarray(feats_BND[idx]), jnp.asarray(labels_B[idx]))
+    _step(probe, opt, jnp.asarray(feats_BND[idx]), jnp.asarray(labels_B[idx]))
   return probe
 
 
 def accuracy(probe: AttentiveProbe, feats_BND: np.ndarray, labels_B: np.ndarray, batch: int = 256) -> float:
-  predict = nnx.jit(lambda p, x: jnp.argmax(p(x, train=False), axis=-1))
-  preds = np.concatenate([np.asarray(predict(probe, jnp.asarray(feats_BND[i:i + batch])))
+  preds = np.concatenate([np.asarray(_predict(probe, jnp.asarray(feats_BND[i:i + batch])))
                           for i in range(0, len(labels_B), batch)])
   return float(np.mean(preds == labels_B))
