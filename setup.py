@@ -7,6 +7,9 @@ ENTRY_POINTS = {
     "lvm-train": "lvm_jax.train", "lvm-train-vqgan": "lvm_jax.train_vqgan",
     "lvm-make-dataset": "lvm_jax.make_dataset", "lvm-evaluate": "lvm_jax.evaluate", "lvm-prompt": "lvm_jax.prompt",
     "lvm-compile": "lvm_jax.compile", "lvm-demo": "lvm_jax.demo",
+    "lvm-tokenizer-report": "lvm_jax.tokenizer_report",
+    "lvm-scaling": "lvm_jax.scaling",
+    "lvm-aim-curve": "lvm_jax.aim_curve",
     "lvm-convert-hf-llama": "lvm_jax.convert.hf_llama", "lvm-convert-aim": "lvm_jax.convert.aim_torch",
     "lvm-convert-vqgan": "lvm_jax.convert.vqgan_torch", "lvm-convert-lpips": "lvm_jax.convert.lpips_weights",
 }
@@ -20,8 +23,9 @@ EXTRAS = {
     # VideoFrame.rotation), TFDS datasets read from array_record files without TensorFlow, and
     # scikit-image's built-in pictures.
     "data": ["av>=14", "tensorflow-datasets>=4.9", "scikit-image>=0.22"],
-    # The demo's digits, pictures and k-means segmentation task; the linear probes of evaluate.
-    "demo": ["scikit-learn>=1.3", "scikit-image>=0.22"],
+    # The demo's digits, pictures and k-means segmentation task; the linear probes of evaluate;
+    # the plots of lvm_jax.scaling.
+    "demo": ["scikit-learn>=1.3", "scikit-image>=0.22", "matplotlib>=3.7"],
     # Conversion and parity tests. Install torch first with the exact CPU version you want
     # (`pip install torch==2.13.0`); a bare `torch` here may pull a multi-GB CUDA build.
     "torch": ["torch>=2.4", "transformers>=4.45", "diffusers>=0.30"],
@@ -45,6 +49,8 @@ setup(
     # configs/ ships inside the package as lvm_jax.configs: `--config lvm_300m` works anywhere.
     packages=find_packages(include=["lvm_jax", "lvm_jax.*"]) + ["lvm_jax.configs"],
     package_dir={"lvm_jax.configs": "configs"},
+    # The demo's tokenizer (lvm_jax/assets/README.md says how it was made).
+    package_data={"lvm_jax": ["assets/*.safetensors", "assets/*.md"]},
     python_requires=">=3.11",
     install_requires=[
         # jax 0.10.x is what pip resolves on Python 3.11, 0.12.x on 3.12+; both are supported.

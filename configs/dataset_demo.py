@@ -1,22 +1,19 @@
 """Token store of the built-in demo data (lvm_jax/data/demo.py), tokenized by the tiny VQGAN.
 
-  python -m lvm_jax.train_vqgan --config configs/vqgan_tiny.py --workdir /tmp/lvm_demo/vqgan
   python -m lvm_jax.make_dataset --config configs/dataset_demo.py
 
 Every demo task becomes a dataset of 4-image sentences (32x32 images, 64 tokens each, so 256
-tokens a sentence) with a train and a held_out part; about a minute on 2 CPU cores. The report
-lists shards, sentences and tokens (demo data has nothing to skip). `:test` makes a few
-sentences per task.
+tokens a sentence) with a train and a held_out part, tokenized by the demo's VQGAN (shipped with
+the package; --config.vqgan.weights=F tokenizes with your own export of configs/vqgan_demo.py,
+`lvm-convert-vqgan --workdir W --out F`); about a minute on 2 CPU cores. The report lists
+shards, sentences and tokens (demo data has nothing to skip). `:test` makes a few sentences per
+task.
 """
-
-import os
 
 import ml_collections
 
+from lvm_jax import config as config_lib
 from lvm_jax.data import demo
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 
 def get_config(arg=None):
   c = ml_collections.ConfigDict()
@@ -26,9 +23,10 @@ def get_config(arg=None):
   c.batch_size = 64  # images per tokenizer call, over this process's devices
   c.seed = 0
   c.items_per_shard = 256  # source items (here: demo sentences) per shard
-  # The tokenizer: a train_vqgan workdir, or safetensors weights (e.g. the released amused VQGAN).
-  c.vqgan = dict(config=os.path.join(HERE, "vqgan_tiny.py"), workdir="/tmp/lvm_demo/vqgan", weights="",
-                 layout="diffusers")
+  # The tokenizer: a train_vqgan workdir (dict(workdir=...)), or safetensors weights with their
+  # architecture (e.g. the released amused VQGAN). Here the demo's, shipped with the package.
+  vq = config_lib.load_file("vqgan_demo")
+  c.vqgan = dict(model=vq.model.to_dict(), image_size=vq.image_size, weights=demo.TOKENIZER, layout="diffusers")
   count = {"train": 512, "held_out": 64}
   if arg == "test":
     count = {"train": 6, "held_out": 2}

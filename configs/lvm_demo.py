@@ -15,10 +15,10 @@ from lvm_jax.config import lvm_config
 
 def get_config(arg=None):
   del arg
-  c = lvm_config(d_model=128, ffn=384, layers=2, heads=4)
+  c = lvm_config(d_model=128, ffn=384, layers=4, heads=4)
   c.model.update(dtype="float32", remat="none", vocab_size=256)  # the tiny VQGAN's 256 codes
   c.seq_len, c.tokens_per_image = 256, 64
-  c.global_batch, c.steps = 8, 1500
+  c.global_batch, c.steps = 8, 1000
   c.optim.update(lr=3e-3, end_lr=3e-4, warmup=20)
   c.data.mixture.main.update(path="/tmp/lvm_demo/store", dataset="*_train")  # held_out is for evaluation
   c.data.threads = 2

@@ -236,8 +236,9 @@ def _set_up_logging(argv: list[str]) -> None:
 
 
 # Optional dependencies (setup.py EXTRAS): a missing one is one line naming the extra to install.
-_EXTRA_OF = {"av": "data", "tensorflow_datasets": "data", "skimage": "data", "sklearn": "demo", "gcsfs": "gcs",
-             "google": "gcs", "torch": "torch", "transformers": "torch", "diffusers": "torch", "libtpu": "tpu"}
+_EXTRA_OF = {"av": "data", "tensorflow_datasets": "data", "skimage": "data", "sklearn": "demo", "matplotlib": "demo",
+             "gcsfs": "gcs", "google": "gcs", "torch": "torch", "transformers": "torch", "diffusers": "torch",
+             "libtpu": "tpu"}
 
 
 def select_platforms() -> None:

@@ -1,13 +1,16 @@
 """The README's main job: python -m lvm_jax.demo --workdir W, end to end on a CPU.
 
-  built-in pictures -> tiny VQGAN (W/vqgan) -> demo visual sentences tokenized (W/store)
-  -> tiny LVM (W/lvm) -> prompting on held-out sentences (W/prompts/*.png) -> W/eval.json
+  demo tokenizer (shipped) -> demo visual sentences tokenized (W/store) -> tiny LVM (W/lvm)
+  -> prompting on held-out sentences (W/prompts/*.png) -> W/eval.json
 
-Each stage is the real entry point's function with the configs in configs/ (vqgan_tiny.py,
-dataset_demo.py, lvm_demo.py), so every stage resumes: rerunning skips what is done. The
-summary compares the LVM with what a model that learnt nothing would do: held-out perplexity
-against the 256 codes, next-frame PSNR against copying the last frame, counting against chance.
-`--quick` shortens every stage (for tests: the numbers are then meaningless).
+The tokenizer is the VQGAN of configs/vqgan_demo.py, trained by this project's train_vqgan on the
+demo's train frames and shipped as lvm_jax/assets/vqgan_demo.safetensors (the command that made it
+is in lvm_jax/assets/README.md); --from_scratch trains it first (W/vqgan, ~25 more minutes on 2
+cores). Each stage is the real entry point's function with the configs in configs/
+(vqgan_demo.py, dataset_demo.py, lvm_demo.py), so every stage resumes: rerunning skips what is
+done. The summary compares the LVM with what a model that learnt nothing would do (copy the last
+frame, copy the query, chance) and with the tokenizer's ceiling. `--quick` shortens every stage
+and trains a tokenizer of a few steps (for tests: the numbers are then meaningless).
 """
 
 import json
@@ -20,31 +23,34 @@ from absl import flags, logging
 from lvm_jax import cli, config as config_lib, evaluate, make_dataset, prompt, train, train_vqgan
 from lvm_jax.data import demo as demo_data
 
+TOKENIZER = demo_data.TOKENIZER
 
 
-def configs(workdir: str, quick: bool) -> tuple:
-  vq = config_lib.load_file("vqgan_tiny" + (":test" if quick else ""))
+def configs(workdir: str, quick: bool, from_scratch: bool = False) -> tuple:
+  vq = config_lib.load_file("vqgan_demo" + (":test" if quick else ""))
   data = config_lib.load_file("dataset_demo" + (":test" if quick else ""))
   data.store = os.path.join(workdir, "store")
-  data.vqgan = dict(config=config_lib.config_path("vqgan_tiny"), workdir=os.path.join(workdir, "vqgan"),
-                    weights="", layout="diffusers")
+  if quick or from_scratch:  # else dataset_demo's: the shipped weights, the architecture as data
+    data.vqgan = dict(workdir=os.path.join(workdir, "vqgan"), weights="", layout="diffusers")
   lvm = config_lib.load_file("lvm_demo")
   lvm.data.mixture.main.path = data.store
   lvm.vqgan = dict(data.vqgan)
   if quick:
-    vq.steps, vq.gan.start = 20, 10
     lvm.steps, lvm.optim.warmup, lvm.log_every = 6, 2, 2
   return vq, data, lvm
 
 
-def demo(workdir: str, quick: bool = False, count: int = 16) -> dict:
+def demo(workdir: str, quick: bool = False, count: int = 64, from_scratch: bool = False) -> dict:
   # Absolute: the LVM workdir's config.json names the store and the VQGAN, and must mean them from
   # wherever prompt / evaluate later run.
   workdir = os.path.abspath(workdir)
-  vq, data, lvm = configs(workdir, quick)
+  vq, data, lvm = configs(workdir, quick, from_scratch)
   lvm_dir = os.path.join(workdir, "lvm")
-  logging.info("demo [1/5]: tiny VQGAN on built-in pictures (%s)", os.path.join(workdir, "vqgan"))
-  train_vqgan.train_vqgan(vq, os.path.join(workdir, "vqgan"))
+  if data.vqgan.get("workdir"):
+    logging.info("demo [1/5]: the demo VQGAN on the demo's train frames (%s)", data.vqgan["workdir"])
+    train_vqgan.train_vqgan(vq, data.vqgan["workdir"])
+  else:
+    logging.info("demo [1/5]: the shipped demo VQGAN (%s; --from_scratch trains it)", TOKENIZER)
   logging.info("demo [2/5]: demo visual sentences -> token store (%s)", data.store)
   report = make_dataset.make_dataset(data)
   logging.info("demo: %d sentences, %d tokens in %s", report["sentences"], report["tokens"], data.store)
@@ -73,7 +79,13 @@ def demo(workdir: str, quick: bool = False, count: int = 16) -> dict:
 def summary(result: dict, workdir: str) -> None:
   ppl = [v["corpus_ppl"] for v in result["perplexity"].values()]
   print("\n" + evaluate.table(result))
-  print(f"\nheld-out perplexity of the answer image: {np.median(ppl):.1f} (median over the {len(ppl)} tasks; "
+  tasks = result.get("tasks", {})
+  beaten = [t for t, m in tasks.items() if evaluate.beats_baseline(m)]
+  room = [t for t, m in tasks.items() if evaluate.beats_baseline(m, "tokenizer_ceiling")]
+  print(f"\nthe LVM beats the no-learning baseline on {len(beaten)} of {len(tasks)} tasks; the tokenizer's ceiling "
+        f"is above it on {len(room)}" + (f" (not beaten: {', '.join(sorted(set(tasks) - set(beaten)))})"
+                                         if len(beaten) < len(tasks) else ""))
+  print(f"held-out perplexity of the answer image: {np.median(ppl):.1f} (median over the {len(ppl)} tasks; "
         f"uniform over the 256 codes: 256)")
   print(f"prompt grids: {os.path.join(workdir, 'prompts')}/ (labeled: the prompt and the true answer, then 3 "
         f"sampled answers); all numbers: {os.path.join(workdir, 'eval.json')}")
@@ -82,7 +94,9 @@ def summary(result: dict, workdir: str) -> None:
 def cli_main() -> None:
   workdir = flags.DEFINE_string("workdir", "workdir/demo", "Where the demo writes everything.")
   quick = flags.DEFINE_bool("quick", False, "Shorten every stage (a smoke test).")
-  cli.run(lambda _: demo(workdir.value, quick.value), required=[])
+  scratch = flags.DEFINE_bool("from_scratch", False, "Train the tokenizer too, instead of using the shipped one.")
+  count = flags.DEFINE_integer("count", 64, "Held-out sentences per task for the task metrics.")
+  cli.run(lambda _: demo(workdir.value, quick.value, count.value, scratch.value), required=[])
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ palette classes against the query's own colours; counting accuracy of a digit cl
 the VQGAN's own reconstruction of the true answer: the ceiling the tokenizer leaves.
 
 What a workdir gets is its model family's EVALUATION (models/<model_name>.py): an LVM workdir the
-above; a VQGAN workdir the PSNR of its EMA generator on held-out pictures; an AIM workdir, or an
+above; a VQGAN workdir the tokenizer report of its EMA generator on held-out pictures (PSNR, SSIM,
+codebook usage; lvm_jax/tokenizer_report.py, which takes any VQGAN and images); an AIM workdir, or an
 ml-aim v1 safetensors file with the config of its size, attentive probes of its frozen trunk
 (lvm_jax/probing.py):
 
@@ -33,7 +34,7 @@ and where it comes from (an LVM's: workdir, checkpoint step, store, selection, s
 import json
 import os
 import types
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -108,6 +109,20 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
   return float(10 * np.log10(255.0**2 / max(mse, 1e-10)))
 
 
+def hole(query_HW3: np.ndarray) -> np.ndarray:
+  """bool [H, W]: the pixels an inpainting query masks (set to 0 in every channel, as the release)."""
+  return np.all(query_HW3 == 0, axis=-1)
+
+
+def filled(query_NHW3: np.ndarray) -> np.ndarray:
+  """Inpainting's no-learning answer: each query with its hole painted the mean colour of the rest."""
+  out = query_NHW3.copy()
+  for q in out:
+    if hole(q).any() and not hole(q).all():
+      q[hole(q)] = np.round(q[~hole(q)].mean(0)).astype(np.uint8)
+  return out
+
+
 def digit_classifier(size: int) -> Any:
   """Logistic regression on the demo's held-out digit images (never in the LVM's training data)."""
   from sklearn.linear_model import LogisticRegression  # pylint: disable=g-import-not-at-top
@@ -123,6 +138,21 @@ def _miou(pred: np.ndarray, truth: np.ndarray) -> float:
   return float(np.mean(ious))
 
 
+def _scoring(task: str, query_NHW3: np.ndarray) -> tuple[str, Callable, np.ndarray, str]:
+  """(metric name, score(answer, truth, query), the no-learning answers, what they are) of a
+  generating task; a model must beat the no-learning answers."""
+  if task == "inpainting":  # only the hole is the task: the rest of the answer is in the query
+    score = lambda a, t, q: psnr(a[hole(q)], t[hole(q)]) if hole(q).any() else np.nan  # nothing masked
+    return "hole_psnr", score, filled(query_NHW3), "the hole filled with the query's mean colour"
+  if task in VIDEO or task in PAIRS:  # pairs: [.., x, y]; the query x is the image before the answer
+    return "psnr", lambda a, t, q: psnr(a, t), query_NHW3, "copy the last frame" if task in VIDEO else "copy the query"
+  if task == "colorization":
+    return "mse", lambda a, t, q: float(np.mean(np.square(a / 255.0 - t / 255.0))), query_NHW3, "the gray query"
+  if task == "segmentation":
+    return "miou", lambda a, t, q: _miou(a, t), query_NHW3, "the query's colours"
+  raise ValueError(f"no scoring for demo task {task!r}")
+
+
 def task_metrics(prompter: Any, tasks: tuple[str, ...], count: int, key: jax.Array, images: int = 4) -> dict:
   """Generate the last image of `count` held-out demo sentences per task; metric vs baseline."""
   out, tracker = {}, progress.Progress("demo tasks", len(tasks), unit="task")
@@ -131,24 +161,18 @@ def task_metrics(prompter: Any, tasks: tuple[str, ...], count: int, key: jax.Arr
     sents = demo.sentences(task, "held_out", count, prompter.tokenizer.image_size, seed=TASK_DATA_SEED, images=images)
     key, sub = jax.random.split(key)
     gen = prompter.continue_images(sents[:, :-1], 1, sub, **TASK_SAMPLING)[:, 0, 0]
-    truth, last = sents[:, -1], sents[:, -2]
-    query = last  # pairs: [.., x, y]; the query x is the image before the answer
+    truth, query = sents[:, -1], sents[:, -2]
     # What the tokenizer alone keeps of the truth: no generated image can score better.
     recon = prompter.tokenizer.decode(prompter.tokenizer.encode(truth))
-    if task in VIDEO or task in PAIRS:
-      name, fn, base, base_is = "psnr", psnr, last, "copy the last frame" if task in VIDEO else "copy the query"
-    elif task == "colorization":
-      name, fn, base, base_is = "mse", lambda a, b: float(np.mean(np.square(a / 255.0 - b / 255.0))), query, "the gray query"
-    elif task == "segmentation":
-      name, fn, base, base_is = "miou", _miou, query, "the query's colours"
-    else:  # counting: does the classifier read the digit of the true next image in the generated one?
+    if task == "counting":  # does the classifier read the digit of the true next image in the generated one?
       clf = digit_classifier(gen.shape[1])
       classify = lambda x: clf.predict(x.reshape(len(x), -1) / 255.0)
       out[task] = {"metric": "accuracy", "better": "higher", "model": float(np.mean(classify(gen) == classify(truth))),
                    "baseline": 0.1, "baseline_is": "chance",
                    "tokenizer_ceiling": float(np.mean(classify(recon) == classify(truth)))}
       continue
-    mean = lambda xs: float(np.mean([fn(a, t) for a, t in zip(xs, truth)]))
+    name, score, base, base_is = _scoring(task, query)
+    mean = lambda xs: float(np.nanmean([score(a, t, q) for a, t, q in zip(xs, truth, query)]))
     out[task] = {"metric": name, "better": "lower" if name == "mse" else "higher", "model": mean(gen),
                  "baseline": mean(base), "baseline_is": base_is, "tokenizer_ceiling": mean(recon)}
   return out
@@ -189,11 +213,12 @@ def reconstructor(graphdef: Any) -> Any:
 
 
 def reconstruction(reconstruct: Any, weights: Any, images: np.ndarray) -> tuple[float, np.ndarray]:
-  """PSNR (dB) of a VQGAN's reconstructions of uint8 images, and the reconstructions (floats in
-  [0, 1])."""
+  """PSNR (dB, the mean over images, as the tokenizer report has it) of a VQGAN's reconstructions
+  of uint8 images, and the reconstructions (floats in [0, 1])."""
+  from lvm_jax import tokenizer_report  # pylint: disable=g-import-not-at-top
   x = jnp.asarray(images, jnp.float32) / 255.0
   recon = np.asarray(reconstruct(weights, x))
-  return float(-10.0 * np.log10(np.mean(np.square(recon - np.asarray(x))))), recon
+  return float(jnp.mean(tokenizer_report.psnr(x, recon))), recon
 
 
 def _aim_trunk(c: Any, workdir: Optional[str], ml_aim: Optional[str]) -> Any:
@@ -243,14 +268,10 @@ def _perplexity_report(c: Any, o: Any) -> dict:
 
 
 def _reconstruction_report(c: Any, o: Any) -> dict:
-  """A VQGAN workdir's EMA generator on the held-out built-in pictures it never trained on."""
-  from lvm_jax import load  # pylint: disable=g-import-not-at-top
-  from lvm_jax.data import images  # pylint: disable=g-import-not-at-top
-  model, step = load.load_model(c, o.workdir)
-  held_out = images.held_out(c.image_size, c.data.shrink)
-  graphdef, weights = nnx.split(model)
-  value, _ = reconstruction(reconstructor(graphdef), weights, held_out)
-  return {"reconstruction": {"step": step, "psnr": value, "better": "higher", "images": len(held_out)}}
+  """A VQGAN workdir's EMA generator on the held-out images its training evaluates on: the
+  tokenizer report (PSNR, SSIM, LPIPS when the training's weights file is there, codebook usage)."""
+  from lvm_jax import tokenizer_report  # pylint: disable=g-import-not-at-top
+  return {"reconstruction": tokenizer_report.workdir_report(c, o.workdir)}
 
 
 REPORTS = {"perplexity": _perplexity_report, "probe": _probe_report, "reconstruction": _reconstruction_report}
@@ -265,13 +286,18 @@ def _perplexity_table(report: dict) -> list[str]:
   return lines
 
 
+def beats_baseline(m: dict, who: str = "model") -> bool:
+  """Whether a task metric's `who` ("model" or "tokenizer_ceiling") is better than its baseline."""
+  return m[who] > m["baseline"] if m["better"] == "higher" else m[who] < m["baseline"]
+
+
 def _task_table(report: dict) -> list[str]:
   s = report["task_settings"]
   lines = [f"demo tasks: {s['count']} {s['split']} sentences each, temperature {s['temperature']} "
            f"({'greedy' if s['temperature'] == 0 else 'sampled'}); ceiling = the VQGAN's reconstruction of the answer",
            f"{'task':14s} {'metric':8s} {'better':6s} {'model':>8s} {'baseline':>8s} {'ceiling':>8s}  baseline is"]
   for task, m in report["tasks"].items():
-    beats = m["model"] > m["baseline"] if m["better"] == "higher" else m["model"] < m["baseline"]
+    beats = beats_baseline(m)
     lines.append(f"{task:14s} {m['metric']:8s} {m['better']:6s} {m['model']:8.3f} {m['baseline']:8.3f} "
                  f"{m['tokenizer_ceiling']:8.3f}  {m['baseline_is']}{' (beaten)' if beats else ''}")
   return lines
@@ -289,11 +315,13 @@ def _scalars(prefix: str, section: dict) -> list[str]:
 
 def table(report: dict) -> str:
   """The console's summary of a report (the JSON holds everything): a line per perplexity group and
-  per task; the numbers of a probe or reconstruction report as name: value."""
+  per task; the numbers of a probe report as name: value; a reconstruction report as its own table."""
   lines = _perplexity_table(report) if "perplexity" in report else []
   lines += ([""] + _task_table(report)) if "tasks" in report else []
-  for name in ("probe", "reconstruction"):
-    lines += _scalars(f"{name} ", report.get(name, {}))
+  lines += _scalars("probe ", report.get("probe", {}))
+  if "reconstruction" in report:
+    from lvm_jax import tokenizer_report  # pylint: disable=g-import-not-at-top
+    lines += tokenizer_report.table(report["reconstruction"]).splitlines()
   return "\n".join(lines)
 
 

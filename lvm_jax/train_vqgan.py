@@ -15,6 +15,7 @@ metrics.jsonl + TensorBoard with held-out PSNR of the EMA model and reconstructi
 
 import dataclasses
 import functools
+import importlib
 import os
 import warnings
 from typing import Any
@@ -26,7 +27,6 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lvm_jax import cli, evaluate, loop, metrics, pictures
-from lvm_jax.data import images as images_lib
 from lvm_jax.models import discriminator, lpips, vqgan
 
 
@@ -105,7 +105,7 @@ def train_vqgan(c: Any, workdir: str, stop_at: int | None = None) -> dict:
   mesh = loop.prepare(c, workdir)
   data_iter, identity = loop.data(c, mesh)
   b = build(c, mesh)
-  held_out = images_lib.held_out(c.image_size, c.data.shrink)
+  held_out = importlib.import_module(f"lvm_jax.data.{c.data.name}").evaluation_images(c)
   reconstruct = evaluate.reconstructor(b.graphdef)
   step_fn = jax.jit(functools.partial(train_step, c=c, b=b, perceptual=load_perceptual(c)),
                     in_shardings=(b.state_shardings, b.batch_sharding),

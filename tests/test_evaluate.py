@@ -77,6 +77,22 @@ def test_the_sentence_cap_is_per_dataset_and_task(tmp_path):
     evaluate.perplexity(lvm, str(tmp_path), per_task=0)
 
 
+def test_inpainting_is_scored_in_the_hole():
+  truth = np.full((1, 4, 4, 3), 100, np.uint8)
+  truth[0, :2] = 200
+  query = truth.copy()
+  query[0, 0, :2] = 0  # a hole in the bright half
+  np.testing.assert_array_equal(evaluate.hole(query[0]), np.pad(np.ones((1, 2), bool), ((0, 3), (0, 2))))
+  filled = evaluate.filled(query)[0]
+  assert np.all(filled[0, :2] == round((6 * 200 + 8 * 100) / 14)) and np.array_equal(filled[1:], truth[0, 1:])
+  _, score, base, _ = evaluate._scoring("inpainting", query)
+  assert score(truth[0], truth[0], query[0]) == evaluate.psnr(truth[0], truth[0])
+  answer = truth[0].copy()
+  answer[2:] = 0  # wrong outside the hole: not counted
+  assert score(answer, truth[0], query[0]) == score(truth[0], truth[0], query[0])
+  assert np.isnan(score(truth[0], truth[0], truth[0]))  # nothing masked: no score
+
+
 def test_lvm_report_names_its_sources_settings_and_directions(tmp_path, monkeypatch):
   """eval.json: checkpoint step, workdir, store, selection, sampling settings, and for every
   number whether higher or lower is better; the console table shows them per group and task."""
@@ -86,7 +102,7 @@ def test_lvm_report_names_its_sources_settings_and_directions(tmp_path, monkeypa
   p = prompt.Prompter(lvm, vqgan.Tokenizer(vq, 32, 8), step=7)
   rng = np.random.default_rng(0)
   _write_store(str(tmp_path / "store"), [[(rng.integers(0, 20, 6), "d", t) for t in "xxxy"]])
-  monkeypatch.setattr(demo_data, "TASKS", ("moving_digit", "counting", "colorization"))
+  monkeypatch.setattr(demo_data, "TASKS", ("moving_digit", "counting", "colorization", "inpainting"))
   r = evaluate.lvm_report(p, "w", str(tmp_path / "store"), None, None, per_task=2, count=4, seed=3)
   assert json.loads(json.dumps(r)) == r  # what eval.json holds
   assert (r["step"], r["workdir"], r["store"]) == (7, os.path.abspath("w"), str(tmp_path / "store"))
@@ -97,12 +113,17 @@ def test_lvm_report_names_its_sources_settings_and_directions(tmp_path, monkeypa
                                 "temperature": 0.0, "candidates": 1}
   m = r["tasks"]
   assert {t: (v["metric"], v["better"]) for t, v in m.items()} == {
-      "moving_digit": ("psnr", "higher"), "counting": ("accuracy", "higher"), "colorization": ("mse", "lower")}
+      "moving_digit": ("psnr", "higher"), "counting": ("accuracy", "higher"), "colorization": ("mse", "lower"),
+      "inpainting": ("hole_psnr", "higher")}
   sents = demo_data.sentences("moving_digit", "held_out", 4, 32, seed=1234, images=4)
   copy_last = np.mean([evaluate.psnr(a, b) for a, b in zip(sents[:, -2], sents[:, -1])])
   assert np.isclose(m["moving_digit"]["baseline"], copy_last)
   assert m["counting"]["baseline"] == 0.1 and 0 <= m["counting"]["model"] <= 1
   assert m["colorization"]["baseline"] > 0
+  inpaint = demo_data.sentences("inpainting", "held_out", 4, 32, seed=1234, images=4)
+  holes = [evaluate.hole(q) for q in inpaint[:, -2]]
+  fill = [evaluate.psnr(f[h], t[h]) for f, t, h in zip(evaluate.filled(inpaint[:, -2]), inpaint[:, -1], holes) if h.any()]
+  assert np.isclose(m["inpainting"]["baseline"], np.mean(fill))  # scored in the hole only
   lines = evaluate.table(r).splitlines()
   assert [ln.split()[-1] for ln in lines if ln.startswith("d/")] == ["2", "1"]  # sentences per group
   row = next(ln for ln in lines if ln.startswith("colorization")).split()

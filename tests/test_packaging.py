@@ -11,7 +11,8 @@ from lvm_jax import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("lvm-train", "lvm-train-vqgan", "lvm-make-dataset", "lvm-evaluate", "lvm-prompt", "lvm-compile",
-           "lvm-demo", "lvm-convert-hf-llama", "lvm-convert-aim", "lvm-convert-vqgan", "lvm-convert-lpips")
+           "lvm-demo", "lvm-scaling", "lvm-convert-hf-llama", "lvm-convert-aim", "lvm-convert-vqgan",
+           "lvm-convert-lpips", "lvm-tokenizer-report")
 
 
 def test_setup_declares_one_script_per_entry_point():

@@ -2,10 +2,11 @@
 scikit-image and scikit-learn (no downloads).
 
 Tasks, each a name in TASKS:
-  video-like    moving_crop, rotating_crop, zooming_crop (a window over a picture moves, turns or
-                zooms from frame to frame); moving_digit (a digit drifting across a dark canvas)
+  video-like    moving_crop, rotating_crop, zooming_crop (a window over a picture moves by whole
+                tokens, turns a quarter or zooms from frame to frame); moving_digit (a digit
+                drifting across a dark canvas)
   in-context    edges, segmentation, flip, invert: [x1, y1, x2, y2, ...] pairs through
-                sentences.kshot_pairs, y = Sobel magnitude / colour clusters through a fixed palette /
+                sentences.kshot_pairs, y = Sobel magnitude / regions of colour clusters (fixed palette) /
                 horizontal flip / 255 - x
   restoration   colorization, inpainting (sentences.colorization / sentences.inpainting)
   reasoning     counting: digits d, d+1, d+2, ... (mod 10), each a random sample of that digit
@@ -16,13 +17,18 @@ Everything is a function of (task, split, seed, count, size, images).
 """
 
 import functools
-from typing import Callable
+import os
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from lvm_jax.data import sentences as sentences_lib
 
 SPLITS = ("train", "held_out")
+# The demo's tokenizer (configs/vqgan_demo.py trained on `frames`), shipped with the package; the
+# command that made it is in lvm_jax/assets/README.md.
+TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                         "vqgan_demo.safetensors")
 # skimage.data names (the TRAIN / HELD_OUT of data/images.py) and sklearn sample images (*.jpg).
 PICTURES = {
     "train": ("chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
@@ -116,22 +122,32 @@ def _video(pics: np.ndarray, rng: Rng, count: int, n: int, size: int, cy: np.nda
 
 
 def _moving_crop(split: str, count: int, n: int, size: int, rng: Rng) -> np.ndarray:
+  """A window gliding over a picture: 1 or 2 tokens of the demo tokenizer's 8x8 grid a frame (4 or 8
+  pixels at 32), in one of 8 directions, on whole pixels. Whole tokens, so the next frame's codes are
+  the last frame's shifted (but on the border it enters by): sub-token shifts would need a tokenizer
+  whose codes follow a shift of a pixel, which a 256-code f4 VQGAN's do not."""
   pics = pictures(split, size)
-  room = pics.shape[1] - size  # the centre's range
-  speed = np.minimum(rng.uniform(1, 3, count) * size / 32, room / max(n - 1, 1) / np.sqrt(2))
-  heading = rng.uniform(0, 2 * np.pi, count)
+  token = max(1, size // 8)
+  compass = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx])
+  velocity = compass[rng.integers(0, 8, count)] * (token * rng.integers(1, 3, count))[:, None]  # [count, 2]
   t = np.arange(n)
-  dy, dx = (speed * np.sin(heading))[:, None] * t, (speed * np.cos(heading))[:, None] * t
-  start = [size / 2 - d.min(1) + rng.random(count) * (room - np.ptp(d, 1)) for d in (dy, dx)]
+  room = pics.shape[1] - size  # the top-left corner's range
+  v = np.minimum(np.abs(velocity), room // max(n - 1, 1)) * np.sign(velocity)  # a short picture: slower
+  path = v[:, :, None] * t  # [count, 2, n]
+  lo = -path.min(2)
+  start = lo + (rng.random((count, 2)) * (room - np.ptp(path, 2) + 1)).astype(int)
+  corner = start[:, :, None] + path
   ones = np.ones((count, n))
-  return _video(pics, rng, count, n, size, start[0][:, None] + dy, start[1][:, None] + dx, size * ones, 0 * ones)
+  return _video(pics, rng, count, n, size, corner[:, 0] + size / 2, corner[:, 1] + size / 2, size * ones, 0 * ones)
 
 
 def _rotating_crop(split: str, count: int, n: int, size: int, rng: Rng) -> np.ndarray:
+  """A window turning a quarter a frame (either way) about a pixel corner: every frame is the last
+  one rotated exactly, like the flip task's mirror, a rearrangement a model can learn in context."""
   pics = pictures(split, size)
-  reach = size / np.sqrt(2) + 1  # the turning window's corners stay inside the picture
-  cy, cx = (rng.uniform(reach, pics.shape[1] - reach, (count, 1)) * np.ones(n) for _ in range(2))
-  spin = rng.choice([-1, 1], count) * np.radians(rng.uniform(10, 25, count))
+  reach = int(np.ceil(size / np.sqrt(2))) + 1  # the turning window's corners stay inside the picture
+  cy, cx = (rng.integers(reach, pics.shape[1] - reach + 1, (count, 1)) * np.ones(n) for _ in range(2))
+  spin = rng.choice([-1, 1], count) * np.pi / 2
   angle = rng.uniform(0, 2 * np.pi, count)[:, None] + spin[:, None] * np.arange(n)
   return _video(pics, rng, count, n, size, cy, cx, size * np.ones((count, n)), angle)
 
@@ -196,10 +212,20 @@ def colour_centres() -> np.ndarray:
   return centres[np.argsort(centres @ np.array([0.2989, 0.587, 0.114]))].astype(np.float32)
 
 
+def _box_blur(images: np.ndarray, k: int) -> np.ndarray:
+  """float32 [..., S, S, 3]: the mean of each pixel's k x k neighbourhood (edges repeated)."""
+  pad = [(0, 0)] * (images.ndim - 3) + [(k // 2, k // 2), (k // 2, k // 2), (0, 0)]
+  p = np.pad(images.astype(np.float32), pad, mode="edge")
+  s = images.shape[-2]
+  return sum(p[..., dy:dy + s, dx:dx + s, :] for dy in range(k) for dx in range(k)) / (k * k)
+
+
 def segmentation(images: np.ndarray) -> np.ndarray:
-  """uint8 [..., 3] -> each pixel's nearest colour centre, drawn in that class's PALETTE colour."""
+  """uint8 [..., S, S, 3] -> regions: each pixel's nearest colour centre after a box blur of about a
+  sixth of the side (5 pixels at 32), drawn in that class's PALETTE colour. The blur makes regions,
+  as a segmentation map has, rather than per-pixel colour noise no 8x8-token image can hold."""
   c = colour_centres()
-  x = images.astype(np.float32)
+  x = _box_blur(images, max(1, images.shape[-2] // 6) | 1)
   d = (x * x).sum(-1, keepdims=True) - 2 * x @ c.T + (c * c).sum(-1)
   return PALETTE[np.argmin(d, axis=-1)]
 
@@ -277,3 +303,39 @@ def sentences(task: str, split: str, count: int, size: int = 32, seed: int = 0, 
     return np.zeros((0, images, size, size, 3), np.uint8)
   rng = np.random.default_rng([seed, TASKS.index(task), SPLITS.index(split)])
   return _MAKERS[task](split, count, images, size, rng)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer's training data: a train_vqgan config with data.name = "demo" trains on the frames of
+# every task's train sentences, so that the codes fit what the LVM will read (digits on black, edge
+# maps, palette maps, masked and grey pictures), not only natural pictures.
+
+@functools.cache
+def frames(split: str, size: int, per_task: int, seed: int = 0) -> np.ndarray:
+  """Every image of `per_task` 4-image sentences of every task: uint8 [11 * per_task * 4, S, S, 3],
+  task by task."""
+  return np.concatenate([sentences(t, split, per_task, size, seed, images=4).reshape(-1, size, size, 3)
+                         for t in TASKS])
+
+
+def identity(c: Any) -> dict:
+  return {"source": {"kind": "demo", "split": "train", "per_task": c.data.per_task, "tasks": list(TASKS)}}
+
+
+def make_iterator(c: Any, rows: np.ndarray) -> Iterator[dict]:
+  """Random frames (and horizontal flips) of the train sentences; example i depends on (seed, i) only."""
+  from lvm_jax.data import rows as rows_lib  # pylint: disable=g-import-not-at-top
+  pool = frames("train", c.image_size, c.data.per_task)
+
+  def example(index: int) -> dict:
+    rng = np.random.default_rng([c.seed, index])
+    image = pool[rng.integers(len(pool))]
+    return {"images": image[:, ::-1] if rng.random() < 0.5 else image}
+  return rows_lib.iterate(rows, c.global_batch, example)
+
+
+def evaluation_images(c: Any, per_task: int = 4) -> np.ndarray:
+  """The held-out PSNR's images: the first frame of `per_task` held-out sentences of every task, and
+  the last frame of the same sentences (answers: edge maps, palette maps, next digits)."""
+  x = [sentences(t, "held_out", per_task, c.image_size, seed=1, images=4)[:, [0, -1]] for t in TASKS]
+  return np.concatenate(x).reshape(-1, c.image_size, c.image_size, 3)

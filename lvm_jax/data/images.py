@@ -56,3 +56,8 @@ def held_out(size: int, shrink: int, per_picture: int = 16) -> np.ndarray:
     xs = np.linspace(0, pic.shape[1] - size, side).astype(int)
     crops += [pic[y:y + size, x:x + size] for y in ys for x in xs][:per_picture]
   return np.stack(crops)
+
+
+def evaluation_images(c) -> np.ndarray:
+  """What train_vqgan reports held-out PSNR on when it trains on this module's pictures."""
+  return held_out(c.image_size, c.data.shrink)

@@ -1,0 +1,32 @@
+"""The demo's tokenizer: the tiny VQGAN trained on the frames of the demo's own train sentences.
+
+  python -m lvm_jax.train_vqgan --config configs/vqgan_demo.py --workdir /tmp/vqgan_demo
+
+32x32 images, f4 -> 8x8 = 64 tokens, 256 codes, like configs/vqgan_tiny.py, but trained on every
+demo task's train frames (crops of pictures, digits, edge and palette maps, grey and masked
+pictures) rather than on natural pictures alone: the LVM reads those frames, and a tokenizer that
+has never seen a palette map loses it. No GAN and no LPIPS: the demo scores answers by PSNR, MSE
+and mIoU, which a critic's texture trades away. `:test` shortens it.
+"""
+
+from lvm_jax.config import vqgan_config
+
+
+def get_config(arg=None):
+  c = vqgan_config(dict(hidden=32, channel_mult=(1, 2, 2), encoder_blocks=2, z_channels=8, codes=256, groups=8,
+                        mid_attention=False, attn_levels=(), downsample="conv", beta=0.25, l2_codes=True,
+                        entropy_weight=0.0, entropy_temperature=0.01, dtype="float32"), 32)
+  c.data = dict(name="demo", per_task=512)  # lvm_jax/data/demo.py: the train split's 4-image sentences
+  c.global_batch = 16
+  c.steps = 1200
+  c.lr = 1e-3
+  c.ema = 0.99
+  c.gan.start, c.gan.width, c.gan.layers = c.steps + 1, 16, 2  # never (see the docstring): the smallest critic
+  c.perceptual_weight = 0.0
+  c.log_every, c.eval_every, c.ckpt_every, c.sample_every = 50, 300, 300, 300
+  if arg == "test":
+    c.data.per_task, c.steps, c.gan.start = 4, 40, 41
+    c.log_every, c.eval_every, c.ckpt_every, c.sample_every = 10, 20, 20, 20
+  elif arg:
+    raise ValueError(f"configs/vqgan_demo.py: unknown arg {arg!r} (expected 'test' or nothing)")
+  return c
