@@ -1,13 +1,14 @@
 """Tiny LVM on the built-in demo store: 4-image sentences of 64-token (32x32) images.
 
-  python -m lvm_jax.train_vqgan --config configs/vqgan_tiny.py --workdir /tmp/lvm_demo/vqgan
-  python -m lvm_jax.make_dataset --config configs/dataset_demo.py
+  python -m lvm_jax.make_dataset --config configs/dataset_demo.py     # the shipped demo tokenizer
   python -m lvm_jax.train --config configs/lvm_demo.py --workdir /tmp/lvm_demo/lvm
 
 Reads /tmp/lvm_demo/store (configs/dataset_demo.py) through the grain pipeline, one sentence of
 256 tokens per row; the train split of every demo task, weighted equally by sentence count.
-Expect the loss to fall from ln(256) = 5.5 to about 2 in the 1500 steps, 2-3 minutes on 2 CPU
-cores.
+d_model 128, 4 layers (copying from an earlier image takes two attention steps: find where, then
+copy). Expect the loss to fall from ln(256) = 5.5 to about 2.4 in the 1000 steps (2M tokens),
+5.3 minutes on 2 CPU cores, with the held-out answer perplexity still falling at the end (median
+~26 at step 500, ~23 at 1000).
 """
 
 from lvm_jax.config import lvm_config

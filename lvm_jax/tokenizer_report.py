@@ -249,7 +249,7 @@ class Loaded(NamedTuple):
   about: dict  # where it comes from, for the report
   step: int  # its training step (0 for a weights file), TensorBoard's step
   workdir: Optional[str]  # its train_vqgan workdir, if it has one
-  config: Any  # that workdir's config (None for a weights file)
+  config: Any  # that workdir's config, or the training config given with a weights file (else None)
 
 
 def from_workdir(c: Any, workdir: str) -> Loaded:
@@ -274,7 +274,9 @@ def load_tokenizer(spec: dict) -> Loaded:
     model, image_size = load.load_vqgan(record)
   config = spec.get("config")
   about = {"weights": record["weights"], "layout": record["layout"], "config": config and os.path.abspath(config)}
-  return Loaded(model, image_size, about, 0, None, None)
+  # A training config (data.name) says which held-out images its training evaluates on.
+  trained = config_lib.load_file(config) if config else None
+  return Loaded(model, image_size, about, 0, None, trained if trained is not None and "data" in trained else None)
 
 
 def default_images(tok: Loaded) -> ImageSet:

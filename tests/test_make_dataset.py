@@ -79,7 +79,7 @@ def test_bad_job_configs_are_one_line(tmp_path, weights):
     make_dataset.make_dataset(c, show_progress=False)
   c = demo_config(str(tmp_path / "s"), weights)
   c.image_size = 64
-  with pytest.raises(ConfigError, match="image_size=64 but the VQGAN of .*vqgan_tiny.py takes 32"):
+  with pytest.raises(ConfigError, match="image_size=64 but the VQGAN of .*tiny.safetensors takes 32"):
     make_dataset.make_dataset(c, show_progress=False)
 
 

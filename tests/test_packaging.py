@@ -11,7 +11,7 @@ from lvm_jax import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("lvm-train", "lvm-train-vqgan", "lvm-make-dataset", "lvm-evaluate", "lvm-prompt", "lvm-compile",
-           "lvm-demo", "lvm-scaling", "lvm-convert-hf-llama", "lvm-convert-aim", "lvm-convert-vqgan",
+           "lvm-demo", "lvm-scaling", "lvm-aim-curve", "lvm-convert-hf-llama", "lvm-convert-aim", "lvm-convert-vqgan",
            "lvm-convert-lpips", "lvm-tokenizer-report")
 
 
@@ -35,7 +35,7 @@ def _run(args, cwd, env, timeout=600):
   return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.slow  # ~2 min: builds a wheel, trains 5 steps, asks 11 scripts for --help
+@pytest.mark.slow  # ~2 min: builds a wheel, trains 5 steps, asks every script for --help
 def test_a_wheel_trains_from_any_directory_and_every_script_explains_itself(tmp_path):
   """The wheel (no checkout on the path) carries the configs: lvm-train --config lvm_tiny runs
   from another directory; every console script's --help names --config or its own flags."""
@@ -51,6 +51,8 @@ def test_a_wheel_trains_from_any_directory_and_every_script_explains_itself(tmp_
   env = {**os.environ, "PYTHONPATH": str(site), "JAX_PLATFORMS": "cpu"}
   where = _run([sys.executable, "-c", "import lvm_jax; print(lvm_jax.__file__)"], elsewhere, env)
   assert where.stdout.startswith(str(site)), where.stdout  # the wheel's copy, not the checkout
+  shipped = _run([sys.executable, "-c", "from lvm_jax.data import demo; print(demo.TOKENIZER)"], elsewhere, env)
+  assert shipped.stdout.startswith(str(site)) and os.path.getsize(shipped.stdout.strip()) > 1e6  # the demo tokenizer
 
   train = _run([str(site / "bin" / "lvm-train"), "--config", "lvm_tiny", "--config.steps=5",
                 "--workdir", str(tmp_path / "run")], elsewhere, env)

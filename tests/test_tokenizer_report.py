@@ -89,6 +89,7 @@ def _random_tokenizer(path: str) -> None:
   vqgan_torch.save_safetensors(params, path, cfg)
 
 
+@pytest.mark.slow  # ~20 s: a CLI subprocess; the default suite keeps the metric contracts above
 def test_report_of_weights_on_an_image_folder(tmp_path):
   """The command end to end: five pictures and a broken file; JSON, TensorBoard, the table."""
   folder = tmp_path / "pictures"
