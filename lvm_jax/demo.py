@@ -5,7 +5,7 @@
 
 The tokenizer is the VQGAN of configs/vqgan_demo.py, trained by this project's train_vqgan on the
 demo's train frames and shipped as lvm_jax/assets/vqgan_demo.safetensors (the command that made it
-is in lvm_jax/assets/README.md); --from_scratch trains it first (W/vqgan, ~25 more minutes on 2
+is in lvm_jax/assets/README.md); --from_scratch trains it first (W/vqgan, ~12 more minutes on 2
 cores). Each stage is the real entry point's function with the configs in configs/
 (vqgan_demo.py, dataset_demo.py, lvm_demo.py), so every stage resumes: rerunning skips what is
 done. The summary compares the LVM with what a model that learnt nothing would do (copy the last
