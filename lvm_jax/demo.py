@@ -23,8 +23,6 @@ from absl import flags, logging
 from lvm_jax import cli, config as config_lib, evaluate, make_dataset, prompt, train, train_vqgan
 from lvm_jax.data import demo as demo_data
 
-TOKENIZER = demo_data.TOKENIZER
-
 
 def configs(workdir: str, quick: bool, from_scratch: bool = False) -> tuple:
   vq = config_lib.load_file("vqgan_demo" + (":test" if quick else ""))
@@ -50,7 +48,7 @@ def demo(workdir: str, quick: bool = False, count: int = 64, from_scratch: bool 
     logging.info("demo [1/5]: the demo VQGAN on the demo's train frames (%s)", data.vqgan["workdir"])
     train_vqgan.train_vqgan(vq, data.vqgan["workdir"])
   else:
-    logging.info("demo [1/5]: the shipped demo VQGAN (%s; --from_scratch trains it)", TOKENIZER)
+    logging.info("demo [1/5]: the shipped demo VQGAN (%s; --from_scratch trains it)", demo_data.TOKENIZER)
   logging.info("demo [2/5]: demo visual sentences -> token store (%s)", data.store)
   report = make_dataset.make_dataset(data)
   logging.info("demo: %d sentences, %d tokens in %s", report["sentences"], report["tokens"], data.store)

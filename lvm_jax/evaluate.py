@@ -118,8 +118,9 @@ def filled(query_NHW3: np.ndarray) -> np.ndarray:
   """Inpainting's no-learning answer: each query with its hole painted the mean colour of the rest."""
   out = query_NHW3.copy()
   for q in out:
-    if hole(q).any() and not hole(q).all():
-      q[hole(q)] = np.round(q[~hole(q)].mean(0)).astype(np.uint8)
+    h = hole(q)
+    if h.any() and not h.all():
+      q[h] = np.round(q[~h].mean(0)).astype(np.uint8)
   return out
 
 
@@ -142,7 +143,9 @@ def _scoring(task: str, query_NHW3: np.ndarray) -> tuple[str, Callable, np.ndarr
   """(metric name, score(answer, truth, query), the no-learning answers, what they are) of a
   generating task; a model must beat the no-learning answers."""
   if task == "inpainting":  # only the hole is the task: the rest of the answer is in the query
-    score = lambda a, t, q: psnr(a[hole(q)], t[hole(q)]) if hole(q).any() else np.nan  # nothing masked
+    def score(a: np.ndarray, t: np.ndarray, q: np.ndarray) -> float:
+      h = hole(q)
+      return psnr(a[h], t[h]) if h.any() else np.nan  # nothing masked: no score
     return "hole_psnr", score, filled(query_NHW3), "the hole filled with the query's mean colour"
   if task in VIDEO or task in PAIRS:  # pairs: [.., x, y]; the query x is the image before the answer
     return "psnr", lambda a, t, q: psnr(a, t), query_NHW3, "copy the last frame" if task in VIDEO else "copy the query"

@@ -280,14 +280,12 @@ def load_tokenizer(spec: dict) -> Loaded:
 
 
 def default_images(tok: Loaded) -> ImageSet:
-  """The held-out images a workdir's training evaluates on (its data module's evaluation_images,
-  else the built-in held-out crops); for a weights file the built-in picture's crops, shrunk to
+  """The held-out images a VQGAN's training evaluates on (its data module's evaluation_images);
+  for a weights file without its training config the built-in picture's crops, shrunk to
   about four a side (as vqgan_tiny's 32 px crops of the 512 px picture shrunk by 4)."""
   if tok.config is None:
     return held_out_images(tok.image_size, max(1, 128 // tok.image_size))
   module = importlib.import_module(f"lvm_jax.data.{tok.config.data.name}")
-  if not hasattr(module, "evaluation_images"):
-    return held_out_images(tok.image_size, int(tok.config.data.shrink))
   return array_images(module.evaluation_images(tok.config), {"kind": HELD_OUT, "data": tok.config.data.name})
 
 

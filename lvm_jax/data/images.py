@@ -58,6 +58,6 @@ def held_out(size: int, shrink: int, per_picture: int = 16) -> np.ndarray:
   return np.stack(crops)
 
 
-def evaluation_images(c) -> np.ndarray:
+def evaluation_images(c: Any) -> np.ndarray:
   """What train_vqgan reports held-out PSNR on when it trains on this module's pictures."""
   return held_out(c.image_size, c.data.shrink)
