@@ -115,7 +115,7 @@ def unit_sentences(c: Any, unit: Unit, source: Any) -> tuple[list[np.ndarray], s
   if source is None:
     src = spec["source"]
     built = demo.sentences(src["task"], src.get("split", "train"), unit.keys[1], c.image_size, seed,
-                           src.get("images", 8))
+                           src.get("images", 8), bool(src.get("augment", False)))
     return list(built), src["task"], []
   items, labels, skipped, unreadable = [], [], [], 0
   rng = np.random.default_rng(seed)

@@ -70,7 +70,7 @@ def from_hf(hf_dir: str, vqgan_spec: dict, batch_size: int = 8) -> Prompter:
   from lvm_jax.convert import hf_llama  # pylint: disable=g-import-not-at-top
   vq = load.load_vqgan(load.vqgan_record(vqgan_spec))
   cfg, params = hf_llama.load_pretrained(hf_dir)
-  return _prompter(cfg, params, *vq, batch_size)
+  return dataclasses.replace(_prompter(cfg, params, *vq, batch_size), step=hf_llama.exported_step(hf_dir))
 
 
 def _prompter(cfg: transformer.Config, params: Any, vq: vqgan.Model, image_size: int, batch_size: int) -> Prompter:

@@ -98,8 +98,10 @@ def test_hf_export_prompts_like_the_workdir(lvm_workdir, tmp_path):
   from lvm_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from lvm_jax.convert import hf_llama  # pylint: disable=g-import-not-at-top
   workdir, weights = lvm_workdir
-  cfg, params, _ = load.load_params(config_lib.load_from_workdir(workdir), workdir)
-  hf_llama.save_pretrained(params, cfg, str(tmp_path / "hf"), codes=256)
+  cfg, params, step = load.load_params(config_lib.load_from_workdir(workdir), workdir)
+  hf_llama.save_pretrained(params, cfg, str(tmp_path / "hf"), codes=256, step=step)
   spec = dict(config=VQ_CONFIG, workdir="", weights=weights, layout="diffusers")
   greedy = lambda p: p.continue_images(pictures(2), 1, jax.random.key(0), temperature=0.0)
-  np.testing.assert_array_equal(greedy(prompt.from_hf(str(tmp_path / "hf"), spec)), greedy(prompt.from_workdir(workdir)))
+  exported, original = prompt.from_hf(str(tmp_path / "hf"), spec), prompt.from_workdir(workdir)
+  np.testing.assert_array_equal(greedy(exported), greedy(original))
+  assert exported.step == original.step == step  # reports name the checkpoint either way

@@ -16,7 +16,7 @@ re-save them with transformers (`save_pretrained(safe_serialization=True)`) if y
 
 import json
 import os
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -76,18 +76,27 @@ class HFError(ValueError):
   """A Hugging Face directory that cannot be read as a LLaMA LVM; the message names the problem."""
 
 
-def save_pretrained(params: dict, cfg: transformer.Config, out_dir: str, codes: int, max_positions: int = 4096) -> None:
-  """A directory that transformers.LlamaForCausalLM.from_pretrained loads, sampling restricted to codes."""
+def save_pretrained(params: dict, cfg: transformer.Config, out_dir: str, codes: int, max_positions: int = 4096,
+                    step: Optional[int] = None) -> None:
+  """A directory that transformers.LlamaForCausalLM.from_pretrained loads, sampling restricted to codes;
+  `step`, the training step the weights come from, is kept in config.json for reports to name."""
   from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
   save_file(to_hf(params, cfg), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
   config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32",
-            "bos_token_id": None, "eos_token_id": None, **hf_config(cfg, max_positions)}
+            "bos_token_id": None, "eos_token_id": None, **hf_config(cfg, max_positions),
+            **({"lvm_jax_step": int(step)} if step is not None else {})}
   generation = {"do_sample": True, "pad_token_id": codes if codes < cfg.vocab_size else None,
                 "suppress_tokens": list(range(codes, cfg.vocab_size)), "bos_token_id": None, "eos_token_id": None}
   for name, content in (("config.json", config), ("generation_config.json", generation)):
     with open(os.path.join(out_dir, name), "w") as f:
       json.dump(content, f, indent=1)
+
+
+def exported_step(hf_dir: str) -> Optional[int]:
+  """The training step a directory written by save_pretrained came from (None: not recorded)."""
+  with open(os.path.join(hf_dir, "config.json")) as f:
+    return json.load(f).get("lvm_jax_step")
 
 
 def load_pretrained(hf_dir: str, dtype: str = "float32") -> tuple[transformer.Config, dict]:
@@ -131,7 +140,7 @@ def cli_main() -> None:
     if config_lib.model_module(c) is not transformer:
       raise config_lib.ConfigError(f"{workdir.value}: model_name={c.get('model_name')!r}, not an LVM workdir")
     model_cfg, params, step = load.load_params(c, workdir.value)
-    save_pretrained(params, model_cfg, out.value, codes.value, c.seq_len)
+    save_pretrained(params, model_cfg, out.value, codes.value, c.seq_len, step)
     count = models.count_params(models.abstract(transformer, model_cfg))
     print(f"step {step} of {workdir.value} -> {out.value} (LlamaForCausalLM, {count:,} params)")
 

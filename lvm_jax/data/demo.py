@@ -29,6 +29,9 @@ SPLITS = ("train", "held_out")
 # command that made it is in lvm_jax/assets/README.md.
 TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
                          "vqgan_demo.safetensors")
+# The demo's LVM (configs/lvm_demo.py:long on configs/dataset_demo.py:large), a LlamaForCausalLM
+# directory (convert/hf_llama.py); the commands that made it are in lvm_jax/assets/README.md.
+LVM = os.path.join(os.path.dirname(TOKENIZER), "lvm_demo")
 # skimage.data names (the TRAIN / HELD_OUT of data/images.py) and sklearn sample images (*.jpg).
 PICTURES = {
     "train": ("chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
@@ -54,12 +57,50 @@ def _picture(name: str) -> np.ndarray:
 
 
 @functools.cache
-def pictures(split: str, size: int) -> np.ndarray:
-  """The split's pictures squashed to [P, 4S, 4S, 3] (the release squashes to a square too)."""
+def pictures(split: str, size: int, augment: bool = False) -> np.ndarray:
+  """The split's pictures squashed to [P, 4S, 4S, 3] (the release squashes to a square too).
+
+  `augment` (train only) adds the 8 rotations and mirrors of each and SCENES made-up pictures
+  (`scenes`): a long-trained LVM can remember where things are in 8 pictures, and then answers
+  from memory instead of reading the prompt; with pictures it has never seen it has to copy.
+  """
   from PIL import Image  # pylint: disable=g-import-not-at-top
   side = 4 * size  # a crop of S sees a sixteenth of the picture: scenes, not texture
-  return np.stack([np.asarray(Image.fromarray(_picture(n)).resize((side, side), Image.Resampling.LANCZOS))
+  pics = np.stack([np.asarray(Image.fromarray(_picture(n)).resize((side, side), Image.Resampling.LANCZOS))
                    for n in PICTURES[_split(split)]])
+  if not augment:
+    return pics
+  if split != "train":
+    raise ValueError(f"demo split {split!r}: augment is for the train split only")  # held-out stays held out
+  turned = [np.rot90(p, k, axes=(1, 2)) for p in (pics, pics[:, :, ::-1]) for k in range(4)]
+  return np.ascontiguousarray(np.concatenate(turned + [scenes(SCENES, side)]))
+
+
+SCENES = 448  # made-up pictures beside the 64 turned and mirrored real ones: 7 in 8 windows
+
+
+def scenes(count: int, side: int, seed: int = 0) -> np.ndarray:
+  """uint8 [count, side, side, 3]: made-up pictures, each a two-colour gradient under 6-14 ellipses
+  and rectangles of random colours, some shaded, softened by a 3x3 box blur (edges as a picture's,
+  not aliased). Deterministic for (count, side, seed)."""
+  rng = np.random.default_rng([seed, count, side])
+  y, x = (np.mgrid[0:side, 0:side].astype(np.float32) + 0.5) / side
+  out = np.empty((count, side, side, 3), np.uint8)
+  for i in range(count):
+    angle = rng.uniform(0, 2 * np.pi)
+    t = np.clip(np.cos(angle) * (x - 0.5) + np.sin(angle) * (y - 0.5) + 0.5, 0, 1)[..., None]
+    a, b = rng.uniform(0, 255, (2, 3)).astype(np.float32)
+    img = a * (1 - t) + b * t
+    for _ in range(rng.integers(6, 15)):
+      cy, cx = rng.uniform(-0.1, 1.1, 2)
+      ry, rx = rng.uniform(0.04, 0.35, 2)
+      dy, dx = (y - cy) / ry, (x - cx) / rx
+      inside = (dy * dy + dx * dx <= 1) if rng.random() < 0.5 else (np.abs(dy) <= 1) & (np.abs(dx) <= 1)
+      colour = rng.uniform(0, 255, 3).astype(np.float32)
+      shade = 1 + rng.uniform(-0.4, 0.4) * np.clip(dy, -1, 1)[..., None]  # light from above or below
+      img = np.where(inside[..., None], np.clip(colour * shade, 0, 255), img)
+    out[i] = np.clip(np.round(_box_blur(img, 3)), 0, 255).astype(np.uint8)
+  return out
 
 
 def digit_samples(split: str) -> np.ndarray:
@@ -121,12 +162,12 @@ def _video(pics: np.ndarray, rng: Rng, count: int, n: int, size: int, cy: np.nda
   return frames.reshape(count, n, size, size, 3)
 
 
-def _moving_crop(split: str, count: int, n: int, size: int, rng: Rng) -> np.ndarray:
+def _moving_crop(split: str, count: int, n: int, size: int, rng: Rng, augment: bool) -> np.ndarray:
   """A window gliding over a picture: 1 or 2 tokens of the demo tokenizer's 8x8 grid a frame (4 or 8
   pixels at 32), in one of 8 directions, on whole pixels. Whole tokens, so the next frame's codes are
   the last frame's shifted (but on the border it enters by): sub-token shifts would need a tokenizer
   whose codes follow a shift of a pixel, which a 256-code f4 VQGAN's do not."""
-  pics = pictures(split, size)
+  pics = pictures(split, size, augment)
   token = max(1, size // 8)
   compass = np.array([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx])
   velocity = compass[rng.integers(0, 8, count)] * (token * rng.integers(1, 3, count))[:, None]  # [count, 2]
@@ -141,10 +182,10 @@ def _moving_crop(split: str, count: int, n: int, size: int, rng: Rng) -> np.ndar
   return _video(pics, rng, count, n, size, corner[:, 0] + size / 2, corner[:, 1] + size / 2, size * ones, 0 * ones)
 
 
-def _rotating_crop(split: str, count: int, n: int, size: int, rng: Rng) -> np.ndarray:
+def _rotating_crop(split: str, count: int, n: int, size: int, rng: Rng, augment: bool) -> np.ndarray:
   """A window turning a quarter a frame (either way) about a pixel corner: every frame is the last
   one rotated exactly, like the flip task's mirror, a rearrangement a model can learn in context."""
-  pics = pictures(split, size)
+  pics = pictures(split, size, augment)
   reach = int(np.ceil(size / np.sqrt(2))) + 1  # the turning window's corners stay inside the picture
   cy, cx = (rng.integers(reach, pics.shape[1] - reach + 1, (count, 1)) * np.ones(n) for _ in range(2))
   spin = rng.choice([-1, 1], count) * np.pi / 2
@@ -152,8 +193,8 @@ def _rotating_crop(split: str, count: int, n: int, size: int, rng: Rng) -> np.nd
   return _video(pics, rng, count, n, size, cy, cx, size * np.ones((count, n)), angle)
 
 
-def _zooming_crop(split: str, count: int, n: int, size: int, rng: Rng) -> np.ndarray:
-  pics = pictures(split, size)
+def _zooming_crop(split: str, count: int, n: int, size: int, rng: Rng, augment: bool) -> np.ndarray:
+  pics = pictures(split, size, augment)
   near, far = rng.uniform(1, 1.2, count) * size, rng.uniform(1.8, 2, count) * size  # at most 2x down: little aliasing
   zoom_in = rng.random(count) < 0.5
   first, last = np.where(zoom_in, far, near), np.where(zoom_in, near, far)
@@ -162,8 +203,9 @@ def _zooming_crop(split: str, count: int, n: int, size: int, rng: Rng) -> np.nda
   return _video(pics, rng, count, n, size, cy, cx, side, np.zeros((count, n)))
 
 
-def _moving_digit(split: str, count: int, n: int, size: int, rng: Rng) -> np.ndarray:
+def _moving_digit(split: str, count: int, n: int, size: int, rng: Rng, augment: bool) -> np.ndarray:
   """A half-size digit drifting in a straight line; it crosses at least half the canvas horizontally."""
+  del augment  # digits on black: nothing to remember a place by
   grey, _ = _digits(split, size // 2)
   d, room = grey.shape[1], size - grey.shape[1]
   x0, x1 = rng.integers(0, room // 4 + 1, count), room - rng.integers(0, room // 4 + 1, count)
@@ -182,8 +224,8 @@ def _moving_digit(split: str, count: int, n: int, size: int, rng: Rng) -> np.nda
 # ---------------------------------------------------------------------------------------------
 # Still-image tasks: exact windows of the pictures (integer positions, no resampling).
 
-def _crops(split: str, count: int, size: int, rng: Rng) -> np.ndarray:
-  pics = pictures(split, size)
+def _crops(split: str, count: int, size: int, rng: Rng, augment: bool) -> np.ndarray:
+  pics = pictures(split, size, augment)
   which = rng.integers(0, len(pics), count)
   y0, x0 = rng.integers(0, pics.shape[1] - size + 1, (2, count))
   i = np.arange(size)
@@ -239,25 +281,26 @@ _TARGETS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 
 
 def _pair_task(target: str) -> Callable[..., np.ndarray]:
-  def make(split: str, count: int, n: int, size: int, rng: Rng) -> np.ndarray:
-    x = _crops(split, count * (n // 2), size, rng).reshape(count, n // 2, size, size, 3)
+  def make(split: str, count: int, n: int, size: int, rng: Rng, augment: bool) -> np.ndarray:
+    x = _crops(split, count * (n // 2), size, rng, augment).reshape(count, n // 2, size, size, 3)
     pairs = np.stack([x, _TARGETS[target](x)], axis=2)  # [count, k, 2, S, S, 3]
     return np.stack([sentences_lib.kshot_pairs(list(p), rng) for p in pairs])
   return make
 
 
-def _colorization(split: str, count: int, n: int, size: int, rng: Rng) -> np.ndarray:
-  x = _crops(split, count * (n // 2), size, rng).reshape(count, n // 2, size, size, 3)
+def _colorization(split: str, count: int, n: int, size: int, rng: Rng, augment: bool) -> np.ndarray:
+  x = _crops(split, count * (n // 2), size, rng, augment).reshape(count, n // 2, size, size, 3)
   return np.stack([sentences_lib.colorization(list(images)) for images in x])
 
 
-def _inpainting(split: str, count: int, n: int, size: int, rng: Rng) -> np.ndarray:
-  x = _crops(split, count * (n // 2), size, rng).reshape(count, n // 2, size, size, 3)
+def _inpainting(split: str, count: int, n: int, size: int, rng: Rng, augment: bool) -> np.ndarray:
+  x = _crops(split, count * (n // 2), size, rng, augment).reshape(count, n // 2, size, size, 3)
   return np.stack([sentences_lib.inpainting(list(images), rng) for images in x])
 
 
-def _counting(split: str, count: int, n: int, size: int, rng: Rng) -> np.ndarray:
+def _counting(split: str, count: int, n: int, size: int, rng: Rng, augment: bool) -> np.ndarray:
   """Digits d, d+1, ... (mod 10) from a random d; each image a random sample of its digit."""
+  del augment
   grey, labels = _digits(split, size)
   per_digit = [np.flatnonzero(labels == k) for k in range(10)]
   table = np.stack([np.resize(s, max(map(len, per_digit))) for s in per_digit])  # [10, most]; rows padded
@@ -266,7 +309,7 @@ def _counting(split: str, count: int, n: int, size: int, rng: Rng) -> np.ndarray
   return np.repeat(grey[table[digits, pick]][..., None], 3, axis=-1)
 
 
-_MAKERS: dict[str, Callable[[str, int, int, int, Rng], np.ndarray]] = {
+_MAKERS: dict[str, Callable[[str, int, int, int, Rng, bool], np.ndarray]] = {
     "moving_crop": _moving_crop,
     "rotating_crop": _rotating_crop,
     "zooming_crop": _zooming_crop,
@@ -286,14 +329,17 @@ def _split(split: str) -> str:
   return split
 
 
-def sentences(task: str, split: str, count: int, size: int = 32, seed: int = 0, images: int = 8) -> np.ndarray:
+def sentences(task: str, split: str, count: int, size: int = 32, seed: int = 0, images: int = 8,
+              augment: bool = False) -> np.ndarray:
   """`count` sentences of `images` images of one task: uint8 [count, images, size, size, 3].
 
-  Deterministic for (task, split, seed); the other arguments only change how much is drawn.
+  Deterministic for (task, split, seed, augment); the other arguments only change how much is
+  drawn. `augment` draws the pictures' windows from their rotations and mirrors too (`pictures`).
   """
   if task not in _MAKERS:
     raise ValueError(f"unknown demo task {task!r}; expected one of {', '.join(TASKS)}")
-  _split(split)
+  if _split(split) != "train" and augment:
+    raise ValueError(f"demo split {split!r}: augment is for the train split only")
   if size < 8 or images < 1 or count < 0:
     raise ValueError(f"demo {task}: size={size}, images={images}, count={count}; "
                      "expected size >= 8, images >= 1, count >= 0")
@@ -302,7 +348,7 @@ def sentences(task: str, split: str, count: int, size: int = 32, seed: int = 0, 
   if count == 0:
     return np.zeros((0, images, size, size, 3), np.uint8)
   rng = np.random.default_rng([seed, TASKS.index(task), SPLITS.index(split)])
-  return _MAKERS[task](split, count, images, size, rng)
+  return _MAKERS[task](split, count, images, size, rng, augment)
 
 
 # ---------------------------------------------------------------------------------------------

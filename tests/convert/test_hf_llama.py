@@ -35,8 +35,9 @@ def logits(cfg: transformer.Config, params: dict, tokens: np.ndarray) -> np.ndar
 
 def test_export_loads_in_transformers_with_the_same_logits(tmp_path):
   params = random_params(CFG)
-  hf_llama.save_pretrained(params, CFG, str(tmp_path), codes=90)
-  hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()
+  hf_llama.save_pretrained(params, CFG, str(tmp_path), codes=90, step=123)
+  hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path)).eval()  # the step's key does not bother it
+  assert hf_llama.exported_step(str(tmp_path)) == 123
   tokens = np.random.default_rng(0).integers(0, 90, (2, 17))
   with torch.no_grad():
     ref = hf(torch.from_numpy(tokens)).logits.numpy()

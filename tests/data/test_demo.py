@@ -44,6 +44,35 @@ def test_still_images_are_windows_of_the_split_pictures():
     assert all(found(w, split) and not found(w, other) for w in x)
 
 
+def test_augment_draws_from_the_pictures_turned_and_mirrored_and_made_up():
+  """`augment` (the shipped LVM's store) adds the 8 symmetries of each train picture and made-up
+  scenes, keeps every window a window of one of them, and changes nothing without it."""
+  pics, more = demo.pictures("train", SIZE), demo.pictures("train", SIZE, augment=True)
+  assert more.shape == (8 * len(pics) + demo.SCENES,) + pics.shape[1:]
+  np.testing.assert_array_equal(more[:len(pics)], pics)
+  np.testing.assert_array_equal(more[len(pics)], np.rot90(pics[0]))
+  np.testing.assert_array_equal(more[4 * len(pics)], pics[0][:, ::-1])
+  views = sliding_window_view(more, (SIZE, SIZE, 3), axis=(1, 2, 3))
+  x = demo.sentences("flip", "train", 8, SIZE, images=4, augment=True)[:, 0::2].reshape(-1, SIZE, SIZE, 3)
+  hits = [np.flatnonzero(np.all(views == w, axis=(-4, -3, -2, -1)).reshape(len(more), -1).any(1)) for w in x]
+  assert all(len(h) for h in hits)  # every window comes from some turned or mirrored picture
+  assert any(h.min() >= len(pics) for h in hits)  # and not all from the originals
+  for task in ("moving_crop", "flip", "counting"):
+    np.testing.assert_array_equal(make(task), demo.sentences(task, "train", 6, SIZE, 0, 6, augment=False))
+    assert demo.sentences(task, "train", 4, SIZE, augment=True).shape == (4, 8, SIZE, SIZE, 3)
+  with pytest.raises(ValueError, match="augment is for the train split only"):
+    demo.sentences("flip", "held_out", 2, SIZE, augment=True)
+
+
+def test_made_up_scenes_are_varied_and_deterministic():
+  a = demo.scenes(6, 64)
+  assert a.shape == (6, 64, 64, 3) and a.dtype == np.uint8
+  np.testing.assert_array_equal(a, demo.scenes(6, 64))
+  assert not np.array_equal(a, demo.scenes(6, 64, seed=1))
+  assert min(np.abs(a[i].astype(int) - a[j]).mean() for i in range(6) for j in range(i)) > 20  # no two alike
+  assert all(len(np.unique(im.reshape(-1, 3), axis=0)) > 50 for im in a)  # shapes and gradients, not flat
+
+
 def test_counting_counts_up_with_samples_of_the_split():
   for split in demo.SPLITS:
     pool, labels = demo.digit_images(split, SIZE)
