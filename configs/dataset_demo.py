@@ -7,9 +7,10 @@ tokens a sentence) with a train and a held_out part, tokenized by the demo's VQG
 the package; --config.vqgan.weights=F tokenizes with your own export of configs/vqgan_demo.py,
 `lvm-convert-vqgan --workdir W --out F`); about a minute on 2 CPU cores. The report lists
 shards, sentences and tokens (demo data has nothing to skip). `:test` makes a few sentences per
-task. `:large` is the store the shipped demo LVM trained on (configs/lvm_demo.py:long): 4096 train
-sentences a task drawn from the pictures' rotations and mirrors too (data/demo.py `augment`), so
-that a long run cannot memorise 8 pictures; about 12 minutes on 2 cores.
+task. `:large` is the store the shipped demo LVM trained on (configs/lvm_demo.py:long): 2048 train
+sentences a task whose windows come from made-up scenes and the pictures' rotations and mirrors
+too (data/demo.py `augment`), so that a long run cannot memorise 8 pictures; about 6 minutes on 2
+cores.
 """
 
 import ml_collections
@@ -34,7 +35,7 @@ def get_config(arg=None):
     count = {"train": 6, "held_out": 2}
     c.items_per_shard = 4
   elif arg == "large":
-    c.store, count, augment = "/tmp/lvm_demo/store_large", {"train": 4096, "held_out": 64}, True
+    c.store, count, augment = "/tmp/lvm_demo/store_large", {"train": 2048, "held_out": 64}, True
   elif arg:
     raise ValueError(f"configs/dataset_demo.py: unknown arg {arg!r} (expected 'test', 'large' or nothing)")
   c.datasets = [dict(name=f"{task}_{split}", source=dict(kind="demo", task=task, split=split, count=n, images=4,

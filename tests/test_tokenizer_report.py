@@ -59,13 +59,28 @@ def test_perfect_reconstruction_scores_the_maximum():
 
 def test_codebook_usage_and_perplexity_of_a_known_histogram():
   ids = np.array([[0, 0, 1, 1], [2, 2, 2, 2]])  # histogram 2, 2, 4 of 16 codes
-  per_image = {"psnr": np.array([20.0, 30.0]), "ssim": np.array([0.5, 0.7])}
+  per_image = {"psnr": np.array([20.0, 30.0]), "ssim": np.array([0.5, 0.7]), "shift_consistency": np.array([0.5, 1.0])}
   m = tokenizer_report.summary(per_image, ids, codes=16)
   p = np.array([0.25, 0.25, 0.5])
   np.testing.assert_allclose(m["codebook_perplexity"]["value"], np.exp(-np.sum(p * np.log(p))), rtol=1e-6)
   assert m["codebook_usage"]["value"] == 3 / 16 and m["codebook_usage"]["codes_used"] == 3
   assert m["psnr"] == {"value": 25.0, "better": "higher", "unit": "dB"} and m["ssim"]["value"] == pytest.approx(0.6)
+  assert m["shift_consistency"]["value"] == 0.75
   assert all(v["better"] == "higher" for v in m.values()) and "lpips" not in m
+
+
+def test_shift_consistency_counts_codes_that_follow_a_one_token_move():
+  """Per image: the share of the tokens of the image rolled one token down and right whose code is
+  the code of the token that content came from (the first row and column wrapped: not counted)."""
+  model = vqgan.Model(vqgan.Config(**load_config("vqgan_tiny").model), rngs=nnx.Rngs(0))
+  x = _pictures(size=32)[0][:3]
+  measured = tokenizer_report.measure(model, tokenizer_report.array_images(x, {"kind": "test"}), batch=2)
+  f = model.cfg.factor
+  ids = np.asarray(model.encode(x / 255.0))
+  moved = np.asarray(model.encode(np.roll(x / 255.0, (f, f), axis=(1, 2))))
+  want = (moved[:, 1:, 1:] == ids[:, :-1, :-1]).mean((1, 2))
+  np.testing.assert_allclose(measured.per_image["shift_consistency"], want, atol=1e-6)
+  assert np.all(want < 1)  # an untrained encoder's codes do not follow the move
 
 
 def test_bad_sources_are_one_line():
@@ -112,7 +127,8 @@ def test_report_of_weights_on_an_image_folder(tmp_path):
   assert rep["tokenizer"]["weights"] == str(tmp_path / "vq.safetensors") and rep["tokenizer"]["layout"] == "diffusers"
   assert rep["source"]["mode"] == "squash" and rep["source"]["size"] == 32
   m = rep["metrics"]
-  assert sorted(m) == ["codebook_perplexity", "codebook_usage", "lpips", "psnr", "ssim"]
+  assert sorted(m) == ["codebook_perplexity", "codebook_usage", "lpips", "psnr", "shift_consistency", "ssim"]
+  assert 0 <= m["shift_consistency"]["value"] <= 1
   assert m["lpips"]["better"] == "lower" and m["lpips"]["value"] > 0
   assert 1 <= m["codebook_perplexity"]["value"] <= m["codebook_usage"]["codes_used"] <= 5 * 64
   assert m["codebook_usage"]["value"] == m["codebook_usage"]["codes_used"] / 256

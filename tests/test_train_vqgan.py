@@ -59,3 +59,19 @@ def test_perceptual_term_is_lpips_of_the_reconstruction():
   expected = c.perceptual_weight * float(jnp.mean(perceptual(aux["recon"], images)))
   assert expected > 0.01
   np.testing.assert_allclose(float(aux["nll"]) - l1, expected, rtol=1e-4)
+
+
+def test_shift_weight_schedule_is_piecewise_constant():
+  schedule = ((10, 0.2), (20, 1.0))
+  got = [float(train_vqgan.shift_weight(schedule, jnp.int32(s))) for s in (0, 9, 10, 19, 20, 500)]
+  assert got == pytest.approx([0.0, 0.0, 0.2, 0.2, 1.0, 1.0])
+  assert float(train_vqgan.shift_weight((), jnp.int32(5))) == 0.0
+
+
+@pytest.mark.parametrize("bad", [((10, 0.2), (5, 1.0)), ((10, -1.0),), ((10,),)])
+def test_bad_shift_weights_are_one_line(bad):
+  from lvm_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  c = load_config("vqgan_demo")
+  c.shift_weights = bad
+  with pytest.raises(ConfigError, match="shift_weights=.*expected \\(from_step, weight\\) pairs"):
+    vqgan.validate(c)

@@ -6,10 +6,10 @@ The default `Config` is the tokenizer the released LVM checkpoints were trained 
 `VQGANModel`, = diffusers `VQModel` of amused): hidden 128, channel_mult (1, 2, 2, 4, 6), 2 res
 blocks per encoder level and 3 per decoder level, no attention, z/code dim 64, 8192 codes,
 GroupNorm(32, eps 1e-6) + SiLU, pad (0,1,0,1) + 3x3 stride-2 VALID downsampling, nearest x2 +
-3x3 upsampling, inputs in [0, 1], outputs clamped to [0, 1]. Module and parameter names follow
-diffusers' `VQModel` (encoder.down_blocks.0.resnets.1.conv1, ...), so convert/vqgan_torch.py is a
-rename and transpose table. Taming's shape (attention inside chosen levels and the mid blocks)
-and MaskGIT's parameter-free average-pool downsampling are options of the same `Config`.
+3x3 upsampling, inputs in [0, 1], outputs clamped to [0, 1]. Names follow diffusers' `VQModel`
+(encoder.down_blocks.0.resnets.1.conv1, ...): convert/vqgan_torch.py is a rename and transpose
+table. Taming's shape (attention inside chosen levels and the mid blocks) and MaskGIT's
+parameter-free average-pool downsampling are options of the same `Config`.
 
 The quantizer measures distances and takes the argmin in fp32 whatever the backbone's dtype:
 with 8192 codes, bf16 distances flip a visible share of the tokens.
@@ -394,6 +394,21 @@ def loss(model: Model, batch: dict, *, gan_loss: Callable[[jax.Array], jax.Array
   return total, {"nll": nll, "gan_g": gan, "gan_weight": weight, "recon": recon, **aux}
 
 
+def shift_loss(model: Model, images_BHWC: jax.Array, shift_yx: jax.Array) -> jax.Array:
+  """Mean squared distance of the latents of images rolled by shift_yx tokens from their latents
+  rolled alike, over tokens that did not wrap (on the unit sphere with l2_codes). Codes that follow
+  a shift give a moving scene the same tokens a frame later, which an LVM can copy from its prompt."""
+  z_BhwD = model.latents(images_BHWC)
+  z2_BhwD = model.latents(jnp.roll(images_BHWC, shift_yx * model.cfg.factor, axis=(1, 2)))
+  if model.cfg.l2_codes:
+    z_BhwD, z2_BhwD = _l2(z_BhwD), _l2(z2_BhwD)
+  h, w = z_BhwD.shape[1:3]
+  rows, cols = jnp.arange(h) - shift_yx[0], jnp.arange(w) - shift_yx[1]  # where each token came from
+  kept_hw = ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))[None, :]
+  d_Bhw = jnp.sum(jnp.square(jnp.roll(z_BhwD, shift_yx, axis=(1, 2)) - z2_BhwD), axis=-1)
+  return jnp.sum(d_Bhw * kept_hw[None]) / (jnp.sum(kept_hw) * d_Bhw.shape[0])
+
+
 def flops_per_step(c: Any) -> float:
   """Model FLOPs of one update, from XLA's count of the generator's forward (x3 for the backward):
   a convnet has no scan, so the compiler's count is exact; the critic and LPIPS are not counted."""
@@ -411,6 +426,9 @@ def validate(c: Any) -> None:
         f"image_size={c.image_size} is not a multiple of the downsampling factor {cfg.factor}")
   check(0.0 <= c.ema < 1.0, f"ema={c.ema}: expected a decay in [0, 1)")
   check(c.gan.start >= 0 and c.gan.weight >= 0, f"gan.start={c.gan.start} and gan.weight={c.gan.weight} must be >= 0")
+  shifts = [tuple(p) for p in c.get("shift_weights", ())]
+  check(all(len(p) == 2 and min(p) >= 0 for p in shifts) and shifts == sorted(shifts),
+        f"shift_weights={shifts}: expected (from_step, weight) pairs, both >= 0, in step order")
 
 
 class TokenizerError(ValueError):

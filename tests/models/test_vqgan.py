@@ -72,6 +72,24 @@ def test_straight_through_and_loss_gradients_go_where_they_should():
   assert not np.any(np.asarray(gz)) and np.any(np.asarray(gcb))
 
 
+def test_shift_loss_compares_each_token_with_where_its_content_went():
+  """shift_loss = mean over the tokens that did not wrap of |z(roll(x))[i] - z(x)[i - shift]|^2,
+  on the unit sphere with l2_codes; 0 for no shift."""
+  for cfg in (TINY, dataclasses.replace(TINY, l2_codes=True)):
+    model = vqgan.Model(cfg, rngs=nnx.Rngs(0))
+    x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
+    z, f = np.asarray(model.latents(x)), cfg.factor
+    for dy, dx in ((1, -2), (0, 1), (-1, 0)):
+      z2 = np.asarray(model.latents(jnp.roll(x, (dy * f, dx * f), axis=(1, 2))))
+      if cfg.l2_codes:
+        z, z2 = (a / np.linalg.norm(a, axis=-1, keepdims=True) for a in (np.asarray(model.latents(x)), z2))
+      d = [np.sum((z2[b, i, j] - z[b, i - dy, j - dx]) ** 2) for b in range(2) for i in range(8) for j in range(8)
+           if 0 <= i - dy < 8 and 0 <= j - dx < 8]
+      got = vqgan.shift_loss(model, x, jnp.array([dy, dx]))
+      np.testing.assert_allclose(got, np.mean(d), rtol=1e-4)
+    assert float(vqgan.shift_loss(model, x, jnp.array([0, 0]))) == 0.0
+
+
 def test_codebook_stats():
   stats = vqgan.codebook_stats(jnp.array([0, 0, 1, 1, 2, 2, 3, 3]), codes=8)
   np.testing.assert_allclose(float(stats["codebook_usage"]), 0.5)
