@@ -49,8 +49,8 @@ setup(
     # configs/ ships inside the package as lvm_jax.configs: `--config lvm_300m` works anywhere.
     packages=find_packages(include=["lvm_jax", "lvm_jax.*"]) + ["lvm_jax.configs"],
     package_dir={"lvm_jax.configs": "configs"},
-    # The demo's tokenizer (lvm_jax/assets/README.md says how it was made).
-    package_data={"lvm_jax": ["assets/*.safetensors", "assets/*.md"]},
+    # The demo's tokenizer and LVM (lvm_jax/assets/README.md says how they were made).
+    package_data={"lvm_jax": ["assets/*.safetensors", "assets/*.md", "assets/lvm_demo/*"]},
     python_requires=">=3.11",
     install_requires=[
         # jax 0.10.x is what pip resolves on Python 3.11, 0.12.x on 3.12+; both are supported.

@@ -9,13 +9,22 @@ d_model 128, 4 layers (copying from an earlier image takes two attention steps: 
 copy). Expect the loss to fall from ln(256) = 5.5 to about 2.4 in the 1000 steps (2M tokens),
 5.3 minutes on 2 CPU cores, with the held-out answer perplexity still falling at the end (median
 ~26 at step 500, ~23 at 1000).
+
+`:long` is the recipe of the LVM the demo ships (lvm_jax/assets/lvm_demo/, the commands beside it):
+the same model for six times the steps, on the large store of configs/dataset_demo.py:large, whose
+train windows come from made-up scenes and the pictures' rotations and mirrors too: on 8 pictures
+a long run learns the pictures by heart instead of copying from the prompt.
 """
 
+from lvm_jax import config as config_lib
 from lvm_jax.config import lvm_config
+
+LONG_STEPS = 6_000
 
 
 def get_config(arg=None):
-  del arg
+  if arg not in (None, "", "long"):
+    raise ValueError(f"configs/lvm_demo.py: unknown arg {arg!r} (expected 'long' or nothing)")
   c = lvm_config(d_model=128, ffn=384, layers=4, heads=4)
   c.model.update(dtype="float32", remat="none", vocab_size=256)  # the tiny VQGAN's 256 codes
   c.seq_len, c.tokens_per_image = 256, 64
@@ -27,4 +36,10 @@ def get_config(arg=None):
   # Held-out answer perplexity of every task and labeled sample grids, three times a run.
   c.eval_every, c.sample_every = 500, 500
   c.eval_data.update(per_task=16, samples=4)
+  if arg == "long":
+    c.steps = LONG_STEPS
+    c.optim.update(end_lr=1e-4, warmup=200)
+    c.data.mixture.main.path = "/tmp/lvm_demo/store_large"
+    c.vqgan = dict(config_lib.load_file("dataset_demo").vqgan)  # the shipped tokenizer: samples decode with it
+    c.ckpt_every, c.eval_every, c.sample_every = 500, 1000, 2000
   return c

@@ -4,11 +4,12 @@
   -> prompting on held-out sentences (W/prompts/*.png) -> W/eval.json
 
 The tokenizer is the VQGAN of configs/vqgan_demo.py, trained by this project's train_vqgan on the
-demo's train frames and shipped as lvm_jax/assets/vqgan_demo.safetensors (the command that made it
-is in lvm_jax/assets/README.md); --from_scratch trains it first (W/vqgan, ~12 more minutes on 2
-cores). Each stage is the real entry point's function with the configs in configs/
-(vqgan_demo.py, dataset_demo.py, lvm_demo.py), so every stage resumes: rerunning skips what is
-done. The summary compares the LVM with what a model that learnt nothing would do (copy the last
+demo's train frames, and the LVM is configs/lvm_demo.py:long, trained by this project's trainer
+on a larger store of the same tasks; both ship in lvm_jax/assets/ (the commands that made them
+are in its README.md). --from_scratch trains both instead (W/vqgan ~23 minutes, W/lvm the
+1000-step recipe of configs/lvm_demo.py, ~5 minutes on 2 cores). Each stage is the real
+entry point's function with the configs in configs/ (vqgan_demo.py, dataset_demo.py,
+lvm_demo.py), so every stage resumes: rerunning skips what is done. The summary compares the LVM with what a model that learnt nothing would do (copy the last
 frame, copy the query, chance) and with the tokenizer's ceiling. `--quick` shortens every stage
 and trains a tokenizer of a few steps (for tests: the numbers are then meaningless).
 """
@@ -43,7 +44,7 @@ def demo(workdir: str, quick: bool = False, count: int = 64, from_scratch: bool 
   # wherever prompt / evaluate later run.
   workdir = os.path.abspath(workdir)
   vq, data, lvm = configs(workdir, quick, from_scratch)
-  lvm_dir = os.path.join(workdir, "lvm")
+  lvm_dir = os.path.join(workdir, "lvm") if quick or from_scratch else demo_data.LVM
   if data.vqgan.get("workdir"):
     logging.info("demo [1/5]: the demo VQGAN on the demo's train frames (%s)", data.vqgan["workdir"])
     train_vqgan.train_vqgan(vq, data.vqgan["workdir"])
@@ -52,10 +53,14 @@ def demo(workdir: str, quick: bool = False, count: int = 64, from_scratch: bool 
   logging.info("demo [2/5]: demo visual sentences -> token store (%s)", data.store)
   report = make_dataset.make_dataset(data)
   logging.info("demo: %d sentences, %d tokens in %s", report["sentences"], report["tokens"], data.store)
-  logging.info("demo [3/5]: tiny LVM on the store (%s)", lvm_dir)
-  train.train(lvm, lvm_dir)
+  if lvm_dir == demo_data.LVM:
+    logging.info("demo [3/5]: the shipped demo LVM (%s; --from_scratch trains one)", lvm_dir)
+    p = prompt.from_hf(lvm_dir, data.vqgan)
+  else:
+    logging.info("demo [3/5]: tiny LVM on the store (%s)", lvm_dir)
+    train.train(lvm, lvm_dir)
+    p = prompt.from_workdir(lvm_dir)
   logging.info("demo [4/5]: prompting held-out sentences (%s)", os.path.join(workdir, "prompts"))
-  p = prompt.from_workdir(lvm_dir)
   os.makedirs(os.path.join(workdir, "prompts"), exist_ok=True)
   from PIL import Image  # pylint: disable=g-import-not-at-top
   for task in demo_data.TASKS:
@@ -92,7 +97,7 @@ def summary(result: dict, workdir: str) -> None:
 def cli_main() -> None:
   workdir = flags.DEFINE_string("workdir", "workdir/demo", "Where the demo writes everything.")
   quick = flags.DEFINE_bool("quick", False, "Shorten every stage (a smoke test).")
-  scratch = flags.DEFINE_bool("from_scratch", False, "Train the tokenizer too, instead of using the shipped one.")
+  scratch = flags.DEFINE_bool("from_scratch", False, "Train the tokenizer and the LVM instead of using the shipped ones.")
   count = flags.DEFINE_integer("count", 64, "Held-out sentences per task for the task metrics.")
   cli.run(lambda _: demo(workdir.value, quick.value, count.value, scratch.value), required=[])
 

@@ -51,8 +51,12 @@ def test_a_wheel_trains_from_any_directory_and_every_script_explains_itself(tmp_
   env = {**os.environ, "PYTHONPATH": str(site), "JAX_PLATFORMS": "cpu"}
   where = _run([sys.executable, "-c", "import lvm_jax; print(lvm_jax.__file__)"], elsewhere, env)
   assert where.stdout.startswith(str(site)), where.stdout  # the wheel's copy, not the checkout
-  shipped = _run([sys.executable, "-c", "from lvm_jax.data import demo; print(demo.TOKENIZER)"], elsewhere, env)
-  assert shipped.stdout.startswith(str(site)) and os.path.getsize(shipped.stdout.strip()) > 1e6  # the demo tokenizer
+  shipped = _run([sys.executable, "-c", "from lvm_jax.data import demo; print(demo.TOKENIZER); print(demo.LVM)"],
+                 elsewhere, env)
+  tokenizer, lvm = shipped.stdout.split()
+  assert tokenizer.startswith(str(site)) and os.path.getsize(tokenizer) > 1e6  # the demo tokenizer
+  assert lvm.startswith(str(site)) and os.path.getsize(os.path.join(lvm, "model.safetensors")) > 1e6  # and LVM
+  assert os.path.exists(os.path.join(lvm, "config.json"))
 
   train = _run([str(site / "bin" / "lvm-train"), "--config", "lvm_tiny", "--config.steps=5",
                 "--workdir", str(tmp_path / "run")], elsewhere, env)
