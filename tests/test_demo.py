@@ -42,3 +42,21 @@ def test_the_shipped_tokenizer_is_the_demo_config_trained():
   box = x.reshape(len(x), 8, 4, 8, 4, 3).mean((2, 4)).repeat(4, 1).repeat(4, 2)
   # 20.2 dB when shipped; the box filter keeps 64 exact colours (19.8), an untrained VQGAN ~9.
   assert psnr > np.mean([evaluate.psnr(a, b) for a, b in zip(box, x)]) and psnr > 19.0
+
+
+def test_the_shipped_lvm_is_the_long_recipe_trained():
+  """lvm_jax/assets/lvm_demo is configs/lvm_demo.py:long's model after its last step, as a
+  LlamaForCausalLM directory, and it has learnt: on held-out moving digits (samples it never saw)
+  its greedy answers beat copying the last frame (15.1 dB against 12.5 over 64 sentences when
+  shipped), which an untrained model's do not."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from lvm_jax import config as config_lib, evaluate, prompt  # pylint: disable=g-import-not-at-top
+  from lvm_jax.convert import hf_llama  # pylint: disable=g-import-not-at-top
+  cfg, _ = hf_llama.load_pretrained(demo_data.LVM)
+  long = config_lib.load_file("lvm_demo:long")
+  assert (cfg.d_model, cfg.ffn, cfg.layers, cfg.heads, cfg.vocab_size) == (
+      long.model.d_model, long.model.ffn, long.model.layers, long.model.heads, long.model.vocab_size)
+  p = prompt.from_hf(demo_data.LVM, config_lib.load_file("dataset_demo").vqgan)
+  assert p.step == long.steps
+  m = evaluate.task_metrics(p, ("moving_digit",), 8, jax.random.key(0))["moving_digit"]
+  assert m["model"] > m["baseline"] + 1.0, m
