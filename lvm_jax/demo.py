@@ -9,9 +9,10 @@ on a larger store of the same tasks; both ship in lvm_jax/assets/ (the commands 
 are in its README.md). --from_scratch trains both instead (W/vqgan ~23 minutes, W/lvm the
 1000-step recipe of configs/lvm_demo.py, ~5 minutes on 2 cores). Each stage is the real
 entry point's function with the configs in configs/ (vqgan_demo.py, dataset_demo.py,
-lvm_demo.py), so every stage resumes: rerunning skips what is done. The summary compares the LVM with what a model that learnt nothing would do (copy the last
-frame, copy the query, chance) and with the tokenizer's ceiling. `--quick` shortens every stage
-and trains a tokenizer of a few steps (for tests: the numbers are then meaningless).
+lvm_demo.py), so every stage resumes: rerunning skips what is done. The summary compares the
+LVM with what a model that learnt nothing would do (copy the last frame, copy the query, chance)
+and with the tokenizer's ceiling. `--quick` shortens every stage and trains a tokenizer and an
+LVM of a few steps (for tests: the numbers are then meaningless).
 """
 
 import json
@@ -44,7 +45,8 @@ def demo(workdir: str, quick: bool = False, count: int = 64, from_scratch: bool 
   # wherever prompt / evaluate later run.
   workdir = os.path.abspath(workdir)
   vq, data, lvm = configs(workdir, quick, from_scratch)
-  lvm_dir = os.path.join(workdir, "lvm") if quick or from_scratch else demo_data.LVM
+  shipped = not (quick or from_scratch)
+  lvm_dir = demo_data.LVM if shipped else os.path.join(workdir, "lvm")
   if data.vqgan.get("workdir"):
     logging.info("demo [1/5]: the demo VQGAN on the demo's train frames (%s)", data.vqgan["workdir"])
     train_vqgan.train_vqgan(vq, data.vqgan["workdir"])
@@ -53,7 +55,7 @@ def demo(workdir: str, quick: bool = False, count: int = 64, from_scratch: bool 
   logging.info("demo [2/5]: demo visual sentences -> token store (%s)", data.store)
   report = make_dataset.make_dataset(data)
   logging.info("demo: %d sentences, %d tokens in %s", report["sentences"], report["tokens"], data.store)
-  if lvm_dir == demo_data.LVM:
+  if shipped:
     logging.info("demo [3/5]: the shipped demo LVM (%s; --from_scratch trains one)", lvm_dir)
     p = prompt.from_hf(lvm_dir, data.vqgan)
   else:

@@ -67,11 +67,9 @@ def pictures(split: str, size: int, augment: bool = False) -> np.ndarray:
   from PIL import Image  # pylint: disable=g-import-not-at-top
   side = 4 * size  # a crop of S sees a sixteenth of the picture: scenes, not texture
   pics = np.stack([np.asarray(Image.fromarray(_picture(n)).resize((side, side), Image.Resampling.LANCZOS))
-                   for n in PICTURES[_split(split)]])
+                   for n in PICTURES[_split(split, augment)]])
   if not augment:
     return pics
-  if split != "train":
-    raise ValueError(f"demo split {split!r}: augment is for the train split only")  # held-out stays held out
   turned = [np.rot90(p, k, axes=(1, 2)) for p in (pics, pics[:, :, ::-1]) for k in range(4)]
   return np.ascontiguousarray(np.concatenate(turned + [scenes(SCENES, side)]))
 
@@ -323,9 +321,11 @@ TASKS: tuple[str, ...] = tuple(_MAKERS)
 _PAIRED = ("edges", "segmentation", "flip", "invert", "colorization", "inpainting")
 
 
-def _split(split: str) -> str:
+def _split(split: str, augment: bool = False) -> str:
   if split not in SPLITS:
     raise ValueError(f"unknown demo split {split!r}; expected one of {', '.join(SPLITS)}")
+  if augment and split != "train":  # held-out stays held out
+    raise ValueError(f"demo split {split!r}: augment is for the train split only")
   return split
 
 
@@ -338,8 +338,7 @@ def sentences(task: str, split: str, count: int, size: int = 32, seed: int = 0, 
   """
   if task not in _MAKERS:
     raise ValueError(f"unknown demo task {task!r}; expected one of {', '.join(TASKS)}")
-  if _split(split) != "train" and augment:
-    raise ValueError(f"demo split {split!r}: augment is for the train split only")
+  _split(split, augment)
   if size < 8 or images < 1 or count < 0:
     raise ValueError(f"demo {task}: size={size}, images={images}, count={count}; "
                      "expected size >= 8, images >= 1, count >= 0")
