@@ -59,7 +59,7 @@ setup(
         "optax>=0.2.5",
         "orbax-checkpoint>=0.12.0",
         "tensorstore>=0.1.70",
-        "grain>=0.2.12",
+        "grain>=0.2.13",  # FirstFitPackIterDataset(max_sequences_per_bin)
         "ml_collections>=1.0",
         "numpy>=1.26",
         "absl-py>=2.1",

@@ -16,6 +16,7 @@ from lvm_jax import config as config_lib, models, sample, sharding, train
 from lvm_jax.kernels import attention as attn, flash_attention_gpu
 from lvm_jax.models import transformer, vqgan
 
+MAX_SENTENCES = 8  # the GPU configs' model.max_sentences: cuDNN's run table of 9 (kernels/attention.py)
 # Triton (block_q, block_k, warps, stages) tried at L 4096, head dim 128.
 SWEEP = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 2))
 
@@ -53,19 +54,20 @@ def run(rows: Rows, quick: bool, flags_only: bool = False, skip: tuple = ()) -> 
   rows.guarded("attention", f"L{lengths[0]}", lambda: attention_speed(
       rows, quick, gpu, lengths[0], first=True, tune="sweep" not in skip), need=60)
   # auto is cuDNN on GPUs: if its packed form failed above, the steps measure the Triton kernel.
-  cudnn_ok = not gpu or any(str(r.get("key", "")).startswith("ours_seg:") for r in rows.rows)
-  best = "auto" if cudnn_ok else "flash"
-  variants = [(small, best, False, True), (small, best, True, False), (small, "flash", False, False),
-              (large, best, False, False)]
-  for size, impl, scan, profile in dict.fromkeys(variants[:2] + variants[2 if best == "auto" else 3:]):
-    rows.guarded("step", f"{size} {impl} scan={scan}", need=70 if size == large else 45,
-                 fn=lambda a=(size, impl, "none", quick), kw=dict(scan=scan, profile=profile): train_step(rows, *a, **kw))
-    gc.collect()  # the step's state and executable died with train_step
-    jax.clear_caches()
-  if "sampler" not in skip:
+  if "sampler" not in skip:  # before the steps: cheap, and a budget that runs out stops at the steps
     rows.guarded("sampler", "generate", lambda: sampler(rows, quick), need=50)
   if "vqgan" not in skip:
     rows.guarded("vqgan", "encode/decode", lambda: vqgan_rate(rows, quick), need=30)
+  cudnn_ok = not gpu or any(str(r.get("key", "")).startswith("ours_seg:") for r in rows.rows)
+  best = "auto" if cudnn_ok else "flash"
+  # (Under lax.scan and with the Triton kernel the 300M step measured 1.25x and 1.28x slower on
+  # 2026-11-26: those rows are in the README, not rerun.) Packed: 4 runs a row, as masks().
+  for size, packed, profile in ((small, False, True), (large, False, False), (small, True, False)):
+    rows.guarded("step", f"{size} {best} packed={packed}", need=70 if size == large else 45,
+                 fn=lambda a=(size, best, "none", quick), kw=dict(scan=False, profile=profile, packed=packed):
+                 train_step(rows, *a, **kw))
+    gc.collect()  # the step's state and executable died with train_step
+    jax.clear_caches()
   rows.guarded("attention", f"L{lengths[1]}", lambda: attention_speed(rows, quick, gpu, lengths[1]), need=30)
 
 
@@ -98,7 +100,9 @@ def masks(B: int, L: int) -> dict:
   for s, (a, b) in enumerate(zip(cuts[:-2], cuts[1:-1]), 1):
     seg[:, a:b] = s  # the last run (cuts[-2]:L) stays 0: padding
   prefix = np.random.default_rng(0).integers(1, L, B).astype(np.int32)
-  return {"causal": {}, "segments": {"segment_ids_BL": jnp.asarray(seg)},
+  mixed = seg.copy()
+  mixed[0] = 1  # row 0 one sentence, the others packed: every row through the batch's one table
+  return {"causal": {}, "segments": {"segment_ids_BL": jnp.asarray(seg)}, "mixed": {"segment_ids_BL": jnp.asarray(mixed)},
           "one segment": {"segment_ids_BL": jnp.ones((B, L), jnp.int32)}, "prefix": {"prefix_len_B": jnp.asarray(prefix)}}
 
 
@@ -134,13 +138,14 @@ def attention_fn(impl: str, kw: dict, backward: bool, tuning=None):
 
 
 def numerics(rows: Rows, quick: bool, gpu: bool) -> None:
-  """max relative error (out, dq, dk, dv) of each kernel and mask against fp32 XLA: every mask at
-  K 128 in bf16 (the Triton kernel was checked at K 64 and in fp32 before; one of each here)."""
+  """max relative error (out, dq, dk, dv) of each kernel and mask against fp32 XLA: cuDNN's every
+  run table the masks reach, in bf16 (the Triton kernel was checked for every mask at K 64 and 128
+  before: two cases here)."""
   B, L, H = (1, 128, 2) if quick else (2, 1024, 4)
   flash = "flash:gpu" if gpu else "flash:cpu"
-  cases = [(flash, name, 128, jnp.bfloat16) for name in ("causal", "segments", "prefix")]
-  cases += [(flash, "segments", 128, jnp.float32), (flash, "causal", 64, jnp.bfloat16)]
+  cases = [(flash, "prefix", 128, jnp.bfloat16), (flash, "segments", 128, jnp.float32)]
   cases += [("cudnn", name, K, jnp.bfloat16) for name in ("causal", "segments") for K in (64, 128)] if gpu else []
+  cases += [("cudnn", name, 128, jnp.bfloat16) for name in ("one segment", "mixed")] if gpu else []
   for impl, name, K, dtype in cases:
     q, k, v, do = qkv(B, L, H, K, jnp.float32, seed=K)
     kw = masks(B, L)[name]
@@ -169,24 +174,19 @@ def attention_speed(rows: Rows, quick: bool, gpu: bool, L: int, first: bool = Fa
       rows.add("attention", f"{what} L{L} {mode}", (3.5 if backward else 1.0) * flops / t / 1e12, "TFLOP/s",
                ms=t * 1e3, **({"key": f"{key}:{L}:{mode}"} if key else {}))
 
-  table = f"(table {attn.max_runs(L)} runs)"
   if gpu:
     rows.guarded("attention", f"cudnn causal L{L}", lambda: time_row("cuDNN causal (jax.nn)", "cudnn_ref", {}, "cudnn"))
-    rows.guarded("attention", f"ours cudnn one segment L{L}",
-                 lambda: time_row(f"ours cudnn, one segment a row {table}", "cudnn", ms["one segment"], "ours_seg1"))
-    rows.guarded("attention", f"ours cudnn segments L{L}",
-                 lambda: time_row(f"ours cudnn, 4 runs a row {table}", "cudnn", ms["segments"], "ours_seg"))
-  if first and gpu:
-    default = attn.MIN_RUN
-    for min_run in (L // 4, 64):  # 5 and L/64 + 1 runs a row: does the table's size cost time?
-      attn.MIN_RUN = min_run
-      rows.guarded("attention", f"cudnn table {attn.max_runs(L)}",
-                   lambda: time_row(f"ours cudnn, one segment a row (table {attn.max_runs(L)} runs)", "cudnn",
-                                    ms["one segment"], modes=("fwd+bwd",)))
-    attn.MIN_RUN = default
+    table = attn.max_runs(L, MAX_SENTENCES)
+    for name, key in (("one segment", "ours_seg1"), ("segments", "ours_seg"), ("mixed", "ours_mixed")):
+      rows.guarded("attention", f"ours cudnn {name} L{L}", lambda name=name, key=key: time_row(
+          f"ours cudnn, {name} (table {table})", "cudnn", {**ms[name], "max_sentences": MAX_SENTENCES}, key))
+  if first and gpu:  # the table for every sentence that fits (max_sentences 0): what its size costs
+    for name in ("one segment", "segments"):
+      rows.guarded("attention", f"cudnn full table {name}", lambda name=name: time_row(
+          f"ours cudnn, {name} (table {attn.max_runs(L)})", "cudnn", ms[name], modes=("fwd+bwd",)))
     if tune:
       flash_attention_gpu.TUNING[128] = sweep(rows, q, k, v, do, 4 * H * K * visible_pairs(B, L, {}))
-  for name in ("causal", "segments", "prefix"):
+  for name in ("causal", "prefix"):
     modes = ("fwd+bwd", "fwd") if name == "causal" else ("fwd+bwd",)
     rows.guarded("attention", f"triton {name} L{L}",
                  lambda n=name, m=modes: time_row(f"ours triton, {n}", flash, ms[n], f"triton_{n}", m))
@@ -216,16 +216,17 @@ def sweep(rows: Rows, q, k, v, do, flops) -> tuple:
 def lvm(size: str, impl: str, remat: str, quick: bool):
   d, f, n, h = SIZES[size]
   c = config_lib.lvm_config(d, f, n, h)
-  c.model.update(attention=impl, remat=remat, dtype="bfloat16")
+  c.model.update(attention=impl, remat=remat, dtype="bfloat16", max_sentences=MAX_SENTENCES)
   c.seq_len, c.global_batch, c.steps = (128, 2, 100) if quick else (4096, 8, 1000)
   c.optim.warmup = 10
   return c
 
 
 def train_step(rows: Rows, size: str, impl: str, remat: str, quick: bool, tag: str = "",
-               profile: bool = False, scan: bool = True) -> None:
+               profile: bool = False, scan: bool = True, packed: bool = False) -> None:
   """Tokens/s, MFU and compiled memory of one LVM train step; with `profile`, then three more
-  steps under jax.profiler, summarised by kernel kind."""
+  steps under jax.profiler, summarised by kernel kind. Rows hold one sentence each, or with
+  `packed` four runs (3 sentences and padding, as masks()); MFU counts full causal rows."""
   c = lvm(size, impl, remat, quick)
   c.model.scan_layers = scan
   mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
@@ -233,7 +234,8 @@ def train_step(rows: Rows, size: str, impl: str, remat: str, quick: bool, tag: s
   B, L = c.global_batch, c.seq_len
   tokens = np.random.default_rng(0).integers(0, 8192, (B, L)).astype(np.int32)
   # One sentence a row: the same attention work as the reference's unpacked rows.
-  batch = {"tokens": tokens, "segment_ids": np.ones_like(tokens), "loss_mask": np.ones_like(tokens),
+  seg = np.asarray(masks(B, L)["segments"]["segment_ids_BL"]) if packed else np.ones_like(tokens)
+  batch = {"tokens": tokens, "segment_ids": seg, "loss_mask": (seg > 0).astype(np.int32),
            "positions": np.broadcast_to(np.arange(L, dtype=np.int32), (B, L)).copy()}
   with jax.set_mesh(mesh), sharding.axis_rules(c.rules):
     state = jax.jit(b.init, out_shardings=b.state_shardings)(jax.random.key(0))
@@ -258,21 +260,27 @@ def train_step(rows: Rows, size: str, impl: str, remat: str, quick: bool, tag: s
     t = (time.perf_counter() - t0) / n
     flops = transformer.train_flops_per_token(transformer.Config(**c.model), L) * B * L
     resolved = b.model_cfg.attention
-    layers = "scan" if scan else "unrolled"
+    layers = ("scan" if scan else "unrolled") + (" packed 4 runs a row" if packed else "")
     rows.add("step", f"{size} attention {resolved} remat {remat} {layers}{tag}", B * L / t, "tok/s",
-             key=f"step:{size}:{resolved}:{remat}:{layers}{tag}", mfu=flops / t / PEAK_BF16,
+             key=f"step{'_packed' if packed else ''}:{size}:{resolved}:{remat}:{layers}{tag}", mfu=flops / t / PEAK_BF16,
              note=f"MFU {flops / t / PEAK_BF16:.1%}, {gib:.1f} GiB, compile {compile_s:.0f} s, loss {loss_value:.3f}")
     if profile:
-      out = Path(os.environ.get("OUT") or "bench_out") / "profile"
-      jax.profiler.start_trace(str(out))
-      steps(3)
-      jax.profiler.stop_trace()
-      for what, ms, share in summarize(out, steps=3):
-        rows.add("profile", what, ms, "ms/step", note=f"{share:.1%}")
-      trace = max(out.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
-      if trace.stat().st_size < 15 * 2 ** 20:  # the device tool returns files up to 16 MiB, 2 folders deep
-        shutil.copy(trace, out.parent / "profile.trace.json.gz")
-      shutil.rmtree(out, ignore_errors=True)
+      profile_rows(rows, "profile", lambda: steps(3), per=3, unit="ms/step")
+
+
+def profile_rows(rows: Rows, name: str, fn, per: int, unit: str) -> None:
+  """fn() once under jax.profiler: device time by kernel kind and the biggest kernels, per `per`
+  (steps, tokens); the trace kept as OUT/<name>.trace.json.gz when it is small enough to return."""
+  out = Path(os.environ.get("OUT") or "bench_out") / name
+  jax.profiler.start_trace(str(out))
+  jax.block_until_ready(fn())
+  jax.profiler.stop_trace()
+  for what, ms, share in summarize(out, steps=per):
+    rows.add(name, what, ms, unit, note=f"{share:.1%}")
+  trace = max(out.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+  if trace.stat().st_size < 15 * 2 ** 20:  # the device tool returns files up to 16 MiB, 2 folders deep
+    shutil.copy(trace, out.parent / f"{name}.trace.json.gz")
+  shutil.rmtree(out, ignore_errors=True)
 
 
 
@@ -288,16 +296,23 @@ def sampler(rows: Rows, quick: bool, tag: str = "") -> None:
   weight_bytes = 2 * (n_params - cfg.vocab_size * d)  # bf16, every matmul weight (the embedding: one row)
   bandwidth = next((r["value"] for r in rows.rows if r.get("key") == "bandwidth"), None)
   prompt_len, new = (32, 16) if quick else (768, 256)
-  for B in (1, 64):
+  fused = transformer.fuse_for_decoding
+  unfused = lambda p, dtype: {k: w if "norm" in k else w.astype(dtype) for k, w in p.items()}
+  for B, fuse in ((1, fused), (1, unfused), (64, fused)):
+    transformer.fuse_for_decoding = fuse  # what sample._generate traces (the jit cache is cleared)
+    jax.clear_caches()
     prompt = np.random.default_rng(B).integers(0, 8192, (B, prompt_len))
     fn = lambda p=prompt: sample.generate(model, p, new, jax.random.key(0), codes=8192)
     t = seconds(fn, reps=2, warmup=1)
     rate = B * new / t
     bound = B * bandwidth * 1e9 / weight_bytes if bandwidth else None
-    rows.add("sampler", f"{'tiny' if quick else 'lvm_300m'} B{B} prompt {prompt_len} + {new} new{tag}", rate, "tok/s",
-             key=f"sampler:{B}{tag}",
-             share=rate / bound if bound else None,
+    what = "" if fuse is fused else " (q/k/v, gate/up unfused)"
+    rows.add("sampler", f"{'tiny' if quick else 'lvm_300m'} B{B} prompt {prompt_len} + {new} new{what}{tag}", rate,
+             "tok/s", key=f"sampler:{B}{tag}" if fuse is fused else None, share=rate / bound if bound else None,
              note=f"{rate / bound:.1%} of the weight-read bound ({bound:.0f} tok/s)" if bound else "")
+    if B == 1 and fuse is fused and not tag:
+      profile_rows(rows, "sampler", fn, per=new, unit="ms/token")
+  transformer.fuse_for_decoding = fused
 
 
 def vqgan_rate(rows: Rows, quick: bool) -> None:
@@ -305,9 +320,33 @@ def vqgan_rate(rows: Rows, quick: bool) -> None:
   cfg = vqgan.Config(dtype="float32")
   size, B = (64, 2) if quick else (256, 8)
   model = vqgan.Model(cfg, rngs=nnx.Rngs(0))
-  tok = vqgan.Tokenizer(model, size, B, jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
+  tok = vqgan.Tokenizer(model, size, B, mesh)
   images = np.random.default_rng(0).integers(0, 256, (B, size, size, 3), dtype=np.uint8)
   ids = tok.encode(images)
   for name, fn, arg in (("encode", tok.encode, images), ("decode", tok.decode, ids)):
     t = seconds(fn, arg, reps=5)
     rows.add("vqgan", f"amused f16-8192 {name} {size}px B{B} fp32", B / t, "img/s", key=f"vqgan:{name}")
+  # What the fp32 rate depends on: convolutions at full fp32 (torch's are TF32 unless told not),
+  # and the exact two-pass GroupNorm against nnx's one-pass fast variance.
+  exact = vqgan.GroupNorm.__call__
+  for what, precision, fast in (("precision highest", "highest", False), ("fast-variance GroupNorm", None, True)):
+    if fast:
+      vqgan.GroupNorm.__call__ = one_pass_group_norm
+    with jax.default_matmul_precision(precision or "default"):
+      jax.clear_caches()
+      t = vqgan.Tokenizer(model, size, B, mesh)
+      for name, fn, arg in (("encode", t.encode, images), ("decode", t.decode, ids)):
+        rows.add("vqgan", f"amused f16-8192 {name} {size}px B{B} fp32, {what}", B / seconds(fn, arg, reps=5), "img/s",
+                 **({"key": f"vqgan:{name}:full_fp32"} if precision else {}))
+    vqgan.GroupNorm.__call__ = exact
+
+
+def one_pass_group_norm(self, x_BHWC: jax.Array) -> jax.Array:
+  """GroupNorm with nnx's fast variance, E[x^2] - E[x]^2 in one pass (timing only)."""
+  B, H, W, C = x_BHWC.shape
+  x_BHWGc = x_BHWC.astype(jnp.float32).reshape(B, H, W, self.num_groups, C // self.num_groups)
+  mean = jnp.mean(x_BHWGc, axis=(1, 2, 4), keepdims=True)
+  var = jnp.mean(jnp.square(x_BHWGc), axis=(1, 2, 4), keepdims=True) - jnp.square(mean)
+  y_BHWC = ((x_BHWGc - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(B, H, W, C)
+  return y_BHWC * self.scale[...].reshape(1, 1, 1, C) + self.bias[...].reshape(1, 1, 1, C)

@@ -102,17 +102,23 @@ def vqgan_rate(rows: Rows, quick: bool) -> None:
       out = model.decode(ids.reshape(-1), force_not_quantize=True, shape=(B, grid, grid, cfg.z_channels)).sample
       return (out.clamp(0, 1) * 255).round().to(torch.uint8)
 
-    for name, fn in (("encode", encode), ("decode", decode)):
-      fn()
-      sync()
-      times = []
-      for _ in range(5):
-        t0 = time.perf_counter()
+    # torch runs fp32 convolutions in TF32 unless told not to: both ways, the default first.
+    for tf32 in (True, False):
+      torch.backends.cudnn.allow_tf32 = tf32
+      for name, fn in (("encode", encode), ("decode", decode)):
         fn()
         sync()
-        times.append(time.perf_counter() - t0)
-      rows.add("ref", f"diffusers VQModel {name} {size}px B{B} fp32", B / float(np.median(times)), "img/s",
-               key=f"diffusers:vqgan:{name}", ref_of=f"vqgan:{name}")
+        times = []
+        for _ in range(5):
+          t0 = time.perf_counter()
+          fn()
+          sync()
+          times.append(time.perf_counter() - t0)
+        what = "" if tf32 else ", convolutions without TF32"
+        rows.add("ref", f"diffusers VQModel {name} {size}px B{B} fp32{what}", B / float(np.median(times)), "img/s",
+                 key=f"diffusers:vqgan:{name}" + ("" if tf32 else ":full_fp32"),
+                 ref_of=f"vqgan:{name}" + ("" if tf32 else ":full_fp32"))
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def free() -> None:

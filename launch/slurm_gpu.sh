@@ -15,7 +15,9 @@ config=$1; workdir=$2; shift 2
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 # --distributed: JAX reads the coordinator, process count and index from SLURM's environment.
 # LVM on GPUs: add --config.model.scan_layers=False (unrolled layers; on an H200 the LVM-300M
-# step ran 1.25x faster in half the memory than under lax.scan, bench/accelerator.py).
+# step ran 1.25x faster in half the memory than under lax.scan, bench/accelerator.py), and
+# --config.model.max_sentences=8 (cuDNN's packed attention with a run table of 9 ran at its plain
+# causal speed, one of 17 15% slower; rows of single images then fill only half a 4096 row).
 cmd=(srun --kill-on-bad-exit=1 .venv/bin/python -m lvm_jax.train --distributed --config "$config" --workdir "$workdir" "$@")
 if ((dry_run)); then
   # Quoted as Python's shlex.quote does, so the line is exactly what would run.

@@ -41,6 +41,7 @@ def lvm_config(d_model: int, ffn: int, layers: int, heads: int) -> ml_collection
       attention="auto",  # kernels/attention.py: auto (flash on TPU, cudnn on GPU, xla on CPU) | xla | flash | cudnn
       attention_block=0,  # flash query/key block; 0 = the backend's default
       scan_layers=True,  # False: unrolled layers, faster on GPUs, slower to compile (models/transformer.py)
+      max_sentences=0,  # the most sentences packed in a row, 0 = as many as fit; on GPUs 8 keeps cuDNN fast
   )
   c.seq_len = 4096  # 16 images of 16x16 tokens
   c.tokens_per_image = 256

@@ -58,10 +58,9 @@ def _generate(graphdef, params, prompt_BL, key, *, new_tokens, codes, temperatur
   cache = model.empty_cache(B, S)
   keep = min(L, S)  # prompt tokens older than the window are never seen again
   positions_BT = jnp.broadcast_to(jnp.arange(L - keep, L), (B, keep))
-  # Weights sliced and cast to the compute dtype once here, not at every token: decoding one
-  # token reads every matmul weight once, so bf16 weights halve the bytes it waits for.
+  # Weights sliced, cast and fused once here, not at every token (transformer.fuse_for_decoding).
   dtype = jnp.dtype(model.cfg.dtype)
-  layers = [{k: w if "norm" in k else w.astype(dtype) for k, w in p.items()} for p in model.split_layers()]
+  layers = [transformer.fuse_for_decoding(p, dtype) for p in model.split_layers()]
   for weight in (model.embed, model.lm_head):
     weight.set_value(weight[...].astype(dtype))
   logits_BTV, cache = model.decode(prompt_BL[:, L - keep:], positions_BT, cache, layers)

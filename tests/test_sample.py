@@ -45,6 +45,18 @@ def test_cached_decoding_equals_the_full_forward_pass():
   np.testing.assert_allclose(np.asarray(jnp.concatenate(steps, axis=1)), np.asarray(full), atol=2e-5)
 
 
+def test_fused_decoding_weights_give_the_same_logits():
+  """generate decodes with q/k/v and gate/up fused (one matmul each): the same numbers."""
+  m, x = model(), tokens((2, 9))
+  pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
+  fused = [transformer.fuse_for_decoding(p, jnp.float32) for p in m.split_layers()]
+  assert {"wqkv", "w_gate_up"} <= set(fused[0]) and not {"wq", "wk", "wv", "w_gate", "w_up"} & set(fused[0])
+  plain, _ = m.decode(x, pos, m.empty_cache(2, 12))
+  got, _ = m.decode(x, pos, m.empty_cache(2, 12), fused)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(plain), atol=1e-5)
+  assert float(jnp.max(jnp.abs(plain))) > 0.1  # logits that mean something
+
+
 def banded_forward(m: transformer.Model, x_BL: jax.Array, window: int) -> jax.Array:
   """The full model with each query seeing only the last `window` positions (itself included):
   what a sliding KV cache computes, at every layer."""

@@ -131,8 +131,10 @@ def pack_row(sentences: Iterable[np.ndarray], seq_len: int) -> dict[str, np.ndar
   return layout(tokens, segment_ids, positions)
 
 
-def pack(ds: grain.IterDataset, seq_len: int, rows: int, seed: int, bos: int = -1) -> grain.IterDataset:
-  """Sentences -> batches of `rows` rows of FIELDS [rows, L], packed first-fit over the batch."""
+def pack(ds: grain.IterDataset, seq_len: int, rows: int, seed: int, bos: int = -1,
+         max_sentences: int = 0) -> grain.IterDataset:
+  """Sentences -> batches of `rows` rows of FIELDS [rows, L], packed first-fit over the batch,
+  at most `max_sentences` in a row (0: no limit)."""
 
   def features(tokens: np.ndarray) -> dict:
     tokens = tokens.astype(np.int32)
@@ -141,7 +143,8 @@ def pack(ds: grain.IterDataset, seq_len: int, rows: int, seed: int, bos: int = -
     return {"tokens": tokens}
 
   packed = grain.experimental.FirstFitPackIterDataset(
-      ds.map(features), length_struct={"tokens": seq_len}, num_packing_bins=rows, seed=seed)
+      ds.map(features), length_struct={"tokens": seq_len}, num_packing_bins=rows, seed=seed,
+      max_sequences_per_bin=max_sentences or None)
   # grain names a feature's segment ids and positions after it.
   return packed.map(lambda row: layout(row["tokens"], row["tokens_segment_ids"], row["tokens_positions"])).batch(
       rows, drop_remainder=True)
@@ -154,4 +157,4 @@ def make_iterator(c: Any, rows: np.ndarray, threads: Optional[int] = None) -> It
   ds = sentences(dict(d.mixture), d.seed, max_tokens, c.tokens_per_image)
   threads = d.threads if threads is None else threads
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2 * threads, 16)))
-  return iter(pack(it_ds, c.seq_len, len(rows), d.seed, d.bos))
+  return iter(pack(it_ds, c.seq_len, len(rows), d.seed, d.bos, (c.get("model") or {}).get("max_sentences", 0)))

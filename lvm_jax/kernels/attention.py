@@ -20,10 +20,15 @@ visual sentences never attend across sentence boundaries). Implementations:
 "flash:<platform>", from the mesh's devices: the trainer may compile for a TPU topology on a CPU
 host (compile.py).
 
-cuDNN's packed form sizes its table of runs statically: max_runs(L) = L // MIN_RUN + 2 runs a
-row (sentences of at least MIN_RUN tokens, plus the padding run). A row with more runs would
-lose attention for the ones past the table, so the LVM's loss counts such rows as input errors
-(`run_overflow`) and the trainer stops on the first.
+cuDNN's packed form takes a static table of runs a row and gives every slot of it a sequence
+of full length L, so its size costs time: on an H200 (B4 H16 K128, L 4096, fwd+bwd) tables of
+2 to 9 runs ran at cuDNN's plain causal speed and one of 17 runs 15% slower. The table holds
+max_runs(L, max_sentences) runs: the model config's `max_sentences` (the most sentences the
+data packer puts in a row) plus the padding run, or with 0 every sentence of at least MIN_RUN
+tokens that fits. (Picking the table per batch under lax.switch measured slower than either:
+the conditional cost more than the empty slots.) A row with more runs would lose attention for
+the ones past the table, so the LVM's loss counts such rows as input errors (`run_overflow`)
+and the trainer stops on the first.
 """
 
 import dataclasses
@@ -104,11 +109,13 @@ def attention(
     impl: str = "xla",
     chunk: int = 256,
     block: int = 0,
+    max_sentences: int = 0,
 ) -> jax.Array:
   """Multi-head self-attention over [B, L, H, K] inputs; returns [B, L, H, K].
 
   `chunk` is the query block of the causal XLA path (blocks above the diagonal are skipped);
-  `block` the flash kernels' query and key block (0: the backend's default).
+  `block` the flash kernels' query and key block (0: the backend's default); `max_sentences`
+  sizes cuDNN's run table (max_runs).
   """
   if q_BLHK.shape != k_BLHK.shape or k_BLHK.shape != v_BLHK.shape:
     raise ValueError(f"attention: q/k/v shapes differ: {q_BLHK.shape}, {k_BLHK.shape}, {v_BLHK.shape}")
@@ -116,7 +123,7 @@ def attention(
   if impl == "cudnn" and (prefix_len_B is not None or not causal):
     impl = "flash:gpu"  # cuDNN has no per-example prefix mask; the Triton kernel has every mask
   if impl == "cudnn":
-    kernel = lambda q, k, v, s, p: cudnn_attention(q, k, v, None if segment_ids_BL is None else s)
+    kernel = lambda q, k, v, s, p: cudnn_attention(q, k, v, None if segment_ids_BL is None else s, max_sentences)
     return _sharded(kernel, q_BLHK, k_BLHK, v_BLHK, segment_ids_BL, prefix_len_B)
   if impl.startswith("flash:"):
     platform = impl.split(":")[1]
@@ -160,9 +167,16 @@ def for_platform(cfg: Any, platform: Optional[str]) -> Any:
 # ------------------------------------------------------------------------------ cuDNN (GPU)
 
 
-def max_runs(length: int) -> int:
-  """The size of cuDNN's per-row table of runs: sentences of >= MIN_RUN tokens, plus padding."""
-  return max(1, length // MIN_RUN) + 1
+def max_runs(length: int, max_sentences: int = 0) -> int:
+  """The size of cuDNN's per-row table of runs: max_sentences (0: as many sentences of >= MIN_RUN
+  tokens as fit), plus the padding run."""
+  fit = max(1, length // MIN_RUN)
+  return min(max_sentences, fit) + 1 if max_sentences > 0 else fit + 1
+
+
+def runs_per_row(segment_ids_BL: jax.Array) -> jax.Array:
+  """[B] int32: the contiguous runs of equal segment ids in each row (padding is one run)."""
+  return 1 + jnp.sum(segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1], axis=1, dtype=jnp.int32)
 
 
 def segment_runs(segment_ids_BL: jax.Array, runs: int) -> tuple[jax.Array, jax.Array]:
@@ -176,21 +190,19 @@ def segment_runs(segment_ids_BL: jax.Array, runs: int) -> tuple[jax.Array, jax.A
   return lengths_BR, offsets_BR.at[:, -1].set(-1)
 
 
-def run_overflow(segment_ids_BL: jax.Array) -> jax.Array:
+def run_overflow(segment_ids_BL: jax.Array, max_sentences: int = 0) -> jax.Array:
   """How many rows hold more runs than cuDNN's table (max_runs): their attention would be wrong."""
-  B, L = segment_ids_BL.shape
-  runs_B = 1 + jnp.sum(segment_ids_BL[:, 1:] != segment_ids_BL[:, :-1], axis=1)
-  return jnp.sum(runs_B > max_runs(L))
+  return jnp.sum(runs_per_row(segment_ids_BL) > max_runs(segment_ids_BL.shape[1], max_sentences))
 
 
 def cudnn_attention(q_BLHK: jax.Array, k_BLHK: jax.Array, v_BLHK: jax.Array,
-                    segment_ids_BL: Optional[jax.Array] = None) -> jax.Array:
+                    segment_ids_BL: Optional[jax.Array] = None, max_sentences: int = 0) -> jax.Array:
   """Causal attention by cuDNN, within each run of equal segment ids when they are given."""
   if segment_ids_BL is None:
     return jax.nn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, is_causal=True, implementation="cudnn")
   # The packed form is not in jax.nn's signature: jax's cuDNN module takes it (jax 0.10 - 0.12).
   from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=g-import-not-at-top
-  lengths_BR, offsets_BR = segment_runs(segment_ids_BL, max_runs(q_BLHK.shape[1]))
+  lengths_BR, offsets_BR = segment_runs(segment_ids_BL, max_runs(q_BLHK.shape[1], max_sentences))
   return cudnn.dot_product_attention(q_BLHK, k_BLHK, v_BLHK, None, None, lengths_BR, lengths_BR, offsets_BR,
                                      offsets_BR, scale=q_BLHK.shape[-1] ** -0.5,
                                      mask_type=cudnn.MaskType.PADDING_CAUSAL)

@@ -47,6 +47,9 @@ class Config:
   remat: str = "full"
   attention: str = "xla"  # kernels/attention.py: xla | auto | flash, or resolved (flash:tpu)
   attention_block: int = 0  # flash kernels: query and key block; 0 = the backend default
+  # The most sentences the data packs in a row (0: as many as fit). It sizes cuDNN's run table,
+  # whose empty slots cost time: on an H200, 9 slots ran at plain causal speed and 17 15% slower.
+  max_sentences: int = 0
   # False: one copy of the layer per layer instead of a lax.scan. Compiles take longer, but the
   # backward reads each layer's saved activations where they were made: under the scan XLA:GPU
   # copies them into stacked buffers (~14% of an LVM-300M step on an H200, bench/accelerator.py).
@@ -102,7 +105,7 @@ class Model(nnx.Module):
 
     def attend(q, k, v):
       return attention_lib.attention(q, k, v, causal=True, segment_ids_BL=segment_ids_BL, impl=cfg.attention,
-                                     block=cfg.attention_block), None
+                                     block=cfg.attention_block, max_sentences=cfg.max_sentences), None
 
     def layer(x_BLD: jax.Array, p: dict) -> tuple[jax.Array, None]:
       return decoder_layer(x_BLD, p, sin_BLK, cos_BLK, attend, cfg)
@@ -201,8 +204,11 @@ def decoder_layer(
   w = {k: v.astype(x_BLD.dtype) for k, v in p.items()}
   x_TD = x_BLD.reshape(B * L, D)
   h_TD = rms_norm(x_TD, p["attn_norm"], cfg.norm_eps)
-  q_BLHK, k_BLHK, v_BLHK = ((h_TD @ w[n].reshape(D, H * K)).reshape(B, L, H, K)
-                            for n in ("wq", "wk", "wv"))
+  if "wqkv" in w:  # decoding's fused weights (fuse_for_decoding): one matmul where three would launch
+    qkv_T3F = jnp.einsum("td,dnf->tnf", h_TD, w["wqkv"])
+    q_BLHK, k_BLHK, v_BLHK = (qkv_T3F[:, i].reshape(B, L, H, K) for i in range(3))
+  else:
+    q_BLHK, k_BLHK, v_BLHK = ((h_TD @ w[n].reshape(D, H * K)).reshape(B, L, H, K) for n in ("wq", "wk", "wv"))
   q_BLHK = sharding.constrain(apply_rope(q_BLHK, sin_BLK, cos_BLK), ("batch", "length", "heads", "head_dim"))
   k_BLHK = apply_rope(k_BLHK, sin_BLK, cos_BLK)
   out_BLHK, carry = attend(q_BLHK, k_BLHK, v_BLHK)
@@ -210,9 +216,27 @@ def decoder_layer(
   x_TD = sharding.constrain(x_TD, ("batch", "embed"))
 
   h_TD = rms_norm(x_TD, p["mlp_norm"], cfg.norm_eps)
-  h_TF = sharding.constrain(jax.nn.silu(h_TD @ w["w_gate"]) * (h_TD @ w["w_up"]), ("batch", "mlp"))
+  if "w_gate_up" in w:
+    gate_up_T2F = jnp.einsum("td,dnf->tnf", h_TD, w["w_gate_up"])
+    gate_TF, up_TF = gate_up_T2F[:, 0], gate_up_T2F[:, 1]
+  else:
+    gate_TF, up_TF = h_TD @ w["w_gate"], h_TD @ w["w_up"]
+  h_TF = sharding.constrain(jax.nn.silu(gate_TF) * up_TF, ("batch", "mlp"))
   x_TD = x_TD + h_TF @ w["w_down"]
   return sharding.constrain(x_TD, ("batch", "embed")).reshape(B, L, D), carry
+
+
+def fuse_for_decoding(p: dict, dtype: Any) -> dict:
+  """One layer's weights for decode steps: in `dtype` (a token reads every weight once, so bf16
+  halves its bytes), q/k/v and gate/up concatenated along their outputs (at batch 1 each matmul
+  is a short kernel whose launch, not its bytes, sets its time). They stack on a new axis, not
+  along the output one, so a tensor-sharded output axis keeps its sharding. Norm scales stay."""
+  D = p["wq"].shape[0]
+  cast = lambda n: p[n].reshape(D, -1).astype(dtype)
+  fused = {"wqkv": jnp.stack([cast(n) for n in ("wq", "wk", "wv")], axis=1),
+           "w_gate_up": jnp.stack([cast("w_gate"), cast("w_up")], axis=1)}
+  rest = {k: w if "norm" in k else w.astype(dtype) for k, w in p.items() if k not in ("wq", "wk", "wv", "w_gate", "w_up")}
+  return {**rest, **fused}
 
 
 REMAT = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
@@ -295,7 +319,7 @@ def loss(model: Model, batch: dict, *, z_loss: float = 0.0) -> tuple[jax.Array, 
   # are rows with more sentences than cuDNN's packed attention describes (kernels/attention.py).
   input_errors = jnp.sum((tokens_BL < 0) | (tokens_BL >= model.cfg.vocab_size))
   if model.cfg.attention == "cudnn":
-    input_errors = input_errors + attention_lib.run_overflow(seg_BL)
+    input_errors = input_errors + attention_lib.run_overflow(seg_BL, model.cfg.max_sentences)
   return nll + z_penalty, {"loss": nll, "targets": jnp.sum(weights_BL), "input_errors": input_errors}
 
 

@@ -66,6 +66,21 @@ def test_rows_pack_whole_sentences_and_cut_long_ones_at_image_boundaries(tmp_pat
     assert np.all(seg == seg[0]) and len(seg) == min(len(full), 16) and len(seg) % 4 == 0
 
 
+def test_max_sentences_caps_the_sentences_of_a_row(tmp_path):
+  """model.max_sentences sizes cuDNN's run table: the packer must never put more in a row, and
+  without the cap single-image sentences fill a row with more."""
+  sentences = numbered_store(str(tmp_path / "s"), 1, 64, images=(1, 1))  # 4 tokens each: 8 fit in 32
+  c = config({"main": dict(path=str(tmp_path / "s"))}, seq_len=32)
+  per_row = lambda c: [len(np.unique(seg[seg > 0])) for b in itertools.islice(pipeline.make_iterator(c, np.arange(4)), 6)
+                       for seg in b["segment_ids"]]
+  assert max(per_row(c)) == 8
+  c.model = dict(max_sentences=3)
+  capped = per_row(c)
+  assert max(capped) == 3 and min(capped) >= 1
+  seen = [int(s[0]) for b in itertools.islice(pipeline.make_iterator(c, np.arange(4)), 4) for s in segments(b)]
+  assert set(seen) <= set(sentences) and len(seen) == len(set(seen))  # whole sentences, none twice in an epoch
+
+
 def test_bos_starts_every_sentence(tmp_path):
   numbered_store(str(tmp_path / "s"), 1, 10)
   it = pipeline.make_iterator(config({"main": dict(path=str(tmp_path / "s"))}, bos=299), np.arange(2))

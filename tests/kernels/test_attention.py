@@ -86,6 +86,17 @@ def test_resolve_follows_the_platform():
     attention.resolve("cudnn", "tpu")
 
 
+def test_run_table_follows_max_sentences():
+  """cuDNN's table: max_sentences (capped by what fits) plus the padding run; 0 = all that fit."""
+  assert [attention.max_runs(4096, n) for n in (0, 1, 8, 16, 40)] == [17, 2, 9, 17, 17]
+  assert attention.max_runs(8192) == 33 and attention.max_runs(100) == 2
+  seg = np.zeros((3, 4096), np.int32)
+  for row, n in enumerate((1, 8, 9)):  # n sentences of 256 tokens, then padding
+    seg[row, :256 * n] = np.repeat(np.arange(1, n + 1), 256)
+  np.testing.assert_array_equal(attention.runs_per_row(jnp.asarray(seg)), [2, 9, 10])
+  assert int(attention.run_overflow(jnp.asarray(seg), 8)) == 1 and int(attention.run_overflow(jnp.asarray(seg))) == 0
+
+
 def test_segment_runs_describe_every_run_of_a_packed_row():
   """cuDNN's packed form: per-row run lengths and start offsets, -1 past the last run; rows with
   more runs than the table are what run_overflow counts."""
