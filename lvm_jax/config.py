@@ -195,7 +195,9 @@ def config_path(value: str) -> str:
   lvm_tiny:test), as FILE[:ARG]; one line when it is neither."""
   import os  # pylint: disable=g-import-not-at-top
   path, sep, arg = value.partition(":")
-  if os.path.exists(path) or os.sep in path or path.endswith(".py"):
+  # A file, not any path: a directory named like a built-in (a workdir called lvm_demo) must not
+  # hide it.
+  if os.path.isfile(path) or os.sep in path or path.endswith(".py"):
     return value
   for d in config_dirs():
     if os.path.exists(os.path.join(d, path + ".py")):

@@ -31,6 +31,16 @@ def test_builtin_config_names_resolve_to_the_shipped_files():
     config_lib.config_path("lvm_300")
 
 
+def test_a_directory_named_like_a_builtin_config_does_not_hide_it(tmp_path, monkeypatch):
+  """A workdir called lvm_demo in the current directory (the demo's own commands make such
+  names) once made --config lvm_demo fail with 'config file lvm_demo does not exist'."""
+  (tmp_path / "lvm_demo").mkdir()
+  monkeypatch.chdir(tmp_path)
+  path = config_lib.config_path("lvm_demo:long").partition(":")[0]
+  assert Path(path).name == "lvm_demo.py" and Path(path).is_file()
+  assert config_lib.load_file("lvm_demo:long").steps > 0
+
+
 def _run(args, cwd, env, timeout=600):
   return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
