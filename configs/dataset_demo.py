@@ -8,9 +8,9 @@ the package; --config.vqgan.weights=F tokenizes with your own export of configs/
 `lvm-convert-vqgan --workdir W --out F`); about a minute on 2 CPU cores. The report lists
 shards, sentences and tokens (demo data has nothing to skip). `:test` makes a few sentences per
 task. `:large` is the store the shipped demo LVM trained on (configs/lvm_demo.py:long): 2048 train
-sentences a task whose windows come from made-up scenes and the pictures' rotations and mirrors
-too (data/demo.py `augment`), so that a long run cannot memorise 8 pictures; about 6 minutes on 2
-cores.
+sentences a task whose windows come from made-up textured scenes and the pictures' rotations and
+mirrors too (data/demo.py `augment`), so that a long run cannot memorise 8 pictures; about 6
+minutes on 2 cores.
 """
 
 import ml_collections
