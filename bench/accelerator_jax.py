@@ -101,7 +101,7 @@ def masks(B: int, L: int) -> dict:
     seg[:, a:b] = s  # the last run (cuts[-2]:L) stays 0: padding
   prefix = np.random.default_rng(0).integers(1, L, B).astype(np.int32)
   mixed = seg.copy()
-  mixed[0] = 1  # row 0 one sentence, the others packed: every row through the batch's one table
+  mixed[0] = 1  # row 0 one sentence, the others packed
   return {"causal": {}, "segments": {"segment_ids_BL": jnp.asarray(seg)}, "mixed": {"segment_ids_BL": jnp.asarray(mixed)},
           "one segment": {"segment_ids_BL": jnp.ones((B, L), jnp.int32)}, "prefix": {"prefix_len_B": jnp.asarray(prefix)}}
 
@@ -138,9 +138,9 @@ def attention_fn(impl: str, kw: dict, backward: bool, tuning=None):
 
 
 def numerics(rows: Rows, quick: bool, gpu: bool) -> None:
-  """max relative error (out, dq, dk, dv) of each kernel and mask against fp32 XLA: cuDNN's every
-  run table the masks reach, in bf16 (the Triton kernel was checked for every mask at K 64 and 128
-  before: two cases here)."""
+  """max relative error (out, dq, dk, dv) of each kernel and mask against fp32 XLA: cuDNN causal,
+  packed, one sentence a row and mixed rows in bf16 (the Triton kernel was checked for every mask
+  at K 64 and 128 before: two cases here)."""
   B, L, H = (1, 128, 2) if quick else (2, 1024, 4)
   flash = "flash:gpu" if gpu else "flash:cpu"
   cases = [(flash, "prefix", 128, jnp.bfloat16), (flash, "segments", 128, jnp.float32)]
