@@ -13,11 +13,14 @@ from accelerator_parts import PEAK_BF16, SIZES, Rows
 from profile_summary import summarize
 
 from lvm_jax import config as config_lib, models, sample, sharding, train
-from lvm_jax.kernels import attention as attn, flash_attention_gpu
+from lvm_jax.kernels import attention as attn, flash_attention_gpu, gemv
 from lvm_jax.models import transformer, vqgan
 
 MAX_SENTENCES = 8  # the GPU configs' model.max_sentences: cuDNN's run table of 9 (kernels/attention.py)
 # Triton (block_q, block_k, warps, stages) tried at L 4096, head dim 128.
+# kernels/gemv.py (block_f, block_d, warps, stages, programs) tried in the sampler at batch 1.
+GEMV_TUNINGS = ((8, 256, 4, 3, 264), (16, 512, 4, 3, 528), (8, 1024, 4, 3, 528), (4, 512, 4, 3, 528),
+                (8, 512, 8, 4, 528))
 SWEEP = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 2))
 
 
@@ -51,8 +54,9 @@ def run(rows: Rows, quick: bool, flags_only: bool = False, skip: tuple = ()) -> 
   if "numerics" not in skip:
     rows.guarded("numerics", "kernels", lambda: numerics(rows, quick, gpu))
   lengths = (256, 512) if quick else (4096, 8192)
-  rows.guarded("attention", f"L{lengths[0]}", lambda: attention_speed(
-      rows, quick, gpu, lengths[0], first=True, tune="sweep" not in skip), need=60)
+  if "attention" not in skip:
+    rows.guarded("attention", f"L{lengths[0]}", lambda: attention_speed(
+        rows, quick, gpu, lengths[0], first=True, tune="sweep" not in skip), need=60)
   # auto is cuDNN on GPUs: if its packed form failed above, the steps measure the Triton kernel.
   if "sampler" not in skip:  # before the steps: cheap, and a budget that runs out stops at the steps
     rows.guarded("sampler", "generate", lambda: sampler(rows, quick), need=50)
@@ -62,13 +66,14 @@ def run(rows: Rows, quick: bool, flags_only: bool = False, skip: tuple = ()) -> 
   best = "auto" if cudnn_ok else "flash"
   # (Under lax.scan and with the Triton kernel the 300M step measured 1.25x and 1.28x slower on
   # 2026-11-26: those rows are in the README, not rerun.) Packed: 4 runs a row, as masks().
-  for size, packed, profile in ((small, False, True), (large, False, False), (small, True, False)):
+  for size, packed, profile in ((small, False, True), (large, False, False), (small, True, False)) * ("steps" not in skip):
     rows.guarded("step", f"{size} {best} packed={packed}", need=70 if size == large else 45,
                  fn=lambda a=(size, best, "none", quick), kw=dict(scan=False, profile=profile, packed=packed):
                  train_step(rows, *a, **kw))
     gc.collect()  # the step's state and executable died with train_step
     jax.clear_caches()
-  rows.guarded("attention", f"L{lengths[1]}", lambda: attention_speed(rows, quick, gpu, lengths[1]), need=30)
+  if "attention" not in skip:
+    rows.guarded("attention", f"L{lengths[1]}", lambda: attention_speed(rows, quick, gpu, lengths[1]), need=30)
 
 
 def ceilings(rows: Rows, quick: bool) -> None:
@@ -296,23 +301,50 @@ def sampler(rows: Rows, quick: bool, tag: str = "") -> None:
   weight_bytes = 2 * (n_params - cfg.vocab_size * d)  # bf16, every matmul weight (the embedding: one row)
   bandwidth = next((r["value"] for r in rows.rows if r.get("key") == "bandwidth"), None)
   prompt_len, new = (32, 16) if quick else (768, 256)
-  fused = transformer.fuse_for_decoding
-  unfused = lambda p, dtype: {k: w if "norm" in k else w.astype(dtype) for k, w in p.items()}
-  for B, fuse in ((1, fused), (1, unfused), (64, fused)):
-    transformer.fuse_for_decoding = fuse  # what sample._generate traces (the jit cache is cleared)
-    jax.clear_caches()
-    prompt = np.random.default_rng(B).integers(0, 8192, (B, prompt_len))
-    fn = lambda p=prompt: sample.generate(model, p, new, jax.random.key(0), codes=8192)
-    t = seconds(fn, reps=2, warmup=1)
-    rate = B * new / t
-    bound = B * bandwidth * 1e9 / weight_bytes if bandwidth else None
-    what = "" if fuse is fused else " (q/k/v, gate/up unfused)"
-    rows.add("sampler", f"{'tiny' if quick else 'lvm_300m'} B{B} prompt {prompt_len} + {new} new{what}{tag}", rate,
-             "tok/s", key=f"sampler:{B}{tag}" if fuse is fused else None, share=rate / bound if bound else None,
-             note=f"{rate / bound:.1%} of the weight-read bound ({bound:.0f} tok/s)" if bound else "")
-    if B == 1 and fuse is fused and not tag:
-      profile_rows(rows, "sampler", fn, per=new, unit="ms/token")
-  transformer.fuse_for_decoding = fused
+  fuse, product, tuning = transformer.fuse_for_decoding, gemv.product, gemv.TUNING
+  # What sample._generate traces, swapped in per row (the jit cache is cleared): the default (one
+  # token on one GPU: kernels/gemv.py) at each tuning, the same layout with XLA's products, the
+  # fused [in, out] layout the sampler had before, and that unfused.
+  old = lambda p, dt, vector=False: fuse(p, dt)
+  plain = lambda p, dt, vector=False: {k: w if "norm" in k else w.astype(dt) for k, w in p.items()}
+  variants = [("", fuse, product, tuning)] + [(f" (gemv tuning {t})", fuse, product, t) for t in GEMV_TUNINGS] + [
+      (" (transposed weights, XLA products)", fuse, gemv.reference, tuning),
+      (" ([in, out] weights, q/k/v and gate/up fused, XLA)", old, product, tuning),
+      (" ([in, out] weights, unfused, XLA)", plain, product, tuning)]
+  rates = {}
+  for B, (what, *swap) in [(1, v) for v in variants] + [(64, variants[0])]:
+    fn = _swap_sampler(swap, model, B, prompt_len, new)
+    name = f"{'tiny' if quick else 'lvm_300m'} B{B} prompt {prompt_len} + {new} new{what}{tag}"
+    rows.guarded("sampler", name, lambda: rates.update({(B, what): sampler_row(
+        rows, name, fn, B * new, B * bandwidth * 1e9 / weight_bytes if bandwidth else None,
+        f"sampler:{B}{tag}" if not what else None)}))
+  # Profiles per token: the fastest kernel tuning, and XLA's products on the same layout.
+  kernel_rows = [v for v in variants[:1 + len(GEMV_TUNINGS)] if (1, v[0]) in rates]
+  for label, v in (("sampler", max(kernel_rows, key=lambda v: rates[(1, v[0])], default=None)),
+                   ("sampler_xla", variants[1 + len(GEMV_TUNINGS)])):
+    if v is not None and not tag:
+      rows.add("sampler", f"profiled next ({label}): B1{v[0] or ' default'}", rates.get((1, v[0])), "tok/s")
+      rows.guarded("sampler", "profile", lambda v=v, label=label: profile_rows(
+          rows, label, _swap_sampler(v[1:], model, 1, prompt_len, new), per=new, unit="ms/token"))
+  transformer.fuse_for_decoding, gemv.product, gemv.TUNING = fuse, product, tuning
+
+
+def _swap_sampler(swap: tuple, model, B: int, prompt_len: int, new: int):
+  """generate() with (fuse_for_decoding, gemv.product, gemv.TUNING) swapped in while it traces."""
+  prompt = np.random.default_rng(B).integers(0, 8192, (B, prompt_len))
+
+  def fn():
+    transformer.fuse_for_decoding, gemv.product, gemv.TUNING = swap
+    return sample.generate(model, prompt, new, jax.random.key(0), codes=8192)
+  jax.clear_caches()
+  return fn
+
+
+def sampler_row(rows: Rows, name: str, fn, tokens: int, bound, key) -> float:
+  rate = tokens / seconds(fn, reps=2, warmup=1)
+  rows.add("sampler", name, rate, "tok/s", key=key, share=rate / bound if bound else None,
+           note=f"{rate / bound:.1%} of the weight-read bound ({bound:.0f} tok/s)" if bound else "")
+  return rate
 
 
 def vqgan_rate(rows: Rows, quick: bool) -> None:

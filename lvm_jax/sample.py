@@ -58,18 +58,21 @@ def _generate(graphdef, params, prompt_BL, key, *, new_tokens, codes, temperatur
   cache = model.empty_cache(B, S)
   keep = min(L, S)  # prompt tokens older than the window are never seen again
   positions_BT = jnp.broadcast_to(jnp.arange(L - keep, L), (B, keep))
-  # Weights sliced, cast and fused once here, not at every token (transformer.fuse_for_decoding).
+  # Weights sliced, cast and fused once here, not at every token (transformer.fuse_for_decoding);
+  # one token on one GPU takes kernels/gemv.py's products, which need the weights transposed.
   dtype = jnp.dtype(model.cfg.dtype)
-  layers = [transformer.fuse_for_decoding(p, dtype) for p in model.split_layers()]
+  vector = B == 1 and jax.default_backend() == "gpu" and jax.sharding.get_abstract_mesh().size <= 1
+  layers = [transformer.fuse_for_decoding(p, dtype, vector=vector) for p in model.split_layers()]
   for weight in (model.embed, model.lm_head):
     weight.set_value(weight[...].astype(dtype))
-  logits_BTV, cache = model.decode(prompt_BL[:, L - keep:], positions_BT, cache, layers)
+  head_VD = model.lm_head[...].T if vector else None
+  logits_BTV, cache = model.decode(prompt_BL[:, L - keep:], positions_BT, cache, None if vector else layers)
 
   def step(carry, i):
     key, logits_BV, cache = carry
     key, sub = jax.random.split(key)
     token_B = draw(sub, logits_BV, temperature, codes, top_k, top_p)
-    logits_B1V, cache = model.decode(token_B[:, None], jnp.full((B, 1), L + i, jnp.int32), cache, layers)
+    logits_B1V, cache = model.decode(token_B[:, None], jnp.full((B, 1), L + i, jnp.int32), cache, layers, head_VD)
     return (key, logits_B1V[:, 0], cache), token_B
 
   _, tokens_NB = jax.lax.scan(step, (key, logits_BTV[:, -1], cache), jnp.arange(new_tokens))

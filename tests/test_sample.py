@@ -135,3 +135,20 @@ def test_bad_sampling_arguments_are_one_line():
     sample.generate(m, prompt, 2, jax.random.key(0), codes=51)
   with pytest.raises(ValueError, match="top_p=0.0"):
     sample.generate(m, prompt, 2, jax.random.key(0), codes=5, top_p=0.0)
+
+
+def test_vector_decoding_weights_give_the_same_logits():
+  """One token on one GPU decodes through kernels/gemv.py on transposed weights (here its XLA
+  reference): the same logits as the plain layer, token after token."""
+  m, x = model(), tokens((1, 9))
+  vec = [transformer.fuse_for_decoding(p, jnp.float32, vector=True) for p in m.split_layers()]
+  assert "wqkv_FD" in vec[0] and not {"wq", "wo", "w_down"} & set(vec[0])
+  pos = jnp.arange(9)[None]
+  plain, c1 = m.decode(x[:, :6], pos[:, :6], m.empty_cache(1, 12))
+  c2 = c1
+  for t in range(6, 9):
+    want, c1 = m.decode(x[:, t:t + 1], pos[:, t:t + 1], c1)
+    got, c2 = m.decode(x[:, t:t + 1], pos[:, t:t + 1], c2, vec, m.lm_head[...].T)
+    assert got.dtype == want.dtype == jnp.float32 and got.shape == want.shape
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  assert float(jnp.max(jnp.abs(want))) > 0.1

@@ -31,7 +31,7 @@ from flax import nnx
 
 from lvm_jax import sharding
 from lvm_jax.config import check
-from lvm_jax.kernels import attention as attention_lib
+from lvm_jax.kernels import attention as attention_lib, gemv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +119,7 @@ class Model(nnx.Module):
     return self._logits(x_BLD)
 
   def decode(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: dict,
-             layer_params: Optional[list] = None) -> tuple[jax.Array, dict]:
+             layer_params: Optional[list] = None, head_VD: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
     """T new tokens at absolute positions, attending to themselves and to the KV cache.
 
     cache (see `empty_cache`): per layer k, v [B, H, S, K]; pos [B, S], the absolute position
@@ -129,7 +129,9 @@ class Model(nnx.Module):
     training length are fine as long as the window is not longer than it. A call with T > 1
     must not run past the last slot (generation prefills an empty cache, then adds one token
     at a time). `layer_params` (from `split_layers`) lets a decoding loop slice the stacked
-    weights once instead of at every token. Returns logits [B, T, V] and the updated cache.
+    weights once instead of at every token; with fuse_for_decoding(vector=True)'s layers, one
+    token also takes the output head transposed (`head_VD`, [V, D]) through kernels/gemv.py.
+    Returns logits [B, T, V] and the updated cache.
     """
     cfg = self.cfg
     T = tokens_BT.shape[1]
@@ -152,6 +154,10 @@ class Model(nnx.Module):
 
       x_BTD, _ = decoder_layer(x_BTD, p, sin_BTK, cos_BTK, attend, cfg)
     new_cache = {"k": tuple(ks), "v": tuple(vs), "pos": pos_BS, "next": cache["next"] + T}
+    if head_VD is not None:
+      logits_V = gemv.product(x_BTD.reshape(-1), head_VD, norm_D=self.final_norm[...], eps=cfg.norm_eps,
+                              out_dtype=jnp.float32)
+      return logits_V.reshape(1, 1, -1), new_cache
     return self._logits(x_BTD), new_cache
 
   def split_layers(self) -> list[dict]:
@@ -199,6 +205,8 @@ def decoder_layer(
   fastest path takes (XLA:CPU runs 3D einsums fused with elementwise ops ~2x slower), and the
   flattened rows keep the batch's sharding because B is the major dimension.
   """
+  if "wqkv_FD" in p:
+    return _vector_layer(x_BLD, p, sin_BLK, cos_BLK, attend, cfg)
   B, L, D = x_BLD.shape
   H, K = cfg.heads, cfg.head_dim
   w = {k: v.astype(x_BLD.dtype) for k, v in p.items()}
@@ -226,13 +234,33 @@ def decoder_layer(
   return sharding.constrain(x_TD, ("batch", "embed")).reshape(B, L, D), carry
 
 
-def fuse_for_decoding(p: dict, dtype: Any) -> dict:
+def _vector_layer(x_11D, p, sin_11K, cos_11K, attend, cfg: Config) -> tuple[jax.Array, Any]:
+  """decoder_layer for one token (B = L = 1) on fuse_for_decoding(vector=True)'s weights: four
+  kernels/gemv.py products, the norms, the SwiGLU gate and the residual adds fused into them."""
+  D, H, K, F = x_11D.shape[-1], cfg.heads, cfg.head_dim, p["w_down_FD"].shape[1]
+  x_D = x_11D.reshape(D)
+  qkv_F = gemv.product(x_D, p["wqkv_FD"], norm_D=p["attn_norm"], eps=cfg.norm_eps)
+  q_11HK, k_11HK, v_11HK = (qkv_F[i * H * K:(i + 1) * H * K].reshape(1, 1, H, K) for i in range(3))
+  out_11HK, carry = attend(apply_rope(q_11HK, sin_11K, cos_11K), apply_rope(k_11HK, sin_11K, cos_11K), v_11HK)
+  x_D = gemv.product(out_11HK.reshape(H * K), p["wo_FD"], residual_F=x_D)
+  gate_up_F = gemv.product(x_D, p["w_gate_up_FD"], norm_D=p["mlp_norm"], eps=cfg.norm_eps)
+  x_D = gemv.product(gate_up_F[:F], p["w_down_FD"], up_D=gate_up_F[F:], residual_F=x_D)
+  return x_D.reshape(1, 1, D), carry
+
+
+def fuse_for_decoding(p: dict, dtype: Any, vector: bool = False) -> dict:
   """One layer's weights for decode steps: in `dtype` (a token reads every weight once, so bf16
   halves its bytes), with q/k/v and gate/up each one product (at batch 1 every product is a short
   kernel far below the memory bandwidth: fewer, larger ones decoded 1.2x faster on an H200).
   They stack on a new axis, not along the output one, so a tensor-sharded output axis keeps its
-  sharding. Norm scales stay as they are."""
+  sharding. Norm scales stay as they are. vector=True: for one token on one device, each weight
+  transposed to [out, in] and flattened for kernels/gemv.py (_vector_layer)."""
   D = p["wq"].shape[0]
+  if vector:
+    t = lambda *names: jnp.concatenate([p[n].reshape(D, -1).T.astype(dtype) for n in names], axis=0)
+    return {"attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"], "wqkv_FD": t("wq", "wk", "wv"),
+            "wo_FD": p["wo"].reshape(-1, D).T.astype(dtype), "w_gate_up_FD": t("w_gate", "w_up"),
+            "w_down_FD": p["w_down"].T.astype(dtype)}
   cast = lambda n: p[n].reshape(D, -1).astype(dtype)
   fused = {"wqkv": jnp.stack([cast(n) for n in ("wq", "wk", "wv")], axis=1),
            "w_gate_up": jnp.stack([cast("w_gate"), cast("w_up")], axis=1)}
