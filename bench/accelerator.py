@@ -13,8 +13,8 @@ JAX's, so the two never share GPU memory):
               dense bf16) vs Hugging Face LlamaForCausalLM eager and under torch.compile;
               a profile of our step split by kernel kind; the 300M step on packed rows.
   sampler     LVM-300M, prompt 768 + 256 new tokens, B 1 and 64: tokens/s and the share of the
-              bound set by reading the bf16 weights once per token, vs HF generate; B 1 with
-              unfused projections, and a profile of B 1 per token.
+              bound set by reading the bf16 weights once per token, vs HF generate; B 1 with the
+              weight layouts it had before, and profiles of B 1 per token, now and before.
   VQGAN       amused f16-8192, 256x256, batch 8, fp32: encode and decode images/s vs diffusers,
               each at its default (TF32 convolutions) and at full fp32; ours with nnx's one-pass
               GroupNorm variance too.
@@ -126,7 +126,8 @@ def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--quick", action="store_true", help="CPU smoke run: tiny shapes, seconds per part")
   p.add_argument("--budget", type=float, default=540, help="seconds for all parts together")
-  p.add_argument("--skip", default="", help="JAX sections not to run, comma-separated: numerics,sweep,vqgan")
+  p.add_argument("--skip", default="", help="JAX sections not to run, comma-separated: "
+                 "numerics,sweep,attention,sampler,vqgan,steps")
   p.add_argument("--no_torch", action="store_true", help="skip the PyTorch references")
   p.add_argument("--flags", action="store_true", help="also the sampler and step under extra XLA flags "
                  "(2026-11-26: no gain, so off by default)")

@@ -13,14 +13,11 @@ from accelerator_parts import PEAK_BF16, SIZES, Rows
 from profile_summary import summarize
 
 from lvm_jax import config as config_lib, models, sample, sharding, train
-from lvm_jax.kernels import attention as attn, flash_attention_gpu, gemv
+from lvm_jax.kernels import attention as attn, flash_attention_gpu
 from lvm_jax.models import transformer, vqgan
 
 MAX_SENTENCES = 8  # the GPU configs' model.max_sentences: cuDNN's run table of 9 (kernels/attention.py)
 # Triton (block_q, block_k, warps, stages) tried at L 4096, head dim 128.
-# kernels/gemv.py (block_f, block_d, warps, stages, programs) tried in the sampler at batch 1.
-GEMV_TUNINGS = ((8, 256, 4, 3, 264), (16, 512, 4, 3, 528), (8, 1024, 4, 3, 528), (4, 512, 4, 3, 528),
-                (8, 512, 8, 4, 528))
 SWEEP = ((64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 32, 4, 2))
 
 
@@ -301,50 +298,41 @@ def sampler(rows: Rows, quick: bool, tag: str = "") -> None:
   weight_bytes = 2 * (n_params - cfg.vocab_size * d)  # bf16, every matmul weight (the embedding: one row)
   bandwidth = next((r["value"] for r in rows.rows if r.get("key") == "bandwidth"), None)
   prompt_len, new = (32, 16) if quick else (768, 256)
-  fuse, product, tuning = transformer.fuse_for_decoding, gemv.product, gemv.TUNING
+  fuse = transformer.fuse_for_decoding
   # What sample._generate traces, swapped in per row (the jit cache is cleared): the default (one
-  # token on one GPU: kernels/gemv.py) at each tuning, the same layout with XLA's products, the
-  # fused [in, out] layout the sampler had before, and that unfused.
-  old = lambda p, dt, vector=False: fuse(p, dt)
-  plain = lambda p, dt, vector=False: {k: w if "norm" in k else w.astype(dt) for k, w in p.items()}
-  variants = [("", fuse, product, tuning)] + [(f" (gemv tuning {t})", fuse, product, t) for t in GEMV_TUNINGS] + [
-      (" (transposed weights, XLA products)", fuse, gemv.reference, tuning),
-      (" ([in, out] weights, q/k/v and gate/up fused, XLA)", old, product, tuning),
-      (" ([in, out] weights, unfused, XLA)", plain, product, tuning)]
-  rates = {}
-  for B, (what, *swap) in [(1, v) for v in variants] + [(64, variants[0])]:
+  # token on one GPU: [out, in] weights, transformer._vector_layer), the fused [in, out] layout the
+  # sampler had before, and that unfused. (A Pallas Triton vector-matrix kernel with the norms,
+  # gate and residual adds fused in, commit 2cc76f5, ran 1.03x the default's speed: not kept.)
+  variants = [("", fuse), (" ([in, out] weights, q/k/v and gate/up fused)", lambda p, dt, vector=False: fuse(p, dt)),
+              (" ([in, out] weights, unfused)",
+               lambda p, dt, vector=False: {k: w if "norm" in k else w.astype(dt) for k, w in p.items()})]
+  for B, (what, swap) in [(1, v) for v in variants] + [(64, variants[0])]:
     fn = _swap_sampler(swap, model, B, prompt_len, new)
     name = f"{'tiny' if quick else 'lvm_300m'} B{B} prompt {prompt_len} + {new} new{what}{tag}"
-    rows.guarded("sampler", name, lambda: rates.update({(B, what): sampler_row(
+    rows.guarded("sampler", name, lambda: sampler_row(
         rows, name, fn, B * new, B * bandwidth * 1e9 / weight_bytes if bandwidth else None,
-        f"sampler:{B}{tag}" if not what else None)}))
-  # Profiles per token: the fastest kernel tuning, and XLA's products on the same layout.
-  kernel_rows = [v for v in variants[:1 + len(GEMV_TUNINGS)] if (1, v[0]) in rates]
-  for label, v in (("sampler", max(kernel_rows, key=lambda v: rates[(1, v[0])], default=None)),
-                   ("sampler_xla", variants[1 + len(GEMV_TUNINGS)])):
-    if v is not None and not tag:
-      rows.add("sampler", f"profiled next ({label}): B1{v[0] or ' default'}", rates.get((1, v[0])), "tok/s")
-      rows.guarded("sampler", "profile", lambda v=v, label=label: profile_rows(
-          rows, label, _swap_sampler(v[1:], model, 1, prompt_len, new), per=new, unit="ms/token"))
-  transformer.fuse_for_decoding, gemv.product, gemv.TUNING = fuse, product, tuning
+        f"sampler:{B}{tag}" if not what else None))
+    if B == 1 and what != variants[-1][0] and not tag:  # per token: where the time goes, now and before
+      rows.guarded("sampler", "profile", lambda: profile_rows(rows, "sampler" + ("_before" if what else ""), fn,
+                                                               per=new, unit="ms/token"))
+  transformer.fuse_for_decoding = fuse
 
 
-def _swap_sampler(swap: tuple, model, B: int, prompt_len: int, new: int):
-  """generate() with (fuse_for_decoding, gemv.product, gemv.TUNING) swapped in while it traces."""
+def _swap_sampler(fuse, model, B: int, prompt_len: int, new: int):
+  """generate() with `fuse` as transformer.fuse_for_decoding while it traces."""
   prompt = np.random.default_rng(B).integers(0, 8192, (B, prompt_len))
 
   def fn():
-    transformer.fuse_for_decoding, gemv.product, gemv.TUNING = swap
+    transformer.fuse_for_decoding = fuse
     return sample.generate(model, prompt, new, jax.random.key(0), codes=8192)
   jax.clear_caches()
   return fn
 
 
-def sampler_row(rows: Rows, name: str, fn, tokens: int, bound, key) -> float:
+def sampler_row(rows: Rows, name: str, fn, tokens: int, bound, key) -> None:
   rate = tokens / seconds(fn, reps=2, warmup=1)
   rows.add("sampler", name, rate, "tok/s", key=key, share=rate / bound if bound else None,
            note=f"{rate / bound:.1%} of the weight-read bound ({bound:.0f} tok/s)" if bound else "")
-  return rate
 
 
 def vqgan_rate(rows: Rows, quick: bool) -> None:

@@ -138,8 +138,8 @@ def test_bad_sampling_arguments_are_one_line():
 
 
 def test_vector_decoding_weights_give_the_same_logits():
-  """One token on one GPU decodes through kernels/gemv.py on transposed weights (here its XLA
-  reference): the same logits as the plain layer, token after token."""
+  """One token on one GPU decodes on [out, in] weights (transformer._vector_layer): the same
+  logits as the plain layer, token after token; more than one token is refused."""
   m, x = model(), tokens((1, 9))
   vec = [transformer.fuse_for_decoding(p, jnp.float32, vector=True) for p in m.split_layers()]
   assert "wqkv_FD" in vec[0] and not {"wq", "wo", "w_down"} & set(vec[0])
@@ -152,3 +152,5 @@ def test_vector_decoding_weights_give_the_same_logits():
     assert got.dtype == want.dtype == jnp.float32 and got.shape == want.shape
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
   assert float(jnp.max(jnp.abs(want))) > 0.1
+  with pytest.raises(ValueError, match="one token of one sequence"):
+    m.decode(x[:, :2], pos[:, :2], m.empty_cache(1, 12), vec)
