@@ -63,7 +63,8 @@ def run(rows: Rows, quick: bool, flags_only: bool = False, skip: tuple = ()) -> 
   best = "auto" if cudnn_ok else "flash"
   # (Under lax.scan and with the Triton kernel the 300M step measured 1.25x and 1.28x slower on
   # 2026-11-26: those rows are in the README, not rerun.) Packed: 4 runs a row, as masks().
-  for size, packed, profile in ((small, False, True), (large, False, False), (small, True, False)) * ("steps" not in skip):
+  steps = () if "steps" in skip else ((small, False, True), (large, False, False), (small, True, False))
+  for size, packed, profile in steps:
     rows.guarded("step", f"{size} {best} packed={packed}", need=70 if size == large else 45,
                  fn=lambda a=(size, best, "none", quick), kw=dict(scan=False, profile=profile, packed=packed):
                  train_step(rows, *a, **kw))
