@@ -11,7 +11,7 @@ copy). Expect the loss to fall from ln(256) = 5.5 to about 2.4 in the 1000 steps
 ~26 at step 500, ~23 at 1000).
 
 `:long` is the recipe of the LVM the demo ships (lvm_jax/assets/lvm_demo/, the commands beside it):
-the same model on six times the tokens, 1500 steps of 32 sentences (~30 minutes on 2 cores), on
+the same model on twelve times the tokens, 3000 steps of 32 sentences (~65 minutes on 2 cores), on
 the large store of configs/dataset_demo.py:large, whose train windows come from made-up textured
 scenes and the pictures' rotations and mirrors too: on 8 pictures a long run learns the pictures
 by heart instead of copying from the prompt. Batch 32 rather than 8 because copying a moving
@@ -21,7 +21,7 @@ picture appears only after a plateau that small batches do not leave (bench/copy
 from lvm_jax import config as config_lib
 from lvm_jax.config import lvm_config
 
-LONG_STEPS = 1_500
+LONG_STEPS = 3_000
 
 
 def get_config(arg=None):
@@ -43,5 +43,5 @@ def get_config(arg=None):
     c.optim.update(end_lr=1e-4, warmup=100)
     c.data.mixture.main.path = "/tmp/lvm_demo/store_large"
     c.vqgan = dict(config_lib.load_file("dataset_demo").vqgan)  # the shipped tokenizer: samples decode with it
-    c.ckpt_every, c.eval_every, c.sample_every = 500, 500, 1500
+    c.ckpt_every, c.eval_every, c.sample_every = 500, 500, LONG_STEPS
   return c
