@@ -154,10 +154,7 @@ class Model(nnx.Module):
 
       x_BTD, _ = decoder_layer(x_BTD, p, sin_BTK, cos_BTK, attend, cfg)
     new_cache = {"k": tuple(ks), "v": tuple(vs), "pos": pos_BS, "next": cache["next"] + T}
-    if head_VD is not None:  # fp32 logits, as _logits, along the rows of the transposed head
-      h_BTD = rms_norm(x_BTD, self.final_norm[...], cfg.norm_eps)
-      return jnp.einsum("btd,vd->btv", h_BTD, head_VD, preferred_element_type=jnp.float32), new_cache
-    return self._logits(x_BTD), new_cache
+    return self._logits(x_BTD, head_VD), new_cache
 
   def split_layers(self) -> list[dict]:
     """Per-layer weight dicts, sliced from the stacked arrays."""
@@ -180,11 +177,15 @@ class Model(nnx.Module):
   def _stacked(self) -> dict:
     return {k: v[...] for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)}
 
-  def _logits(self, x_BLD: jax.Array) -> jax.Array:
+  def _logits(self, x_BLD: jax.Array, head_VD: Optional[jax.Array] = None) -> jax.Array:
+    """The output head on the final norm; head_VD: the head already transposed to [V, D] (decode)."""
     x_BLD = rms_norm(x_BLD, self.final_norm[...], self.cfg.norm_eps)
     # fp32 logits even from bf16 activations: the cross-entropy must not see rounded logits.
-    logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, self.lm_head[...].astype(jnp.dtype(self.cfg.dtype)),
-                            preferred_element_type=jnp.float32)
+    if head_VD is None:
+      logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, self.lm_head[...].astype(jnp.dtype(self.cfg.dtype)),
+                              preferred_element_type=jnp.float32)
+    else:
+      logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, head_VD, preferred_element_type=jnp.float32)
     return sharding.constrain(logits_BLV, ("batch", "length", "vocab"))
 
 
