@@ -3,6 +3,8 @@
   python bench/copy_probe.py                               # the demo LVM's shape, ~4 min on 2 cores
   python bench/copy_probe.py --still --steps 400           # the same-place copy: learnt in ~300 steps
   python bench/copy_probe.py --batch 32 --directions 4     # more tokens a step, easier shifts
+  python bench/copy_probe.py --batch 32 --directions 4 --shift 1 --steps 700 --real /tmp/lvm_demo/store_large
+                                                           # then the demo's real moving crops
 
 The demo's video tasks are solved by copying: each frame is the last one moved by a whole token
 (data/demo.py). Here the tokenizer is out of the way: sentences are 4 frames of an 8x8 grid of
@@ -18,8 +20,15 @@ Measured with the demo LVM's shape (d128 x 4 layers, lr 3e-3) on 2026-11-27 (NLL
   batch 8, 300 --still steps, then those shifts: the copy gone by step 400, 4.85 at step 1200
   batch 32, shifts of 1 token in 4 directions: 4.87 until step ~150, 3.61 at 420, 2.21 at 600
   (4.9M tokens; frame 2, which has only frame 1 to infer the shift from, 3.31)
+  batch 32, shifts of 1-2 tokens in 8 directions (the demo's 16 motions): 4.83 -> 4.80 at step
+  600, no copy (2026-11-27)
+  batch 32, 700 steps of 1-token shifts in 4 directions (frame 4: 0.68), then 400 on the demo's
+  real moving crops (--real): the synthetic copy is gone after 100 real steps (frame 4 of the
+  synthetic videos 7.3), and real frames 2-4 gain 0.2-0.26 nats on frame 1, as from scratch
 So the copy that video prompts need appears only after a plateau whose length depends on the
-batch and the task's variety.
+batch and the task's variety: at this size, 4 motions are learnt and 16 are not, and a copy
+learnt on clean codes does not survive real tokens that move in 16 ways (66% of a real train
+window's overlapping codes are the last frame's under the best whole-token shift; 60% held out).
 """
 
 import argparse
@@ -60,6 +69,19 @@ def frame_nll(model: transformer.Model, tokens_BL: jax.Array) -> jax.Array:
   return jnp.stack([nll_BL[:, max(f * per - 1, 0):(f + 1) * per - 1].mean() for f in range(FRAMES)])
 
 
+def real_sentences(spec: str) -> tuple[np.ndarray, jax.Array]:
+  """(train, held-out) int32 [N, 256] sentences of a demo token store (4 images of 64 tokens)."""
+  from lvm_jax.data import store as store_lib  # pylint: disable=g-import-not-at-top
+  root, _, dataset = spec.partition(":")
+  dataset = dataset or "moving_crop_train"
+  st = store_lib.Store(root)
+  read = lambda name: np.stack([np.asarray(st[i]["tokens"], np.int32) for i in st.indices(name)])
+  train, held_out = read(dataset), read(dataset.replace("_train", "_held_out"))[:64]
+  if train.shape[1] != FRAMES * GRID * GRID:
+    raise SystemExit(f"--real {spec}: sentences of {train.shape[1]} tokens, expected {FRAMES} images of {GRID * GRID}")
+  return train, jnp.asarray(held_out)
+
+
 def main() -> None:
   p = argparse.ArgumentParser()
   p.add_argument("--steps", type=int, default=800)
@@ -71,6 +93,9 @@ def main() -> None:
   p.add_argument("--shift", type=int, default=0, choices=(0, 1, 2), help="tokens a frame; 0: 1 or 2")
   p.add_argument("--directions", type=int, default=8, choices=(4, 8))
   p.add_argument("--still", action="store_true", help="no motion at all: the same-place copy")
+  p.add_argument("--real", default="", help="then train on a token store's sentences: STORE[:DATASET], "
+                 "DATASET a *_train one (default moving_crop_train), scored on its *_held_out twin")
+  p.add_argument("--real_steps", type=int, default=400)
   args = p.parse_args()
   rng = np.random.default_rng(0)
   draw = lambda n: videos(rng, n, args.shift, args.directions) if not args.still else np.tile(
@@ -78,7 +103,8 @@ def main() -> None:
   cfg = transformer.Config(d_model=args.d_model, ffn=3 * args.d_model, layers=args.layers, heads=args.heads,
                            vocab_size=CODES, remat="none")
   model = transformer.Model(cfg, rngs=nnx.Rngs(0))
-  schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, 50, args.steps, args.lr / 10)
+  steps = args.steps + (args.real_steps if args.real else 0)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(50, steps // 2), steps, args.lr / 10)
   opt = nnx.Optimizer(model, optax.adamw(schedule, b2=0.95, weight_decay=0.1), wrt=nnx.Param)
   L = FRAMES * GRID * GRID
   ones_BL = jnp.ones((args.batch, L), jnp.int32)
@@ -94,16 +120,22 @@ def main() -> None:
     opt.update(model, grads)
     return value
 
-  held_out = jnp.asarray(draw(64))
+  held_out = {"synthetic": jnp.asarray(draw(64))}
+  real_train = None
+  if args.real:
+    real_train, held_out["real"] = real_sentences(args.real)
+    print(f"then {args.real_steps} steps on {len(real_train)} sentences of {args.real}")
   evaluate = nnx.jit(frame_nll)
   t0 = time.time()
-  print(f"{'step':>6} {'loss':>6}  held-out NLL of frames 1-4")
-  for s in range(1, args.steps + 1):
-    loss_value = train_step(model, opt, jnp.asarray(draw(args.batch)))
-    if s % max(1, args.steps // 10) == 0 or s == args.steps:
-      nll = np.asarray(evaluate(model, held_out))
-      print(f"{s:6d} {float(loss_value):6.3f}  {' '.join(f'{x:5.2f}' for x in nll)}  ({time.time() - t0:.0f} s)",
-            flush=True)
+  print(f"{'step':>6} {'data':9s} {'loss':>6}  held-out NLL of frames 1-4: " + " | ".join(held_out))
+  for s in range(1, steps + 1):
+    real = s > args.steps
+    tokens = real_train[rng.integers(0, len(real_train), args.batch)] if real else draw(args.batch)
+    loss_value = train_step(model, opt, jnp.asarray(tokens))
+    if s % max(1, steps // 10) == 0 or s == steps:
+      nll = [" ".join(f"{x:5.2f}" for x in np.asarray(evaluate(model, h))) for h in held_out.values()]
+      print(f"{s:6d} {'real' if real else 'synthetic':9s} {float(loss_value):6.3f}  {' | '.join(nll)}  "
+            f"({time.time() - t0:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":
