@@ -80,6 +80,7 @@ def test_resume_is_exact(tiny_config, tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow  # ~25 s, a subprocess; test_loop's SIGTERM tests stay in the default suite
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
   cmd = [sys.executable, "-m", "lvm_jax.train", "--config", os.path.join(REPO, "configs/lvm_tiny.py"),
          f"--workdir={tmp_path}", "--config.steps=100000", "--config.log_every=1",
@@ -165,6 +166,7 @@ def test_aim_pretrains_on_the_same_trainer(tmp_path):
   assert 0 < rows[-1]["mfu"] < 1 and (tmp_path / "checkpoints" / "6").exists()
 
 
+@pytest.mark.slow  # ~60 s in the suite: evaluation and a profiler trace on top of training
 def test_a_run_shows_progress_evaluates_profiles_and_logs_its_config(tmp_path, caplog):
   """What a person watches: x/N progress lines with an ETA, held-out evaluation every eval_every
   steps (AIM: validation loss) kept out of the step time, the data wait per step, the config as
