@@ -74,6 +74,8 @@ def real_sentences(spec: str) -> tuple[np.ndarray, jax.Array]:
   from lvm_jax.data import store as store_lib  # pylint: disable=g-import-not-at-top
   root, _, dataset = spec.partition(":")
   dataset = dataset or "moving_crop_train"
+  if not dataset.endswith("_train"):  # its held-out twin is what the probe scores
+    raise SystemExit(f"--real {spec}: {dataset!r} is not a *_train dataset")
   st = store_lib.Store(root)
   read = lambda name: np.stack([np.asarray(st[i]["tokens"], np.int32) for i in st.indices(name)])
   train, held_out = read(dataset), read(dataset.replace("_train", "_held_out"))[:64]
