@@ -11,8 +11,10 @@ are in its README.md). --from_scratch trains both instead (W/vqgan ~23 minutes, 
 entry point's function with the configs in configs/ (vqgan_demo.py, dataset_demo.py,
 lvm_demo.py), so every stage resumes: rerunning skips what is done. The summary compares the
 LVM with what a model that learnt nothing would do (copy the last frame, copy the query, chance)
-and with the tokenizer's ceiling. `--quick` shortens every stage and trains a tokenizer and an
-LVM of a few steps (for tests: the numbers are then meaningless).
+and with the tokenizer's ceiling. The LVM's answer to a task is the consensus of 16 samples
+(evaluate.TASK_SAMPLING, prompt.consensus); its greedy answer is scored beside it. `--quick`
+shortens every stage and trains a tokenizer and an LVM of a few steps (for tests: the numbers
+are then meaningless).
 """
 
 import json
@@ -22,7 +24,7 @@ import jax
 import numpy as np
 from absl import flags, logging
 
-from lvm_jax import cli, config as config_lib, evaluate, make_dataset, prompt, train, train_vqgan
+from lvm_jax import cli, config as config_lib, evaluate, make_dataset, pictures, prompt, train, train_vqgan
 from lvm_jax.data import demo as demo_data
 
 
@@ -69,9 +71,7 @@ def demo(workdir: str, quick: bool = False, count: int = 64, from_scratch: bool 
     # A held-out sentence drawn as the task metrics draw theirs.
     sents = demo_data.sentences(task, "held_out", 1, p.tokenizer.image_size, seed=evaluate.TASK_DATA_SEED,
                                 images=evaluate.TASK_IMAGES)
-    gen = p.continue_images(sents[0, :-1], 1, jax.random.key(0), candidates=3, top_k=10)[0]
-    grid = prompt.grid(sents[0, :-1], gen, answer_HW3=sents[0, -1])
-    Image.fromarray(grid).save(os.path.join(workdir, "prompts", f"{task}.png"))
+    Image.fromarray(answers_picture(p, sents[0])).save(os.path.join(workdir, "prompts", f"{task}.png"))
   logging.info("demo [5/5]: evaluation (%s)", os.path.join(workdir, "eval.json"))
   # Every held-out task's perplexity (the store holds 64 sentences of each; the cap is per task).
   result = evaluate.lvm_report(p, lvm_dir, data.store, "*_held_out", None, per_task=64, count=count)
@@ -81,19 +81,32 @@ def demo(workdir: str, quick: bool = False, count: int = 64, from_scratch: bool 
   return result
 
 
+def answers_picture(p: prompt.Prompter, sentence_NHW3: np.ndarray, shown: int = 3) -> np.ndarray:
+  """A labeled grid: the prompt and the true answer, then the answers the task metrics score (the
+  consensus of the samples, the greedy one) and the first `shown` of the samples themselves."""
+  n, T = evaluate.TASK_SAMPLING["samples"], evaluate.TASK_SAMPLING["temperature"]
+  drawn_C = p.continue_images(sentence_NHW3[None, :-1], 1, jax.random.key(0), temperature=T, candidates=n)[0, :, 0]
+  greedy = p.continue_images(sentence_NHW3[:-1], 1, jax.random.key(0), temperature=0.0)[0, 0, 0]
+  first = [(f"prompt {i + 1}", img) for i, img in enumerate(sentence_NHW3[:-1])] + [("answer", sentence_NHW3[-1])]
+  answers = [(f"consensus of {n}", prompt.consensus(drawn_C[None])[0]), ("greedy", greedy)]
+  return pictures.grid([first, answers + [(f"sample {i + 1}", img) for i, img in enumerate(drawn_C[:shown])]])
+
+
 def summary(result: dict, workdir: str) -> None:
   ppl = [v["corpus_ppl"] for v in result["perplexity"].values()]
   print("\n" + evaluate.table(result))
   tasks = result.get("tasks", {})
   beaten = [t for t, m in tasks.items() if evaluate.beats_baseline(m)]
+  greedy = [t for t, m in tasks.items() if evaluate.beats_baseline(m, "greedy")]
   room = [t for t, m in tasks.items() if evaluate.beats_baseline(m, "tokenizer_ceiling")]
-  print(f"\nthe LVM beats the no-learning baseline on {len(beaten)} of {len(tasks)} tasks; the tokenizer's ceiling "
+  print(f"\nthe LVM beats the no-learning baseline on {len(beaten)} of {len(tasks)} tasks (its greedy answers on "
+        f"{len(greedy)}); the tokenizer's ceiling "
         f"is above it on {len(room)}" + (f" (not beaten: {', '.join(sorted(set(tasks) - set(beaten)))})"
                                          if len(beaten) < len(tasks) else ""))
   print(f"held-out perplexity of the answer image: {np.median(ppl):.1f} (median over the {len(ppl)} tasks; "
         f"uniform over the 256 codes: 256)")
-  print(f"prompt grids: {os.path.join(workdir, 'prompts')}/ (labeled: the prompt and the true answer, then 3 "
-        f"sampled answers); all numbers: {os.path.join(workdir, 'eval.json')}")
+  print(f"prompt grids: {os.path.join(workdir, 'prompts')}/ (labeled: the prompt and the true answer, then the "
+        f"consensus and greedy answers and 3 samples); all numbers: {os.path.join(workdir, 'eval.json')}")
 
 
 def cli_main() -> None:

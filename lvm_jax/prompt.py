@@ -46,6 +46,20 @@ class Prompter:
     return out.reshape(B, candidates, new_images, *out.shape[1:])
 
 
+def consensus(candidates_BC_: np.ndarray) -> np.ndarray:
+  """uint8 [B, C, ...] candidate answers -> [B, ...]: in each row the candidate with the least summed
+  squared pixel distance to the row's others, the minimum-Bayes-risk answer under pixel MSE with the
+  model's own samples as evidence. PSNR-like scores reward the expected answer: one sample, or
+  greedy's token-by-token argmax, commits to details the model is unsure of, while the consensus
+  keeps what the samples agree on and is still an image the model drew."""
+  B, C = candidates_BC_.shape[:2]
+  x_BCD = candidates_BC_.reshape(B, C, -1).astype(np.float64)
+  sq_BC = np.einsum("bcd,bcd->bc", x_BCD, x_BCD)
+  # |a - b|^2 from a Gram matrix: [B, C, C] instead of a [B, C, C, D] difference.
+  dist_BCC = sq_BC[:, :, None] + sq_BC[:, None, :] - 2 * np.einsum("bcd,bed->bce", x_BCD, x_BCD)
+  return candidates_BC_[np.arange(B), dist_BCC.sum(-1).argmin(-1)]
+
+
 def from_workdir(workdir: str, vqgan_spec: Optional[dict] = None, batch_size: int = 8) -> Prompter:
   """The newest checkpoint of an LVM workdir and the VQGAN its config names, or `vqgan_spec`: the
   caller's own spec (command-line flags), whose config file may run as the user asked."""

@@ -17,7 +17,7 @@ def test_quick_demo_runs_every_stage(tmp_path):
   assert {k: v["sentences"] for k, v in result["perplexity"].items()} == {
       f"{t}_held_out/{t}": 2 for t in demo_data.TASKS}
   assert result["step"] == 6 and result["store"] == str(tmp_path / "store")
-  assert result["task_settings"]["count"] == 2 and result["task_settings"]["temperature"] == 0.0
+  assert result["task_settings"]["count"] == 2 and result["task_settings"]["samples"] == 16
   for path in ("vqgan/checkpoints", "store/manifest.json", "lvm/metrics.jsonl", "eval.json", "prompts/counting.png"):
     assert os.path.exists(tmp_path / path), path
   assert json.load(open(tmp_path / "eval.json")) == json.loads(json.dumps(result))

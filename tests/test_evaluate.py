@@ -110,7 +110,8 @@ def test_lvm_report_names_its_sources_settings_and_directions(tmp_path, monkeypa
   assert {k: (v["sentences"], v["tokens"], v["better"]) for k, v in r["perplexity"].items()} == {
       "d/x": (2, 6, "lower"), "d/y": (1, 3, "lower")}
   assert r["task_settings"] == {"split": "held_out", "count": 4, "images": 4, "data_seed": 1234, "sampling_seed": 3,
-                                "temperature": 0.0, "candidates": 1}
+                                **evaluate.TASK_SAMPLING}
+  assert evaluate.TASK_SAMPLING["samples"] > 1 and evaluate.TASK_SAMPLING["temperature"] > 0
   m = r["tasks"]
   assert {t: (v["metric"], v["better"]) for t, v in m.items()} == {
       "moving_digit": ("psnr", "higher"), "counting": ("accuracy", "higher"), "colorization": ("mse", "lower"),
@@ -118,7 +119,7 @@ def test_lvm_report_names_its_sources_settings_and_directions(tmp_path, monkeypa
   sents = demo_data.sentences("moving_digit", "held_out", 4, 32, seed=1234, images=4)
   copy_last = np.mean([evaluate.psnr(a, b) for a, b in zip(sents[:, -2], sents[:, -1])])
   assert np.isclose(m["moving_digit"]["baseline"], copy_last)
-  assert m["counting"]["baseline"] == 0.1 and 0 <= m["counting"]["model"] <= 1
+  assert m["counting"]["baseline"] == 0.1 and 0 <= m["counting"]["model"] <= 1 and 0 <= m["counting"]["greedy"] <= 1
   assert m["colorization"]["baseline"] > 0
   inpaint = demo_data.sentences("inpainting", "held_out", 4, 32, seed=1234, images=4)
   holes = [evaluate.hole(q) for q in inpaint[:, -2]]
@@ -127,7 +128,7 @@ def test_lvm_report_names_its_sources_settings_and_directions(tmp_path, monkeypa
   lines = evaluate.table(r).splitlines()
   assert [ln.split()[-1] for ln in lines if ln.startswith("d/")] == ["2", "1"]  # sentences per group
   row = next(ln for ln in lines if ln.startswith("colorization")).split()
-  assert row[1:4] == ["mse", "lower", f"{m['colorization']['model']:.3f}"]
+  assert row[1:5] == ["mse", "lower", f"{m['colorization']['model']:.3f}", f"{m['colorization']['greedy']:.3f}"]
 
 
 @pytest.mark.slow  # ~2 min: probes trained to convergence

@@ -51,6 +51,24 @@ def test_continue_images_shapes_and_seeds(lvm_workdir):
   assert batch.shape == (2, 1, 1, 32, 32, 3)
 
 
+def test_consensus_is_the_candidate_nearest_the_others():
+  """The minimum-Bayes-risk pick under pixel MSE: per row, the candidate whose summed squared
+  distance to the row's candidates is least (checked against the sum written out), always one of
+  the candidates themselves, never a blend."""
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (4, 6, 5, 5, 3), dtype=np.uint8)
+  x[0, 1] = x[0, 3] = x[0, 4]  # three equal candidates outvote three others
+  risk = lambda row: [sum(np.sum((a.astype(np.int64) - b) ** 2) for b in row) for a in row]
+  picked = prompt.consensus(x)
+  assert picked.shape == (4, 5, 5, 3) and picked.dtype == np.uint8
+  for b in range(4):
+    np.testing.assert_array_equal(picked[b], x[b, int(np.argmin(risk(x[b])))])
+  np.testing.assert_array_equal(picked[0], x[0, 4])
+  flat = np.full((1, 3, 2, 2, 3), 0, np.uint8)
+  flat[0, 1], flat[0, 2] = 100, 255  # a blend would be the mean, 118; the pick is the middle candidate
+  np.testing.assert_array_equal(prompt.consensus(flat)[0], flat[0, 1])
+
+
 def test_grid_labels_prompt_answer_and_candidates():
   prompts, answer, generated = pictures(3), pictures(1, seed=1)[0], pictures(2 * 2, seed=2).reshape(2, 2, 32, 32, 3)
   g = prompt.grid(prompts, generated, answer)
