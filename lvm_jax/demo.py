@@ -6,8 +6,8 @@
 The tokenizer is the VQGAN of configs/vqgan_demo.py, trained by this project's train_vqgan on the
 demo's train frames, and the LVM is configs/lvm_demo.py:long and then :continued, trained by this
 project's trainer on a larger store of the same tasks; both ship in lvm_jax/assets/ (the commands
-that made them are in its README.md). --from_scratch trains both instead (W/vqgan ~23 minutes, W/lvm the
-1000-step recipe of configs/lvm_demo.py, ~5 minutes on 2 cores). Each stage is the real
+that made them are in its README.md). --from_scratch trains both instead (W/vqgan ~23 minutes,
+W/lvm the 1000-step recipe of configs/lvm_demo.py, ~5 minutes on 2 cores). Each stage is the real
 entry point's function with the configs in configs/ (vqgan_demo.py, dataset_demo.py,
 lvm_demo.py), so every stage resumes: rerunning skips what is done. The summary compares the
 LVM with what a model that learnt nothing would do (copy the last frame, copy the query, chance)
@@ -84,12 +84,10 @@ def demo(workdir: str, quick: bool = False, count: int = 64, from_scratch: bool 
 def answers_picture(p: prompt.Prompter, sentence_NHW3: np.ndarray, shown: int = 3) -> np.ndarray:
   """A labeled grid: the prompt and the true answer, then the answers the task metrics score (the
   consensus of the samples, the greedy one) and the first `shown` of the samples themselves."""
-  n, T = evaluate.TASK_SAMPLING["samples"], evaluate.TASK_SAMPLING["temperature"]
-  drawn_C = p.continue_images(sentence_NHW3[None, :-1], 1, jax.random.key(0), temperature=T, candidates=n)[0, :, 0]
-  greedy = p.continue_images(sentence_NHW3[:-1], 1, jax.random.key(0), temperature=0.0)[0, 0, 0]
+  drawn, consensus, greedy = (a[0] for a in evaluate.task_answers(p, sentence_NHW3[None, :-1], jax.random.key(0)))
   first = [(f"prompt {i + 1}", img) for i, img in enumerate(sentence_NHW3[:-1])] + [("answer", sentence_NHW3[-1])]
-  answers = [(f"consensus of {n}", prompt.consensus(drawn_C[None])[0]), ("greedy", greedy)]
-  return pictures.grid([first, answers + [(f"sample {i + 1}", img) for i, img in enumerate(drawn_C[:shown])]])
+  answers = [(f"consensus of {len(drawn)}", consensus), ("greedy", greedy)]
+  return pictures.grid([first, answers + [(f"sample {i + 1}", img) for i, img in enumerate(drawn[:shown])]])
 
 
 def summary(result: dict, workdir: str) -> None:

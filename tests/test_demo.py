@@ -44,7 +44,7 @@ def test_the_shipped_tokenizer_is_the_demo_config_trained():
   assert psnr > np.mean([evaluate.psnr(a, b) for a, b in zip(box, x)]) and psnr > 19.0
 
 
-def test_the_shipped_lvm_is_the_long_recipe_trained():
+def test_the_shipped_lvm_is_the_demo_recipe_trained():
   """lvm_jax/assets/lvm_demo is configs/lvm_demo.py:continued's model (:long's, trained on) after
   its last step, as a LlamaForCausalLM directory, and it has learnt: on held-out moving digits
   (samples it never saw) its answers beat copying the last frame (19.1 dB against 12.5 over 64
@@ -53,10 +53,10 @@ def test_the_shipped_lvm_is_the_long_recipe_trained():
   from lvm_jax import config as config_lib, evaluate, prompt  # pylint: disable=g-import-not-at-top
   from lvm_jax.convert import hf_llama  # pylint: disable=g-import-not-at-top
   cfg, _ = hf_llama.load_pretrained(demo_data.LVM)
-  long = config_lib.load_file("lvm_demo:continued")
+  recipe = config_lib.load_file("lvm_demo:continued")
   assert (cfg.d_model, cfg.ffn, cfg.layers, cfg.heads, cfg.vocab_size) == (
-      long.model.d_model, long.model.ffn, long.model.layers, long.model.heads, long.model.vocab_size)
+      recipe.model.d_model, recipe.model.ffn, recipe.model.layers, recipe.model.heads, recipe.model.vocab_size)
   p = prompt.from_hf(demo_data.LVM, config_lib.load_file("dataset_demo").vqgan)
-  assert p.step == long.steps
+  assert p.step == recipe.steps
   m = evaluate.task_metrics(p, ("moving_digit",), 8, jax.random.key(0))["moving_digit"]
   assert m["model"] > m["baseline"] + 1.0, m
