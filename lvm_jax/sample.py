@@ -52,12 +52,12 @@ def draw(key: jax.Array, logits_BV: jax.Array, temperature: float, codes: int, t
 def _generate(graphdef, params, prompt_BL, key, *, new_tokens, codes, temperature, top_k, top_p, candidates,
               window):
   model = nnx.merge(graphdef, params)
-  prompt_BL = jnp.repeat(prompt_BL, candidates, axis=0)
-  B, L = prompt_BL.shape
+  P, L = prompt_BL.shape
+  B = P * candidates
   S = window or (L + new_tokens)
-  cache = model.empty_cache(B, S)
+  cache = model.empty_cache(P, S)
   keep = min(L, S)  # prompt tokens older than the window are never seen again
-  positions_BT = jnp.broadcast_to(jnp.arange(L - keep, L), (B, keep))
+  positions_PT = jnp.broadcast_to(jnp.arange(L - keep, L), (P, keep))
   # Weights sliced, cast and fused once here, not at every token (transformer.fuse_for_decoding);
   # one token on one GPU decodes faster with them transposed (transformer._vector_layer).
   dtype = jnp.dtype(model.cfg.dtype)
@@ -66,7 +66,10 @@ def _generate(graphdef, params, prompt_BL, key, *, new_tokens, codes, temperatur
   for weight in (model.embed, model.lm_head):
     weight.set_value(weight[...].astype(dtype))
   head_VD = model.lm_head[...].T if vector else None
-  logits_BTV, cache = model.decode(prompt_BL[:, L - keep:], positions_BT, cache, None if vector else layers)
+  logits_PTV, cache = model.decode(prompt_BL[:, L - keep:], positions_PT, cache, None if vector else layers)
+  # The candidates of a prompt share its prefill: the cache and the last logits repeat, not the work.
+  cache = jax.tree.map(lambda a: jnp.repeat(a, candidates, axis=0) if a.ndim else a, cache)
+  logits_BV = jnp.repeat(logits_PTV[:, -1], candidates, axis=0)
 
   def step(carry, i):
     key, logits_BV, cache = carry
@@ -75,8 +78,8 @@ def _generate(graphdef, params, prompt_BL, key, *, new_tokens, codes, temperatur
     logits_B1V, cache = model.decode(token_B[:, None], jnp.full((B, 1), L + i, jnp.int32), cache, layers, head_VD)
     return (key, logits_B1V[:, 0], cache), token_B
 
-  _, tokens_NB = jax.lax.scan(step, (key, logits_BTV[:, -1], cache), jnp.arange(new_tokens))
-  return tokens_NB.T.reshape(B // candidates, candidates, new_tokens)
+  _, tokens_NB = jax.lax.scan(step, (key, logits_BV, cache), jnp.arange(new_tokens))
+  return tokens_NB.T.reshape(P, candidates, new_tokens)
 
 
 def generate(model: transformer.Model, prompt_BL: jax.Array, new_tokens: int, key: jax.Array, *, codes: int,

@@ -129,6 +129,21 @@ def test_sharded_generation_matches_one_device():
   np.testing.assert_array_equal(np.asarray(one), np.asarray(many))
 
 
+def test_candidates_share_their_prompts_prefill():
+  """A prompt's candidates continue one prefill (its cache repeated): greedily they are the same
+  tokens as the prompt repeated, on one device and under a mesh whose batch axis is larger than
+  the number of prompts."""
+  m, prompt = model(5), tokens((1, 5), seed=5)
+  repeated = np.asarray(sample.generate(m, np.repeat(prompt, 4, axis=0), 6, jax.random.key(0), codes=40,
+                                        temperature=0.0))[:, 0]
+  shared = np.asarray(sample.generate(m, prompt, 6, jax.random.key(0), codes=40, temperature=0.0, candidates=4))[0]
+  np.testing.assert_array_equal(shared, repeated)
+  mesh = sharding.make_mesh(dict(ici=dict(data=2, fsdp=2, tensor=2), dcn=dict(data=1, fsdp=1, tensor=1)))
+  with jax.set_mesh(mesh), sharding.axis_rules(DEFAULT_RULES):
+    many = sample.generate(m, prompt, 6, jax.random.key(0), codes=40, temperature=0.0, candidates=4)
+  np.testing.assert_array_equal(np.asarray(many)[0], repeated)
+
+
 def test_bad_sampling_arguments_are_one_line():
   m, prompt = model(), tokens((1, 3))
   with pytest.raises(ValueError, match="codes=51 exceeds the model's vocabulary of 50"):
