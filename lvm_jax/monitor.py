@@ -5,8 +5,10 @@ By the model family's EVALUATION (models/<model_name>.py), on data the run does 
   perplexity (LVM)       eval/<dataset>/<task>/perplexity: the answer image's perplexity of up to
                          eval_data.per_task held-out sentences of each (dataset, task) of every
                          store of the mixture whose dataset matches eval_data.dataset (evaluate.py);
-                         samples: the last image of one held-out sentence per task generated
-                         greedily, as labeled grids (prompt | answer | generated) in TensorBoard.
+                         samples: the last image of one held-out sentence per task generated as
+                         the demo's task metrics answer (the consensus of evaluate.TASK_SAMPLING
+                         samples, and greedily), as labeled grids (prompt | answer | consensus |
+                         greedy) in TensorBoard.
   probe (AIM)            eval/loss: the pretraining loss on eval_data.images held-out images
                          (centre crops, fixed prefix lengths): the AIM paper's key observable.
   reconstruction (VQGAN) eval/psnr of the EMA generator on held-out pictures; samples: labeled
@@ -72,7 +74,7 @@ def _held_out_prompts(c: Any, count: int) -> list[tuple[str, np.ndarray]]:
 
 
 def _lvm_samples(c: Any, graphdef: Any) -> Samples:
-  from lvm_jax import load, sample  # pylint: disable=g-import-not-at-top
+  from lvm_jax import load, prompt, sample  # pylint: disable=g-import-not-at-top
   from lvm_jax.models import vqgan  # pylint: disable=g-import-not-at-top
   model, image_size = load.load_vqgan(c.vqgan)
   tokenizer = vqgan.Tokenizer(model, image_size, batch_size=len(jax.local_devices()))
@@ -83,12 +85,17 @@ def _lvm_samples(c: Any, graphdef: Any) -> Samples:
     lvm = nnx.merge(graphdef, state["params"])
     for name, tokens in prompts:
       images = tokenizer.decode(tokens.reshape(-1, tpi))  # what the model read, as pictures
-      new = sample.generate(lvm, jnp.asarray(tokens[None, :-tpi]), tpi, jax.random.key(step),
-                            codes=tokenizer.codes, temperature=0.0)
-      generated = tokenizer.decode(np.asarray(new).reshape(1, tpi))[0]
-      cells = [(f"prompt {i + 1}", im) for i, im in enumerate(images[:-1])]
-      grid = pictures.grid([cells + [("answer", images[-1]), ("generated", generated)]])
-      writer.image(f"samples/{name}", grid, step)
+      prompt_1L = jnp.asarray(tokens[None, :-tpi])
+      # The answers the demo's task metrics score (evaluate.TASK_SAMPLING): the consensus of the
+      # samples, and the greedy one.
+      drawn = sample.generate(lvm, prompt_1L, tpi, jax.random.key(step), codes=tokenizer.codes,
+                              temperature=evaluate.TASK_SAMPLING["temperature"],
+                              candidates=evaluate.TASK_SAMPLING["samples"])
+      greedy = sample.generate(lvm, prompt_1L, tpi, jax.random.key(step), codes=tokenizer.codes, temperature=0.0)
+      drawn, greedy = (tokenizer.decode(np.asarray(t).reshape(-1, tpi)) for t in (drawn, greedy))
+      cells = [(f"prompt {i + 1}", im) for i, im in enumerate(images[:-1])] + [("answer", images[-1])]
+      cells += [(f"consensus of {len(drawn)}", prompt.consensus(drawn[None])[0]), ("greedy", greedy[0])]
+      writer.image(f"samples/{name}", pictures.grid([cells]), step)
   return run
 
 

@@ -105,7 +105,8 @@ def test_trainer_learns_from_the_store(tmp_path, weights):
   [tb] = glob.glob(str(tmp_path / "lvm" / "tensorboard" / "events.out.tfevents.*"))
   images = [(step, tag, v) for step, tag, v in events(open(tb, "rb").read()) if tag.startswith("samples/")]
   assert len(images) == 2 and {step for step, _, _ in images} == {8}
-  assert all(v.width >= 3 * 128 and v.height >= 128 for _, _, v in images)  # labeled cells of >= 128 px
+  # Labeled cells of >= 128 px: the prompt, the answer, the consensus of the samples and greedy.
+  assert all(v.width >= 4 * 128 and v.height >= 128 for _, _, v in images)
   # A fresh model predicts the 256 codes about uniformly; a few updates on the store's codes
   # (a handful used far more than others) bring the loss well below that.
   assert abs(rows[0]["loss"] - np.log(256)) < 0.1, rows[0]
