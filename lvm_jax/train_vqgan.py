@@ -61,8 +61,9 @@ def train_step(state: dict, batch: dict, *, c: Any, b: Built, perceptual: Any) -
     total, aux = vqgan.loss(model, batch, perceptual=perceptual, perceptual_weight=c.perceptual_weight,
                             gan_weight=c.gan.weight * gan_on,
                             gan_loss=lambda recon: discriminator.generator_loss(critic(recon)))
-    if c.get("shift_weights"):
-      aux["shift_loss"] = vqgan.shift_loss(model, images, _shift(c, state["step"]))
+    latents = aux.pop("latents")
+    if c.get("shift_weights"):  # the batch's own latents from the pass above: one encoder pass more, not two
+      aux["shift_loss"] = vqgan.shift_loss(model, images, _shift(c, state["step"]), latents)
       total = total + shift_weight(c.shift_weights, state["step"]) * aux["shift_loss"]
     return total, aux
 

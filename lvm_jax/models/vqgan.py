@@ -277,14 +277,14 @@ class Model(nnx.Module):
 
   def __call__(self, images_BHWC: jax.Array) -> tuple[jax.Array, dict]:
     """Training pass: the decoder's features before conv_out (see Decoder.trunk), and the
-    quantizer's losses and ids. Reconstruction = self.decoder.conv_out(features)."""
+    quantizer's losses, ids and input latents. Reconstruction = self.decoder.conv_out(features)."""
     z = self.latents(images_BHWC)
     ids, zq, aux = quantize(z, self.codebook[...], self.cfg.l2_codes, self.cfg.beta,
                             self.cfg.entropy_temperature if self.cfg.entropy_weight else 0.0)
     if self.cfg.entropy_weight:
       aux["entropy_loss"] = self.cfg.entropy_weight * aux["entropy_loss"]
     x = self.post_quant_conv(zq.astype(jnp.dtype(self.cfg.dtype)))
-    return self.decoder.trunk(x), {**aux, "ids": ids}
+    return self.decoder.trunk(x), {**aux, "ids": ids, "latents": z}
 
 
 def _l2(x: jax.Array) -> jax.Array:
@@ -345,8 +345,7 @@ def _conv_with(conv: nnx.Conv, x: jax.Array, kernel: jax.Array) -> jax.Array:
   return y + conv.bias[...].astype(x.dtype).reshape(1, 1, 1, -1)
 
 
-# ---------------------------------------------------------------------------- the family's contract
-# The names models/transformer.py exports too; the VQGAN has its own trainer (train_vqgan.py).
+# ------------------------ the family's contract: models/transformer.py's names; its own trainer (train_vqgan.py)
 
 WEIGHTS = "ema"  # the checkpoint item holding the weights to run: the generator's EMA (load.py)
 EVALUATION = "reconstruction"  # evaluate.py's report: tokenizer_report.py's, on held-out pictures
@@ -394,11 +393,12 @@ def loss(model: Model, batch: dict, *, gan_loss: Callable[[jax.Array], jax.Array
   return total, {"nll": nll, "gan_g": gan, "gan_weight": weight, "recon": recon, **aux}
 
 
-def shift_loss(model: Model, images_BHWC: jax.Array, shift_yx: jax.Array) -> jax.Array:
+def shift_loss(model: Model, images_BHWC: jax.Array, shift_yx: jax.Array,
+               z_BhwD: Optional[jax.Array] = None) -> jax.Array:
   """Mean squared distance of the latents of images rolled by shift_yx tokens from their latents
-  rolled alike, over tokens that did not wrap (on the unit sphere with l2_codes). Codes that follow
-  a shift give a moving scene the same tokens a frame later, which an LVM can copy from its prompt."""
-  z_BhwD = model.latents(images_BHWC)
+  (z_BhwD, if the caller has them) rolled alike, over tokens that did not wrap (unit sphere with
+  l2_codes). Codes that follow a shift give a moving scene tokens an LVM can copy from its prompt."""
+  z_BhwD = model.latents(images_BHWC) if z_BhwD is None else z_BhwD
   z2_BhwD = model.latents(jnp.roll(images_BHWC, shift_yx * model.cfg.factor, axis=(1, 2)))
   if model.cfg.l2_codes:
     z_BhwD, z2_BhwD = _l2(z_BhwD), _l2(z2_BhwD)

@@ -74,7 +74,7 @@ def test_straight_through_and_loss_gradients_go_where_they_should():
 
 def test_shift_loss_compares_each_token_with_where_its_content_went():
   """shift_loss = mean over the tokens that did not wrap of |z(roll(x))[i] - z(x)[i - shift]|^2,
-  on the unit sphere with l2_codes; 0 for no shift."""
+  on the unit sphere with l2_codes; 0 for no shift; the same with z(x) given by the training pass."""
   for cfg in (TINY, dataclasses.replace(TINY, l2_codes=True)):
     model = vqgan.Model(cfg, rngs=nnx.Rngs(0))
     x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3))
@@ -87,6 +87,9 @@ def test_shift_loss_compares_each_token_with_where_its_content_went():
            if 0 <= i - dy < 8 and 0 <= j - dx < 8]
       got = vqgan.shift_loss(model, x, jnp.array([dy, dx]))
       np.testing.assert_allclose(got, np.mean(d), rtol=1e-4)
+      # The training pass's own latents of x (Model.__call__'s aux) stand in for a second encoding.
+      given = vqgan.shift_loss(model, x, jnp.array([dy, dx]), model(x)[1]["latents"])
+      np.testing.assert_allclose(given, got, rtol=1e-6)
     assert float(vqgan.shift_loss(model, x, jnp.array([0, 0]))) == 0.0
 
 
