@@ -35,7 +35,8 @@ from absl import flags, logging
 from etils import epath
 from flax import nnx
 
-from lvm_jax import checkpoint, cli, config as config_lib, load, models, monitor, probing, progress, train
+from lvm_jax import (checkpoint, cli, config as config_lib, load, loop, models, monitor, probing, progress, sharding,
+                     train)
 from lvm_jax.models import aim, probe
 
 QUICK = dict(steps=4, every=2, probe_steps=16, per_class=2, max_images=80, eval_images=32)
@@ -74,15 +75,16 @@ def _steps(workdir: str) -> list[int]:
 
 
 def _weights(c: Any, workdir: str, step: int) -> tuple[Any, dict]:
-  """(inference config, params) of a checkpoint, or at step 0 the run's own initial weights (the
-  trainer draws them from jax.random.key(config.seed))."""
+  """(inference config, params) of a checkpoint, or at step 0 the weights the run started from:
+  the trainer's own fresh state (drawn from config.seed, or what config.init_from names)."""
+  family = config_lib.model_module(c)
   if step:
     cfg, params, _ = load.load_params(c, workdir, step)
     return cfg, params
-  family = config_lib.model_module(c)
-  cfg = family.inference(family.Config(**c.model))
-  model = family.Model(cfg, rngs=nnx.Rngs(jax.random.key(c.seed)))
-  return cfg, nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+  with jax.set_mesh(mesh), sharding.axis_rules(c.rules):
+    params = jax.device_get(loop.fresh(c, train.build(c, mesh))["params"])
+  return family.inference(family.Config(**c.model)), params
 
 
 def _trunk(cfg: Any, params: dict) -> aim.Trunk:

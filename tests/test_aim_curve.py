@@ -2,11 +2,12 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 
-from lvm_jax import aim_curve
+from lvm_jax import aim_curve, train
 from lvm_jax.config import ConfigError
 from lvm_jax.data import clutter, demo, sources
 from tests.conftest import load_config
@@ -93,3 +94,18 @@ def test_cluttered_digits_are_labeled_and_held_out_apart():
   src = sources.open_source({"kind": "digits", "split": "held_out", "clutter": True, "size": 32, "mode": "center_crop"})
   assert src.name == "cluttered_digits/held_out" and src.label("5") == held_out.labels[5]
   np.testing.assert_array_equal(src.load("5")[0], held_out.images[5])
+
+
+def test_step_0_is_the_weights_the_run_started_from(tmp_path):
+  """The curve's first row probes what the trainer started from: the draw of config.seed, or the
+  weights config.init_from names (here a 3-step run's), never a draw of its own."""
+  c = load_config("aim_tiny", "test")
+  c.steps, c.ckpt_every, c.eval_every = 3, 3, 0  # past the warmup's first update, of learning rate 0
+  train.train(c, str(tmp_path / "first"))
+  _, drawn = aim_curve._weights(c, "", 0)
+  _, trained = aim_curve._weights(c, str(tmp_path / "first"), 3)
+  c.init_from, c.seed = str(tmp_path / "first"), c.seed + 1
+  _, started = aim_curve._weights(c, "", 0)
+  leaves = lambda tree: [np.asarray(x) for x in jax.tree.leaves(tree)]
+  assert all(np.array_equal(a, b) for a, b in zip(leaves(started), leaves(trained)))
+  assert not all(np.array_equal(a, b) for a, b in zip(leaves(drawn), leaves(trained)))  # the steps changed them
