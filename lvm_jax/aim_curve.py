@@ -81,7 +81,7 @@ def _weights(c: Any, workdir: str, step: int) -> tuple[Any, dict]:
   if step:
     cfg, params, _ = load.load_params(c, workdir, step)
     return cfg, params
-  mesh = sharding.make_mesh(c.mesh, jax.devices()[:1])
+  mesh = sharding.make_mesh(c.mesh)  # the devices the trainer uses
   with jax.set_mesh(mesh), sharding.axis_rules(c.rules):
     params = jax.device_get(loop.fresh(c, train.build(c, mesh))["params"])
   return family.inference(family.Config(**c.model)), params
