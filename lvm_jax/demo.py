@@ -84,7 +84,8 @@ def demo(workdir: str, quick: bool = False, count: int = 64, from_scratch: bool 
 def answers_picture(p: prompt.Prompter, sentence_NHW3: np.ndarray, shown: int = 3) -> np.ndarray:
   """A labeled grid: the prompt and the true answer, then the answers the task metrics score (the
   consensus of the samples, the greedy one) and the first `shown` of the samples themselves."""
-  drawn, consensus, greedy = (a[0] for a in evaluate.task_answers(p, sentence_NHW3[None, :-1], jax.random.key(0)))
+  ids_1L = p.encode(sentence_NHW3[None, :-1])
+  drawn, consensus, greedy = (a[0] for a in evaluate.task_answers(p, ids_1L, jax.random.key(0)))
   first = [(f"prompt {i + 1}", img) for i, img in enumerate(sentence_NHW3[:-1])] + [("answer", sentence_NHW3[-1])]
   answers = [(f"consensus of {len(drawn)}", consensus), ("greedy", greedy)]
   return pictures.grid([first, answers + [(f"sample {i + 1}", img) for i, img in enumerate(drawn[:shown])]])

@@ -158,12 +158,12 @@ def _scoring(task: str, query_NHW3: np.ndarray) -> tuple[str, Callable, np.ndarr
   raise ValueError(f"no scoring for demo task {task!r}")
 
 
-def task_answers(prompter: Any, prompts_BN: np.ndarray, key: jax.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """uint8 prompts [B, n, S, S, 3] -> (the TASK_SAMPLING samples [B, C, S, S, 3], their consensus
-  [B, S, S, 3]: the answer a task scores, the greedy answer [B, S, S, 3])."""
-  drawn_BC = prompter.continue_images(prompts_BN, 1, key, temperature=TASK_SAMPLING["temperature"],
-                                      candidates=TASK_SAMPLING["samples"])[:, :, 0]
-  greedy_B = prompter.continue_images(prompts_BN, 1, key, temperature=0.0)[:, 0, 0]
+def task_answers(prompter: Any, ids_BL: np.ndarray, key: jax.Array) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Prompts as code ids [B, L] (prompter.encode) -> (the TASK_SAMPLING samples [B, C, S, S, 3], their
+  consensus [B, S, S, 3]: the answer a task scores, the greedy answer [B, S, S, 3])."""
+  drawn_BC = prompter.continue_ids(ids_BL, 1, key, temperature=TASK_SAMPLING["temperature"],
+                                   candidates=TASK_SAMPLING["samples"])[:, :, 0]
+  greedy_B = prompter.continue_ids(ids_BL, 1, key, temperature=0.0)[:, 0, 0]
   return drawn_BC, prompt.consensus(drawn_BC), greedy_B
 
 
@@ -174,7 +174,7 @@ def task_metrics(prompter: Any, tasks: tuple[str, ...], count: int, key: jax.Arr
     tracker.log(done, f"now {task}")
     sents = demo.sentences(task, "held_out", count, prompter.tokenizer.image_size, seed=TASK_DATA_SEED, images=images)
     key, sub = jax.random.split(key)
-    _, gen, greedy = task_answers(prompter, sents[:, :-1], sub)
+    _, gen, greedy = task_answers(prompter, prompter.encode(sents[:, :-1]), sub)
     truth, query = sents[:, -1], sents[:, -2]
     # What the tokenizer alone keeps of the truth: no generated image can score better.
     recon = prompter.tokenizer.decode(prompter.tokenizer.encode(truth))

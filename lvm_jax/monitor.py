@@ -74,7 +74,7 @@ def _held_out_prompts(c: Any, count: int) -> list[tuple[str, np.ndarray]]:
 
 
 def _lvm_samples(c: Any, graphdef: Any) -> Samples:
-  from lvm_jax import load, prompt, sample  # pylint: disable=g-import-not-at-top
+  from lvm_jax import load, prompt  # pylint: disable=g-import-not-at-top
   from lvm_jax.models import vqgan  # pylint: disable=g-import-not-at-top
   model, image_size = load.load_vqgan(c.vqgan)
   tokenizer = vqgan.Tokenizer(model, image_size, batch_size=len(jax.local_devices()))
@@ -82,19 +82,13 @@ def _lvm_samples(c: Any, graphdef: Any) -> Samples:
   prompts = _held_out_prompts(c, c.eval_data.get("samples", 4))
 
   def run(state: Any, step: int, writer: metrics.Writer) -> None:
-    lvm = nnx.merge(graphdef, state["params"])
+    p = prompt.Prompter(nnx.merge(graphdef, state["params"]), tokenizer)
     for name, tokens in prompts:
       images = tokenizer.decode(tokens.reshape(-1, tpi))  # what the model read, as pictures
-      prompt_1L = jnp.asarray(tokens[None, :-tpi])
-      # The answers the demo's task metrics score (evaluate.TASK_SAMPLING): the consensus of the
-      # samples, and the greedy one.
-      drawn = sample.generate(lvm, prompt_1L, tpi, jax.random.key(step), codes=tokenizer.codes,
-                              temperature=evaluate.TASK_SAMPLING["temperature"],
-                              candidates=evaluate.TASK_SAMPLING["samples"])
-      greedy = sample.generate(lvm, prompt_1L, tpi, jax.random.key(step), codes=tokenizer.codes, temperature=0.0)
-      drawn, greedy = (tokenizer.decode(np.asarray(t).reshape(-1, tpi)) for t in (drawn, greedy))
+      # The answers the demo's task metrics score: the consensus of the samples, and the greedy one.
+      drawn, consensus, greedy = (a[0] for a in evaluate.task_answers(p, tokens[None, :-tpi], jax.random.key(step)))
       cells = [(f"prompt {i + 1}", im) for i, im in enumerate(images[:-1])] + [("answer", images[-1])]
-      cells += [(f"consensus of {len(drawn)}", prompt.consensus(drawn[None])[0]), ("greedy", greedy[0])]
+      cells += [(f"consensus of {len(drawn)}", consensus), ("greedy", greedy)]
       writer.image(f"samples/{name}", pictures.grid([cells]), step)
   return run
 

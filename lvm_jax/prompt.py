@@ -31,19 +31,26 @@ class Prompter:
   tokenizer: vqgan.Tokenizer
   step: Optional[int] = None  # the checkpoint's training step (a workdir's), for reports to name
 
-  def continue_images(self, images_NHW3: np.ndarray, new_images: int, key: jax.Array, *, candidates: int = 1,
-                      temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                      window: Optional[int] = None) -> np.ndarray:
-    """uint8 prompts [B, n, S, S, 3] (or one [n, S, S, 3]) -> uint8 [B, candidates, new_images, S, S, 3]."""
-    one = images_NHW3.ndim == 4
-    prompts = images_NHW3[None] if one else images_NHW3
-    B, n = prompts.shape[:2]
-    tpi = self.tokenizer.grid ** 2
-    ids = self.tokenizer.encode(prompts.reshape(B * n, *prompts.shape[2:])).reshape(B, n * tpi)
-    new = sample.generate(self.lvm, ids, new_images * tpi, key, codes=self.tokenizer.codes, temperature=temperature,
+  def encode(self, images_BNHW3: np.ndarray) -> np.ndarray:
+    """uint8 prompts [B, n, S, S, 3] -> their code ids, a sentence per row: int32 [B, n * tokens]."""
+    B, n = images_BNHW3.shape[:2]
+    return np.asarray(self.tokenizer.encode(images_BNHW3.reshape(B * n, *images_BNHW3.shape[2:]))).reshape(B, -1)
+
+  def continue_ids(self, ids_BL: np.ndarray, new_images: int, key: jax.Array, *, candidates: int = 1,
+                   temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                   window: Optional[int] = None) -> np.ndarray:
+    """Code-id prompts [B, L] -> uint8 [B, candidates, new_images, S, S, 3]."""
+    B, tpi = ids_BL.shape[0], self.tokenizer.grid ** 2
+    new = sample.generate(self.lvm, ids_BL, new_images * tpi, key, codes=self.tokenizer.codes, temperature=temperature,
                           top_k=top_k, top_p=top_p, candidates=candidates, window=window)
     out = self.tokenizer.decode(np.asarray(new).reshape(B * candidates * new_images, tpi))
     return out.reshape(B, candidates, new_images, *out.shape[1:])
+
+  def continue_images(self, images_NHW3: np.ndarray, new_images: int, key: jax.Array, **sampling: Any) -> np.ndarray:
+    """uint8 prompts [B, n, S, S, 3] (or one [n, S, S, 3]) -> uint8 [B, candidates, new_images, S, S, 3];
+    `sampling`: continue_ids's candidates, temperature, top_k, top_p, window."""
+    prompts = images_NHW3[None] if images_NHW3.ndim == 4 else images_NHW3
+    return self.continue_ids(self.encode(prompts), new_images, key, **sampling)
 
 
 def consensus(candidates_BC_: np.ndarray) -> np.ndarray:
