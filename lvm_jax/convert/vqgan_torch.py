@@ -26,6 +26,8 @@ def diffusers_kwargs(cfg: vqgan.Config) -> dict[str, Any]:
   """Arguments of diffusers.VQModel for the same network as vqgan.Model(cfg)."""
   if cfg.downsample != "conv":
     raise WeightsError(f"diffusers' VQModel has no {cfg.downsample!r} downsampling (only strided convs)")
+  if cfg.norm != "group":
+    raise WeightsError(f"diffusers' VQModel has no norm={cfg.norm!r} (only GroupNorm over the image)")
   levels = range(len(cfg.channel_mult))
   down = tuple("AttnDownEncoderBlock2D" if i in cfg.attn_levels else "DownEncoderBlock2D" for i in levels)
   up = tuple("AttnUpDecoderBlock2D" if i in cfg.attn_levels else "UpDecoderBlock2D" for i in reversed(levels))
@@ -179,8 +181,9 @@ def cli_main() -> None:
       raise config_lib.ConfigError(f"{workdir.value}: model_name={c.get('model_name')!r}, not a VQGAN workdir")
     model_cfg, params, step = load.load_params(c, workdir.value)
     save_safetensors(params, out.value, model_cfg, layout.value)
-    print(f"step {step} of {workdir.value} -> {out.value} ({layout.value} layout; diffusers.VQModel"
-          f"(**diffusers_kwargs(cfg)).load_state_dict(safetensors.torch.load_file(out)))")
+    torch_use = ("diffusers.VQModel(**diffusers_kwargs(cfg)).load_state_dict(safetensors.torch.load_file(out))"
+                 if model_cfg.norm == "group" else f"diffusers has no norm={model_cfg.norm!r}: lvm_jax loads it")
+    print(f"step {step} of {workdir.value} -> {out.value} ({layout.value} layout; {torch_use})")
 
   cli.run(main, required=["workdir", "out"])
 

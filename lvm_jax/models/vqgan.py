@@ -35,6 +35,9 @@ class Config:
   z_channels: int = 64  # = code dim (amused has no separate quantized_embed_dim)
   codes: int = 8192
   groups: int = 32  # GroupNorm groups
+  # "group": a group's statistics over the whole image (diffusers); "position": over the group's
+  # channels at each position alone, so a code depends on nothing outside its receptive field.
+  norm: str = "group"
   mid_attention: bool = False  # a self-attention block inside each mid block (taming; amused has none)
   # Levels (0 = full resolution) whose res blocks are each followed by self-attention; taming's
   # f16 ImageNet model has attn_resolutions=[16] at 256px, i.e. attn_levels=(4,).
@@ -50,8 +53,8 @@ class Config:
     levels = len(self.channel_mult)
     if not set(self.attn_levels) <= set(range(levels)):
       raise ConfigError(f"model.attn_levels={self.attn_levels}: levels are 0..{levels - 1}")
-    if self.downsample not in ("conv", "avgpool"):
-      raise ConfigError(f"model.downsample={self.downsample!r}: expected conv|avgpool")
+    if self.downsample not in ("conv", "avgpool") or self.norm not in ("group", "position"):
+      raise ConfigError(f"model: downsample={self.downsample!r} (conv|avgpool), norm={self.norm!r} (group|position)")
     if self.hidden % self.groups or self.z_channels < 1 or self.codes < 2:
       raise ConfigError(f"model: hidden={self.hidden} must be a multiple of groups={self.groups}, "
                         f"z_channels >= 1 (got {self.z_channels}), codes >= 2 (got {self.codes})")
@@ -82,18 +85,20 @@ class GroupNorm(nnx.GroupNorm):
   error); the fast variance magnifies that: the amused network's latents of six real pictures in
   one batch were 3e-4 from diffusers' in float64 (1.2e-4 with flax's exact variance, 6e-6 here).
   Here the mean is summed in two stages (each row, then the rows), which keeps every partial sum
-  short, and the variance is the mean of the squared deviations from it. The price is an extra
-  read of the activations: for the amused network XLA counts 0.02% more FLOPs and, before fusion,
-  14% more bytes (an upper bound).
+  short, and the variance is the mean of the squared deviations from it (for the amused network
+  0.02% more FLOPs and, before fusion, 14% more bytes). Config.norm "position" takes the
+  statistics at each position alone (with groups=1, a LayerNorm over channels, as in ConvNeXt).
   """
 
   def __init__(self, ch: int, cfg: Config, rngs: nnx.Rngs):
     super().__init__(ch, num_groups=cfg.groups, epsilon=1e-6, use_fast_variance=False, rngs=rngs)
+    self.per_position = cfg.norm == "position"
 
   def __call__(self, x_BHWC: jax.Array) -> jax.Array:
     B, H, W, C = x_BHWC.shape
     x_BHWGc = x_BHWC.astype(jnp.float32).reshape(B, H, W, self.num_groups, C // self.num_groups)
-    group_mean = lambda v_BHWGc: jnp.mean(jnp.mean(v_BHWGc, axis=(2, 4), keepdims=True), axis=1, keepdims=True)
+    image_mean = lambda v_BHWGc: jnp.mean(jnp.mean(v_BHWGc, axis=(2, 4), keepdims=True), axis=1, keepdims=True)
+    group_mean = (lambda v: jnp.mean(v, axis=4, keepdims=True)) if self.per_position else image_mean
     centred_BHWGc = x_BHWGc - group_mean(x_BHWGc)
     var_B11G1 = group_mean(jnp.square(centred_BHWGc))
     y_BHWC = (centred_BHWGc * jax.lax.rsqrt(var_B11G1 + self.epsilon)).reshape(B, H, W, C)
@@ -268,8 +273,7 @@ class Model(nnx.Module):
 
   def decode(self, ids_Bhw: jax.Array) -> jax.Array:
     """Code ids [B, h, w] -> images in [0, 1] (fp32)."""
-    z = lookup(ids_Bhw, self.codebook[...], self.cfg.l2_codes)
-    return self._decode_latents(z)
+    return self._decode_latents(lookup(ids_Bhw, self.codebook[...], self.cfg.l2_codes))
 
   def _decode_latents(self, z_BhwD: jax.Array) -> jax.Array:
     x = self.post_quant_conv(z_BhwD.astype(jnp.dtype(self.cfg.dtype)))
@@ -317,17 +321,13 @@ def quantize(z_BhwD: jax.Array, codebook_KD: jax.Array, l2_codes: bool = False,
 
 
 def codebook_entropy_loss(logits_NK: jax.Array, temperature: float) -> jax.Array:
-  probs = jax.nn.softmax(logits_NK / temperature, axis=-1)
   log_probs = jax.nn.log_softmax(logits_NK / temperature, axis=-1)
-  per_latent = -jnp.mean(jnp.sum(probs * log_probs, axis=-1))
-  mean_probs = jnp.mean(probs, axis=0)
-  of_mean = -jnp.sum(mean_probs * jnp.log(mean_probs + 1e-12))
-  return per_latent - of_mean
+  mean_probs = jnp.mean(jnp.exp(log_probs), axis=0)  # per-latent entropy - the mean distribution's:
+  return -jnp.mean(jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)) + jnp.sum(mean_probs * jnp.log(mean_probs + 1e-12))
 
 
 def lookup(ids_Bhw: jax.Array, codebook_KD: jax.Array, l2_codes: bool = False) -> jax.Array:
-  cb = codebook_KD.astype(jnp.float32)
-  return jnp.take(_l2(cb) if l2_codes else cb, ids_Bhw, axis=0)
+  return jnp.take((_l2 if l2_codes else lambda cb: cb)(codebook_KD.astype(jnp.float32)), ids_Bhw, axis=0)
 
 
 def codebook_stats(ids: jax.Array, codes: int) -> dict:

@@ -125,6 +125,8 @@ def test_wrong_architecture_is_one_line():
     vqgan_torch.from_diffusers(state, fewer)
   with pytest.raises(vqgan_torch.WeightsError, match="no 'avgpool' downsampling"):
     vqgan_torch.diffusers_kwargs(dataclasses.replace(NARROW, downsample="avgpool"))
+  with pytest.raises(vqgan_torch.WeightsError, match="no norm='position'"):
+    vqgan_torch.diffusers_kwargs(dataclasses.replace(NARROW, norm="position"))
   with pytest.raises(vqgan_torch.WeightsError, match="muse layout covers the amused architecture only"):
     vqgan_torch.from_muse(state, dataclasses.replace(NARROW, attn_levels=(4,)))
 

@@ -169,8 +169,27 @@ def test_bad_architecture_is_one_line():
   from lvm_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
   with pytest.raises(ConfigError, match=r"attn_levels=\(3,\): levels are 0..2"):
     dataclasses.replace(TINY, attn_levels=(3,))
-  with pytest.raises(ConfigError, match="downsample='pool': expected conv|avgpool"):
+  with pytest.raises(ConfigError, match=r"downsample='pool' \(conv\|avgpool\)"):
     dataclasses.replace(TINY, downsample="pool")
+  with pytest.raises(ConfigError, match=r"norm='batch' \(group\|position\)"):
+    dataclasses.replace(TINY, norm="batch")
+
+
+def test_position_norm_keeps_a_code_to_its_receptive_field():
+  """norm="position" normalises each position's channels alone (groups=1: a LayerNorm over channels),
+  so a change in one corner leaves the latents beyond the encoder's receptive field as they were;
+  GroupNorm's image-wide statistics carry it to every token."""
+  small = dataclasses.replace(TINY, channel_mult=(1, 2), encoder_blocks=1, groups=1)  # receptive field 37 px
+  images = jax.random.uniform(jax.random.key(0), (2, 64, 64, 3))
+  cornered = images.at[:, :4, :4].set(1.0)
+  for norm, far_changes in (("position", False), ("group", True)):
+    model = vqgan.Model(dataclasses.replace(small, norm=norm), rngs=nnx.Rngs(0))
+    diff_hw = np.abs(np.asarray(model.latents(images) - model.latents(cornered))).max(axis=(0, 3))
+    assert diff_hw[0, 0] > 1e-3 and (diff_hw[24:, 24:].max() > 1e-4) == far_changes, norm
+  x = np.random.default_rng(0).standard_normal((2, 3, 5, 16)).astype(np.float32) * 3 + 1
+  norm = vqgan.GroupNorm(16, dataclasses.replace(small, norm="position"), nnx.Rngs(0))
+  want = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+  np.testing.assert_allclose(np.asarray(norm(jnp.asarray(x))), want, atol=1e-5)
 
 
 def test_group_norm_statistics_are_exact_at_batch_6():
