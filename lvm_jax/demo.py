@@ -6,7 +6,7 @@
 The tokenizer is the VQGAN of configs/vqgan_demo.py, trained by this project's train_vqgan on the
 demo's train frames, and the LVM is configs/lvm_demo.py:long and then :continued, trained by this
 project's trainer on a larger store of the same tasks; both ship in lvm_jax/assets/ (the commands
-that made them are in its README.md). --from_scratch trains both instead (W/vqgan ~23 minutes,
+that made them are in its README.md). --from_scratch trains both instead (W/vqgan ~20 minutes,
 W/lvm the 1000-step recipe of configs/lvm_demo.py, ~5 minutes on 2 cores). Each stage is the real
 entry point's function with the configs in configs/ (vqgan_demo.py, dataset_demo.py,
 lvm_demo.py), so every stage resumes: rerunning skips what is done. The summary compares the
