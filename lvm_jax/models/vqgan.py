@@ -53,8 +53,8 @@ class Config:
     levels = len(self.channel_mult)
     if not set(self.attn_levels) <= set(range(levels)):
       raise ConfigError(f"model.attn_levels={self.attn_levels}: levels are 0..{levels - 1}")
-    if self.downsample not in ("conv", "avgpool") or self.norm not in ("group", "position"):
-      raise ConfigError(f"model: downsample={self.downsample!r} (conv|avgpool), norm={self.norm!r} (group|position)")
+    for name, allowed in (("downsample", ("conv", "avgpool")), ("norm", ("group", "position"))):
+      check(getattr(self, name) in allowed, f"model.{name}={getattr(self, name)!r}: expected {'|'.join(allowed)}")
     if self.hidden % self.groups or self.z_channels < 1 or self.codes < 2:
       raise ConfigError(f"model: hidden={self.hidden} must be a multiple of groups={self.groups}, "
                         f"z_channels >= 1 (got {self.z_channels}), codes >= 2 (got {self.codes})")

@@ -169,9 +169,9 @@ def test_bad_architecture_is_one_line():
   from lvm_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
   with pytest.raises(ConfigError, match=r"attn_levels=\(3,\): levels are 0..2"):
     dataclasses.replace(TINY, attn_levels=(3,))
-  with pytest.raises(ConfigError, match=r"downsample='pool' \(conv\|avgpool\)"):
+  with pytest.raises(ConfigError, match=r"downsample='pool': expected conv\|avgpool$"):
     dataclasses.replace(TINY, downsample="pool")
-  with pytest.raises(ConfigError, match=r"norm='batch' \(group\|position\)"):
+  with pytest.raises(ConfigError, match=r"norm='batch': expected group\|position$"):
     dataclasses.replace(TINY, norm="batch")
 
 
