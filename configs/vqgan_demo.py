@@ -7,14 +7,14 @@ demo task's train frames (crops of pictures, digits, edge and palette maps, grey
 pictures) rather than on natural pictures alone: the LVM reads those frames, and a tokenizer that
 has never seen a palette map loses it. No GAN and no LPIPS: the demo scores answers by PSNR, MSE
 and mIoU, which a critic's texture trades away. `norm="position"` (groups=1: a LayerNorm over each
-position's channels) rather than GroupNorm over the image: a code then depends on the pixels
-near it, not on statistics of the whole image, so the kept part of a masked picture, a mirrored or a moved one keeps its
-codes for an LVM to copy (with GroupNorm's image-wide statistics a kept inpainting patch had the
-answer's code 56% of the time, now 79%; 97% away from the holes; a flip's codes are the mirrored
-query's 38% -> 62%). After 1200 steps of reconstruction the shift loss (models/vqgan.py
-shift_loss: weight 0.2, then 1.0 from step 1700) makes the codes follow a shift by whole tokens:
-the tokenizer report's shift consistency is 0.86 (0.76 with GroupNorm), at 20.8 dB PSNR.
-About 25 minutes on 2 CPU cores. `:test` shortens it.
+position's channels) rather than GroupNorm over the image: a code then depends on the pixels near
+it, not on statistics of the whole image, so the kept part of a masked picture, a mirrored or a
+moved one keeps its codes for an LVM to copy (with GroupNorm's image-wide statistics a kept
+inpainting patch had the answer's code 56% of the time, now 79%; 97% away from the holes; a
+flip's codes are the mirrored query's 38% -> 62%). After 1200 steps of reconstruction the shift
+loss (models/vqgan.py shift_loss: weight 0.2, then 1.0 from step 1700) makes the codes follow a
+shift by whole tokens: the tokenizer report's shift consistency is 0.86 (0.76 with GroupNorm), at
+20.8 dB PSNR. About 20 minutes on 2 CPU cores. `:test` shortens it.
 """
 
 from lvm_jax.config import vqgan_config

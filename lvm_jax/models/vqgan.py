@@ -133,11 +133,8 @@ class Resample(nnx.Module):
 
   def __init__(self, ch: int, down: bool, cfg: Config, rngs: nnx.Rngs):
     self.down = down
-    if down and cfg.downsample == "avgpool":
-      self.conv = None
-    else:
-      self.conv = _conv(ch, ch, 3, rngs, cfg.dtype, stride=2 if down else 1,
-                        padding="VALID" if down else "SAME")
+    self.conv = None if down and cfg.downsample == "avgpool" else _conv(
+        ch, ch, 3, rngs, cfg.dtype, stride=2 if down else 1, padding="VALID" if down else "SAME")
 
   def __call__(self, x_BHWC: jax.Array) -> jax.Array:
     if self.down and self.conv is None:
@@ -149,8 +146,7 @@ class Resample(nnx.Module):
 
 
 class Level(nnx.Module):
-  """One resolution: res blocks (each followed by self-attention if `attend`), then (except at
-  the end) a resampler."""
+  """One resolution: res blocks (each followed by self-attention if `attend`), then a resampler."""
 
   def __init__(self, cin: int, cout: int, blocks: int, resample: Optional[str], attend: bool, cfg: Config,
                rngs: nnx.Rngs):
@@ -322,12 +318,15 @@ def quantize(z_BhwD: jax.Array, codebook_KD: jax.Array, l2_codes: bool = False,
 
 def codebook_entropy_loss(logits_NK: jax.Array, temperature: float) -> jax.Array:
   log_probs = jax.nn.log_softmax(logits_NK / temperature, axis=-1)
-  mean_probs = jnp.mean(jnp.exp(log_probs), axis=0)  # per-latent entropy - the mean distribution's:
-  return -jnp.mean(jnp.sum(jnp.exp(log_probs) * log_probs, axis=-1)) + jnp.sum(mean_probs * jnp.log(mean_probs + 1e-12))
+  probs = jnp.exp(log_probs)
+  mean_probs = jnp.mean(probs, axis=0)
+  # Per-latent entropy (each latent should pick one code) minus the mean distribution's (use many).
+  return -jnp.mean(jnp.sum(probs * log_probs, axis=-1)) + jnp.sum(mean_probs * jnp.log(mean_probs + 1e-12))
 
 
 def lookup(ids_Bhw: jax.Array, codebook_KD: jax.Array, l2_codes: bool = False) -> jax.Array:
-  return jnp.take((_l2 if l2_codes else lambda cb: cb)(codebook_KD.astype(jnp.float32)), ids_Bhw, axis=0)
+  cb = codebook_KD.astype(jnp.float32)
+  return jnp.take(_l2(cb) if l2_codes else cb, ids_Bhw, axis=0)
 
 
 def codebook_stats(ids: jax.Array, codes: int) -> dict:
