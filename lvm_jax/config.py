@@ -68,9 +68,9 @@ def lvm_config(d_model: int, ffn: int, layers: int, heads: int) -> ml_collection
   c.data = dict(
       name="pipeline",  # lvm_jax.data.<name>
       mixture=dict(main=dict(path="", weight=1.0, dataset="", task="")),  # --config.data.mixture.main.path=
-      seed=0,
-      threads=16,  # tensorstore reads in flight per process (GCS latency)
+      seed=0, threads=16,  # threads: tensorstore reads in flight per process (GCS latency)
       bos=-1,  # a BOS id to start every sentence with; -1 = none, as the release
+      loss_from_image=0,  # first image of a sentence that is a target; 0 = all (the release), 1: README "Data"
       allow_new_tokenizer=False,  # resume a workdir on stores of another tokenizer (workdir.py)
   )
 

@@ -4,8 +4,8 @@
   -> prompting on held-out sentences (W/prompts/*.png) -> W/eval.json
 
 The tokenizer is the VQGAN of configs/vqgan_demo.py, trained by this project's train_vqgan on the
-demo's train frames, and the LVM is configs/lvm_demo.py:long and then :continued, trained by this
-project's trainer on a larger store of the same tasks; both ship in lvm_jax/assets/ (the commands
+demo's train frames, and the LVM is configs/lvm_demo.py:long, then :continued and :focused, trained
+by this project's trainer on a larger store of the same tasks; both ship in lvm_jax/assets/ (the commands
 that made them are in its README.md). --from_scratch trains both instead (W/vqgan ~20 minutes,
 W/lvm the 1000-step recipe of configs/lvm_demo.py, ~5 minutes on 2 cores). Each stage is the real
 entry point's function with the configs in configs/ (vqgan_demo.py, dataset_demo.py,
@@ -98,8 +98,9 @@ def summary(result: dict, workdir: str) -> None:
   beaten = [t for t, m in tasks.items() if evaluate.beats_baseline(m)]
   greedy = [t for t, m in tasks.items() if evaluate.beats_baseline(m, "greedy")]
   room = [t for t, m in tasks.items() if evaluate.beats_baseline(m, "tokenizer_ceiling")]
-  print(f"\nthe LVM beats the no-learning baseline on {len(beaten)} of {len(tasks)} tasks (its greedy answers on "
-        f"{len(greedy)}); the tokenizer's ceiling "
+  clearly = [t for t, m in tasks.items() if evaluate.clearly_beats(m)]
+  print(f"\nthe LVM beats the no-learning baseline on {len(beaten)} of {len(tasks)} tasks ({len(clearly)} by more than "
+        f"two standard errors; its greedy answers on {len(greedy)}); the tokenizer's ceiling "
         f"is above it on {len(room)}" + (f" (not beaten: {', '.join(sorted(set(tasks) - set(beaten)))})"
                                          if len(beaten) < len(tasks) else ""))
   print(f"held-out perplexity of the answer image: {np.median(ppl):.1f} (median over the {len(ppl)} tasks; "

@@ -181,15 +181,36 @@ def task_metrics(prompter: Any, tasks: tuple[str, ...], count: int, key: jax.Arr
     if task == "counting":  # does the classifier read the digit of the true next image in the generated one?
       clf = digit_classifier(gen.shape[1])
       classify = lambda x: clf.predict(x.reshape(len(x), -1) / 255.0)
-      out[task] = {"metric": "accuracy", "better": "higher", "model": float(np.mean(classify(gen) == classify(truth))),
-                   "greedy": float(np.mean(classify(greedy) == classify(truth))), "baseline": 0.1, "baseline_is": "chance",
-                   "tokenizer_ceiling": float(np.mean(classify(recon) == classify(truth)))}
+      right = lambda x: (classify(x) == classify(truth)).astype(np.float64)
+      model, chance = right(gen), np.full(len(gen), 0.1)
+      out[task] = {"metric": "accuracy", "better": "higher", "model": float(np.mean(model)),
+                   "greedy": float(np.mean(right(greedy))), "baseline": 0.1, "baseline_is": "chance",
+                   "tokenizer_ceiling": float(np.mean(right(recon))), **margin(model, chance, "higher")}
       continue
     name, score, base, base_is = _scoring(task, query)
-    mean = lambda xs: float(np.nanmean([score(a, t, q) for a, t, q in zip(xs, truth, query)]))
-    out[task] = {"metric": name, "better": "lower" if name == "mse" else "higher", "model": mean(gen),
-                 "greedy": mean(greedy), "baseline": mean(base), "baseline_is": base_is, "tokenizer_ceiling": mean(recon)}
+    per = lambda xs: np.array([score(a, t, q) for a, t, q in zip(xs, truth, query)], np.float64)
+    better, model, baseline = "lower" if name == "mse" else "higher", per(gen), per(base)
+    out[task] = {"metric": name, "better": better, "model": float(np.nanmean(model)),
+                 "greedy": float(np.nanmean(per(greedy))), "baseline": float(np.nanmean(baseline)),
+                 "baseline_is": base_is, "tokenizer_ceiling": float(np.nanmean(per(recon))),
+                 **margin(model, baseline, better)}
   return out
+
+
+def margin(model_N: np.ndarray, baseline_N: np.ndarray, better: str) -> dict:
+  """How far the model's per-sentence scores beat the baseline's on the same sentences (positive:
+  better), and the standard error of that mean paired difference: a win by less than about two
+  standard errors could be the draw of sentences and samples."""
+  d = (model_N - baseline_N) * (1.0 if better == "higher" else -1.0)
+  d = d[~np.isnan(d)]
+  se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+  return {"margin": float(np.mean(d)) if len(d) else float("nan"), "margin_se": se}
+
+
+def clearly_beats(m: dict) -> bool:
+  """Whether the model beats the baseline by more than two standard errors of the paired difference
+  (False for a report written before margins were)."""
+  return "margin" in m and m["margin"] > 2 * m["margin_se"]
 
 
 def lvm_report(p: Any, workdir: str, root: str, dataset: Optional[str], task: Optional[str], per_task: int,
@@ -309,13 +330,15 @@ def _task_table(report: dict) -> list[str]:
   s = report["task_settings"]
   lines = [f"demo tasks: {s['count']} {s['split']} sentences each; model = the consensus of {s['samples']} samples "
            f"(temperature {s['temperature']}), greedy = the argmax answer; ceiling = the VQGAN's reconstruction of "
-           "the answer",
-           f"{'task':14s} {'metric':8s} {'better':6s} {'model':>8s} {'greedy':>8s} {'baseline':>8s} {'ceiling':>8s}  "
-           "baseline is"]
+           "the answer; margin = how much better than the baseline the model is, +- the standard error of the "
+           "paired difference",
+           f"{'task':14s} {'metric':8s} {'better':6s} {'model':>8s} {'greedy':>8s} {'baseline':>8s} {'ceiling':>8s} "
+           f"{'margin':>16s}  baseline is"]
   for task, m in report["tasks"].items():
-    beats = beats_baseline(m)
+    beats = " (beaten" + (", clearly)" if clearly_beats(m) else ")") if beats_baseline(m) else ""
+    spread = f"{m['margin']:+.3f} +- {m['margin_se']:.3f}" if "margin" in m else "-"
     lines.append(f"{task:14s} {m['metric']:8s} {m['better']:6s} {m['model']:8.3f} {m['greedy']:8.3f} "
-                 f"{m['baseline']:8.3f} {m['tokenizer_ceiling']:8.3f}  {m['baseline_is']}{' (beaten)' if beats else ''}")
+                 f"{m['baseline']:8.3f} {m['tokenizer_ceiling']:8.3f} {spread:>16s}  {m['baseline_is']}{beats}")
   return lines
 
 

@@ -21,6 +21,7 @@ from tests.conftest import load_config
     ("lvm_tiny", "grad_accum", 3, r"global_batch=8 is not divisible by grad_accum=3"),
     ("lvm_tiny", "mesh.ici.pipeline", 2, r"mesh.ici.pipeline: unknown mesh axis"),
     ("lvm_tiny", "log_every", 0, r"log_every=0 must be >= 1"),
+    ("lvm_tiny", "data.loss_from_image", 8, r"data.loss_from_image=8: expected an image index from 0"),
     ("aim_tiny", "seq_len", 17, r"seq_len=17: must be the patches per image"),
     ("aim_tiny", "model.patch", 5, r"model.image_size=32 is not a multiple of model.patch=5"),
     ("vqgan_tiny", "image_size", 34, r"image_size=34 is not a multiple of the downsampling factor 4"),

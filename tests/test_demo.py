@@ -45,15 +45,15 @@ def test_the_shipped_tokenizer_is_the_demo_config_trained():
 
 
 def test_the_shipped_lvm_is_the_demo_recipe_trained():
-  """lvm_jax/assets/lvm_demo is configs/lvm_demo.py:continued's model (:long's, trained on) after
-  its last step, as a LlamaForCausalLM directory, and it has learnt: on held-out moving digits
+  """lvm_jax/assets/lvm_demo is configs/lvm_demo.py:focused's model (:long's, then :continued's,
+  trained on) after its last step, as a LlamaForCausalLM directory, and it has learnt: on held-out moving digits
   (samples it never saw) its answers beat copying the last frame (18.7 dB against 12.5 over 64
   sentences when shipped), which an untrained model's do not."""
   import jax  # pylint: disable=g-import-not-at-top
   from lvm_jax import config as config_lib, evaluate, prompt  # pylint: disable=g-import-not-at-top
   from lvm_jax.convert import hf_llama  # pylint: disable=g-import-not-at-top
   cfg, _ = hf_llama.load_pretrained(demo_data.LVM)
-  recipe = config_lib.load_file("lvm_demo:continued")
+  recipe = config_lib.load_file("lvm_demo:focused")
   assert (cfg.d_model, cfg.ffn, cfg.layers, cfg.heads, cfg.vocab_size) == (
       recipe.model.d_model, recipe.model.ffn, recipe.model.layers, recipe.model.heads, recipe.model.vocab_size)
   p = prompt.from_hf(demo_data.LVM, config_lib.load_file("dataset_demo").vqgan)

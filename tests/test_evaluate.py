@@ -129,6 +129,23 @@ def test_lvm_report_names_its_sources_settings_and_directions(tmp_path, monkeypa
   assert [ln.split()[-1] for ln in lines if ln.startswith("d/")] == ["2", "1"]  # sentences per group
   row = next(ln for ln in lines if ln.startswith("colorization")).split()
   assert row[1:5] == ["mse", "lower", f"{m['colorization']['model']:.3f}", f"{m['colorization']['greedy']:.3f}"]
+  for t in ("moving_digit", "colorization", "inpainting"):  # the margin is the means' difference, toward better
+    sign = 1 if m[t]["better"] == "higher" else -1
+    assert np.isclose(m[t]["margin"], sign * (m[t]["model"] - m[t]["baseline"])) and m[t]["margin_se"] >= 0
+  assert np.isclose(m["counting"]["margin"], m["counting"]["model"] - 0.1)
+
+
+def test_the_margin_is_the_paired_difference_and_its_standard_error():
+  """Per-sentence scores of the model and the baseline on the same sentences: the margin is their
+  mean difference (positive: the model is better, whichever direction the metric prefers), its
+  standard error that of the paired differences; unscored sentences (NaN) are left out."""
+  model, base = np.array([12.0, 14.0, np.nan, 11.0]), np.array([11.0, 11.0, np.nan, 11.0])
+  got = evaluate.margin(model, base, "higher")
+  assert np.isclose(got["margin"], 4 / 3) and np.isclose(got["margin_se"], np.std([1, 3, 0], ddof=1) / np.sqrt(3))
+  assert np.isclose(evaluate.margin(base, model, "lower")["margin"], 4 / 3)  # lower is better: same win
+  assert evaluate.clearly_beats(evaluate.margin(model + 5, base, "higher"))
+  assert not evaluate.clearly_beats(evaluate.margin(np.array([12.0, 10.0, 11.2]), np.array([11.0] * 3), "higher"))
+  assert not evaluate.clearly_beats({"model": 1.0, "baseline": 0.0})  # a report written before margins
 
 
 @pytest.mark.slow  # ~2 min: probes trained to convergence

@@ -29,7 +29,7 @@ SPLITS = ("train", "held_out")
 # command that made it is in lvm_jax/assets/README.md.
 TOKENIZER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
                          "vqgan_demo.safetensors")
-# The demo's LVM (configs/lvm_demo.py:long, then :continued, on dataset_demo.py:large), a
+# The demo's LVM (configs/lvm_demo.py:long, then :continued and :focused, on dataset_demo.py:large), a
 # LlamaForCausalLM directory (convert/hf_llama.py); the commands that made it are in
 # lvm_jax/assets/README.md.
 LVM = os.path.join(os.path.dirname(TOKENIZER), "lvm_demo")

@@ -108,11 +108,13 @@ def sentences(mixture: dict, seed: int, max_tokens: int, tokens_per_image: int) 
   return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
 
 
-def layout(tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray) -> dict[str, np.ndarray]:
-  """Packed tokens with their segment ids and positions -> a row (or rows) of FIELDS. Every
-  sentence token may be a target (the trainer drops those across a boundary), padding none."""
-  return dict(zip(FIELDS, (np.asarray(a, np.int32) for a in (tokens, segment_ids, positions, segment_ids > 0)),
-                  strict=True))
+def layout(tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray,
+           first_target: int = 0) -> dict[str, np.ndarray]:
+  """Packed tokens with their segment ids and positions -> a row (or rows) of FIELDS. A sentence's
+  tokens from position `first_target` on may be targets (the trainer drops those across a
+  boundary), padding none."""
+  targets = (segment_ids > 0) & (positions >= first_target)
+  return dict(zip(FIELDS, (np.asarray(a, np.int32) for a in (tokens, segment_ids, positions, targets)), strict=True))
 
 
 def pack_row(sentences: Iterable[np.ndarray], seq_len: int) -> dict[str, np.ndarray]:
@@ -132,9 +134,10 @@ def pack_row(sentences: Iterable[np.ndarray], seq_len: int) -> dict[str, np.ndar
 
 
 def pack(ds: grain.IterDataset, seq_len: int, rows: int, seed: int, bos: int = -1,
-         max_sentences: int = 0) -> grain.IterDataset:
+         max_sentences: int = 0, first_target: int = 0) -> grain.IterDataset:
   """Sentences -> batches of `rows` rows of FIELDS [rows, L], packed first-fit over the batch,
-  at most `max_sentences` in a row (0: no limit)."""
+  at most `max_sentences` in a row (0: no limit), targets from each sentence's position
+  `first_target` on (a BOS is position 0)."""
 
   def features(tokens: np.ndarray) -> dict:
     tokens = tokens.astype(np.int32)
@@ -146,8 +149,8 @@ def pack(ds: grain.IterDataset, seq_len: int, rows: int, seed: int, bos: int = -
       ds.map(features), length_struct={"tokens": seq_len}, num_packing_bins=rows, seed=seed,
       max_sequences_per_bin=max_sentences or None)
   # grain names a feature's segment ids and positions after it.
-  return packed.map(lambda row: layout(row["tokens"], row["tokens_segment_ids"], row["tokens_positions"])).batch(
-      rows, drop_remainder=True)
+  return packed.map(lambda row: layout(row["tokens"], row["tokens_segment_ids"], row["tokens_positions"],
+                                       first_target)).batch(rows, drop_remainder=True)
 
 
 def make_iterator(c: Any, rows: np.ndarray, threads: Optional[int] = None) -> Iterator[dict]:
@@ -157,4 +160,7 @@ def make_iterator(c: Any, rows: np.ndarray, threads: Optional[int] = None) -> It
   ds = sentences(dict(d.mixture), d.seed, max_tokens, c.tokens_per_image)
   threads = d.threads if threads is None else threads
   it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=max(2 * threads, 16)))
-  return iter(pack(it_ds, c.seq_len, len(rows), d.seed, d.bos, (c.get("model") or {}).get("max_sentences", 0)))
+  skip = d.get("loss_from_image", 0)  # images; a BOS comes before the first
+  first_target = skip * c.tokens_per_image + (1 if d.bos >= 0 else 0) if skip else 0
+  return iter(pack(it_ds, c.seq_len, len(rows), d.seed, d.bos, (c.get("model") or {}).get("max_sentences", 0),
+                   first_target))

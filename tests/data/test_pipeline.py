@@ -88,6 +88,23 @@ def test_bos_starts_every_sentence(tmp_path):
     assert seg[0] == 299 and len(seg) - 1 <= 15 and (len(seg) - 1) % 4 == 0 and np.all(seg[1:] != 299)
 
 
+def test_loss_from_image_leaves_each_sentences_first_image_out_of_the_targets(tmp_path):
+  """data.loss_from_image=1: the same rows, but no token of a packed sentence's first image (nor its
+  BOS) is a target; every later token is."""
+  numbered_store(str(tmp_path / "s"), 1, 30, images=(1, 3))
+  tpi = MANIFEST.tokens_per_image
+  for bos in (-1, 299):
+    c = config({"main": dict(path=str(tmp_path / "s"))}, seq_len=32, bos=bos)
+    every = next(pipeline.make_iterator(c, np.arange(4)))
+    c.data.loss_from_image = 1
+    batch = next(pipeline.make_iterator(c, np.arange(4)))
+    for k in ("tokens", "segment_ids", "positions"):
+      np.testing.assert_array_equal(batch[k], every[k])
+    first = tpi + (bos >= 0)
+    np.testing.assert_array_equal(batch["loss_mask"], (batch["segment_ids"] > 0) & (batch["positions"] >= first))
+    assert 0 < batch["loss_mask"].sum() < every["loss_mask"].sum()
+
+
 def test_every_epoch_is_a_fresh_permutation_of_all_sentences(tmp_path):
   numbered_store(str(tmp_path / "s"), 1, 12, images=(4, 4))  # one sentence per row
   it = pipeline.make_iterator(config({"main": dict(path=str(tmp_path / "s"))}), np.arange(3))
