@@ -4,17 +4,17 @@
   -> prompting on held-out sentences (W/prompts/*.png) -> W/eval.json
 
 The tokenizer is the VQGAN of configs/vqgan_demo.py, trained by this project's train_vqgan on the
-demo's train frames, and the LVM is configs/lvm_demo.py:long, then :continued and :focused, trained
-by this project's trainer on a larger store of the same tasks; both ship in lvm_jax/assets/ (the commands
-that made them are in its README.md). --from_scratch trains both instead (W/vqgan ~20 minutes,
-W/lvm the 1000-step recipe of configs/lvm_demo.py, ~5 minutes on 2 cores). Each stage is the real
-entry point's function with the configs in configs/ (vqgan_demo.py, dataset_demo.py,
-lvm_demo.py), so every stage resumes: rerunning skips what is done. The summary compares the
-LVM with what a model that learnt nothing would do (copy the last frame, copy the query, chance)
-and with the tokenizer's ceiling. The LVM's answer to a task is the consensus of 16 samples
-(evaluate.TASK_SAMPLING, prompt.consensus); its greedy answer is scored beside it. `--quick`
-shortens every stage and trains a tokenizer and an LVM of a few steps (for tests: the numbers
-are then meaningless).
+demo's train frames, and the LVM is configs/lvm_demo.py:long, then :continued and :focused,
+trained by this project's trainer on a larger store of the same tasks; both ship in
+lvm_jax/assets/ (the commands that made them are in its README.md). --from_scratch trains both
+instead (W/vqgan ~20 minutes, W/lvm the 1000-step recipe of configs/lvm_demo.py, ~5 minutes on 2
+cores). Each stage is the real entry point's function with the configs in configs/
+(vqgan_demo.py, dataset_demo.py, lvm_demo.py), so every stage resumes: rerunning skips what is
+done. The summary compares the LVM with what a model that learnt nothing would do (copy the last
+frame, copy the query, chance) and with the tokenizer's ceiling. The LVM's answer to a task is
+the consensus of 16 samples (evaluate.TASK_SAMPLING, prompt.consensus); its greedy answer is
+scored beside it. `--quick` shortens every stage and trains a tokenizer and an LVM of a few steps
+(for tests: the numbers are then meaningless).
 """
 
 import json

@@ -181,7 +181,8 @@ def task_metrics(prompter: Any, tasks: tuple[str, ...], count: int, key: jax.Arr
     if task == "counting":  # does the classifier read the digit of the true next image in the generated one?
       clf = digit_classifier(gen.shape[1])
       classify = lambda x: clf.predict(x.reshape(len(x), -1) / 255.0)
-      right = lambda x: (classify(x) == classify(truth)).astype(np.float64)
+      digits = classify(truth)
+      right = lambda x: (classify(x) == digits).astype(np.float64)
       model, chance = right(gen), np.full(len(gen), 0.1)
       out[task] = {"metric": "accuracy", "better": "higher", "model": float(np.mean(model)),
                    "greedy": float(np.mean(right(greedy))), "baseline": 0.1, "baseline_is": "chance",

@@ -397,7 +397,8 @@ def validate(c: Any) -> None:
     check(c.seq_len % c.tokens_per_image == 0,
           f"seq_len={c.seq_len} is not a multiple of tokens_per_image={c.tokens_per_image}")
   first = c.data.get("loss_from_image", 0)
-  check(isinstance(first, int) and 0 <= first < max(1, c.seq_len // max(1, c.tokens_per_image)),
+  if first != 0:
+    check(c.tokens_per_image > 0, f"data.loss_from_image={first!r} needs tokens_per_image > 0")
+  check(isinstance(first, int) and 0 <= first < (c.seq_len // c.tokens_per_image if first else 1),
         f"data.loss_from_image={first!r}: expected an image index from 0 (every token a target) to the images "
         "a row holds - 1")
-  check(first == 0 or c.tokens_per_image > 0, f"data.loss_from_image={first} needs tokens_per_image > 0")
