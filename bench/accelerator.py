@@ -13,8 +13,9 @@ JAX's, so the two never share GPU memory):
               dense bf16) vs Hugging Face LlamaForCausalLM eager and under torch.compile;
               a profile of our step split by kernel kind; the 300M step on packed rows.
   sampler     LVM-300M, prompt 768 + 256 new tokens, B 1 and 64: tokens/s and the share of the
-              bound set by reading the bf16 weights once per token, vs HF generate; B 1 with the
-              weight layouts it had before, and profiles of B 1 per token, now and before.
+              bound set by reading the bf16 weights once per token (and of the one set by reading
+              the weights and the cache), vs HF generate; B 1 with the weight layouts it had
+              before, and profiles of B 1 per token, now and before.
   VQGAN       amused f16-8192, 256x256, batch 8, fp32: encode and decode images/s vs diffusers,
               each at its default (TF32 convolutions) and at full fp32; ours with nnx's one-pass
               GroupNorm variance too.
@@ -103,7 +104,8 @@ def goals(rows: list[dict]) -> list[str]:
   goal("LVM-1B step vs HF eager", best("step:lvm_1b:"), val.get("hf:step:lvm_1b:eager"), 1.5, mfu=0.5)
   for B in (1, 64):
     s = val.get(f"sampler:{B}")
-    share = f", {s['share']:.0%} of the weight-read bound (>= 50% at B1)" if s and s.get("share") else ""
+    share = (f", {s['share']:.0%} of the weight-read bound (>= 50% at B1), {s.get('share_cache', 0):.0%} of "
+             "weights + cache") if s and s.get("share") else ""
     goal(f"sampler B{B} vs HF generate{share}", s, val.get(f"hf:sampler:{B}"), 1.0)
   for name in ("encode", "decode"):
     goal(f"VQGAN {name} vs diffusers, both at their defaults", val.get(f"vqgan:{name}"),

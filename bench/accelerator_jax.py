@@ -307,12 +307,15 @@ def sampler(rows: Rows, quick: bool, tag: str = "") -> None:
   variants = [("", fuse), (" ([in, out] weights, q/k/v and gate/up fused)", lambda p, dt, vector=False: fuse(p, dt)),
               (" ([in, out] weights, unfused)",
                lambda p, dt, vector=False: {k: w if "norm" in k else w.astype(dt) for k, w in p.items()})]
+  # Each decode step also reads the cache: k and v of every layer, the prompt and the tokens so far
+  # (on average half the new ones). At batch 64 that is 10x the weights' bytes.
+  cache_bytes = 2 * n * d * 2 * (prompt_len + new / 2)  # per sequence, bf16
   for B, (what, swap) in [(1, v) for v in variants] + [(64, variants[0])]:
     fn = _swap_sampler(swap, model, B, prompt_len, new)
     name = f"{'tiny' if quick else 'lvm_300m'} B{B} prompt {prompt_len} + {new} new{what}{tag}"
-    rows.guarded("sampler", name, lambda: sampler_row(
-        rows, name, fn, B * new, B * bandwidth * 1e9 / weight_bytes if bandwidth else None,
-        f"sampler:{B}{tag}" if not what else None))
+    bounds = [B * bandwidth * 1e9 / (weight_bytes + c) for c in (0, B * cache_bytes)] if bandwidth else None
+    rows.guarded("sampler", name, lambda: sampler_row(rows, name, fn, B * new, bounds,
+                                                      f"sampler:{B}{tag}" if not what else None))
     if B == 1 and what != variants[-1][0] and not tag:  # per token: where the time goes, now and before
       rows.guarded("sampler", "profile", lambda: profile_rows(rows, "sampler" + ("_before" if what else ""), fn,
                                                                per=new, unit="ms/token"))
@@ -330,10 +333,13 @@ def _swap_sampler(fuse, model, B: int, prompt_len: int, new: int):
   return fn
 
 
-def sampler_row(rows: Rows, name: str, fn, tokens: int, bound, key) -> None:
+def sampler_row(rows: Rows, name: str, fn, tokens: int, bounds, key) -> None:
+  """bounds: tokens/s if each step only read the weights, and if it read the weights and the cache."""
   rate = tokens / seconds(fn, reps=2, warmup=1)
-  rows.add("sampler", name, rate, "tok/s", key=key, share=rate / bound if bound else None,
-           note=f"{rate / bound:.1%} of the weight-read bound ({bound:.0f} tok/s)" if bound else "")
+  note = (f"{rate / bounds[0]:.1%} of the weight-read bound ({bounds[0]:.0f} tok/s), {rate / bounds[1]:.1%} of "
+          f"weights + cache ({bounds[1]:.0f})") if bounds else ""
+  rows.add("sampler", name, rate, "tok/s", key=key, share=rate / bounds[0] if bounds else None,
+           share_cache=rate / bounds[1] if bounds else None, note=note)
 
 
 def vqgan_rate(rows: Rows, quick: bool) -> None:

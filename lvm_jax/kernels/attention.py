@@ -83,16 +83,14 @@ def xla_attention(
   return (out_BLHK / jnp.maximum(denom_BLH1, 1e-30)).astype(q_BLHK.dtype)
 
 
-def cache_attention(q_BTHK: jax.Array, k_BHSK: jax.Array, v_BHKS: jax.Array, mask_B1TS: jax.Array) -> jax.Array:
-  """Attention of T new queries over a KV cache kept head-major, keys [B, H, S, K] and values
-  transposed, [B, H, K, S]: both products then reduce along contiguous memory (over K for the
-  scores, over S for the values). With values [S, K], one token's value product reduced down the
-  columns, which XLA:GPU ran at a fraction of the memory bandwidth."""
+def cache_attention(q_BTHK: jax.Array, k_BHSK: jax.Array, v_BHSK: jax.Array, mask_B1TS: jax.Array) -> jax.Array:
+  """Attention of T new queries over a KV cache kept head-major ([B, H, S, K]): the products
+  then batch over (B, H) with S and K contiguous, so no step transposes the whole cache."""
   scale = q_BTHK.shape[-1] ** -0.5
   logits_BHTS = jnp.einsum("bthk,bhsk->bhts", q_BTHK * scale, k_BHSK, preferred_element_type=jnp.float32)
   logits_BHTS = jnp.where(mask_B1TS, logits_BHTS, jnp.finfo(jnp.float32).min)
   probs_BHTS = jnp.where(mask_B1TS, jax.nn.softmax(logits_BHTS, axis=-1), 0.0)
-  out_BTHK = jnp.einsum("bhts,bhks->bthk", probs_BHTS.astype(v_BHKS.dtype), v_BHKS, preferred_element_type=jnp.float32)
+  out_BTHK = jnp.einsum("bhts,bhsk->bthk", probs_BHTS.astype(v_BHSK.dtype), v_BHSK, preferred_element_type=jnp.float32)
   return out_BTHK.astype(q_BTHK.dtype)
 
 

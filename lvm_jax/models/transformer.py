@@ -122,7 +122,7 @@ class Model(nnx.Module):
              layer_params: Optional[list] = None, head_VD: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
     """T new tokens at absolute positions, attending to themselves and to the KV cache.
 
-    cache (see `empty_cache`): per layer k [B, H, S, K] and v [B, H, K, S]; pos [B, S], the absolute position
+    cache (see `empty_cache`): per layer k, v [B, H, S, K]; pos [B, S], the absolute position
     each slot holds (-1: empty); next, the slot the next token goes to. Slots are written in
     turn, wrapping after S, so a full cache slides: a query sees the last S positions up to
     itself. RoPE makes attention depend on position differences only, so positions past the
@@ -146,15 +146,11 @@ class Model(nnx.Module):
     x_BTD, ks, vs = self._embed(tokens_BT), list(cache["k"]), list(cache["v"])
     for n, p in enumerate(layer_params or self.split_layers()):
 
-      def attend(q_BTHK, k_BTHK, v_BTHK, n=n):
-        k_BHTK = jnp.transpose(k_BTHK, (0, 2, 1, 3)).astype(ks[n].dtype)
-        v_BHKT = jnp.transpose(v_BTHK, (0, 2, 3, 1)).astype(vs[n].dtype)
-        ks[n] = sharding.constrain(jax.lax.dynamic_update_slice(ks[n], k_BHTK, (0, 0, start, 0)),
-                                   ("batch", "heads", None, "head_dim"))
-        vs[n] = sharding.constrain(jax.lax.dynamic_update_slice(vs[n], v_BHKT, (0, 0, 0, start)),
-                                   ("batch", "heads", "head_dim", None))
-        dt = q_BTHK.dtype
-        return attention_lib.cache_attention(q_BTHK, ks[n].astype(dt), vs[n].astype(dt), mask_B1TS), None
+      def attend(q, k, v, n=n):
+        ks[n], vs[n] = (sharding.constrain(
+            jax.lax.dynamic_update_slice(c, jnp.swapaxes(x, 1, 2).astype(c.dtype), (0, 0, start, 0)),
+            ("batch", "heads", None, "head_dim")) for c, x in ((ks[n], k), (vs[n], v)))
+        return attention_lib.cache_attention(q, ks[n].astype(q.dtype), vs[n].astype(q.dtype), mask_B1TS), None
 
       x_BTD, _ = decoder_layer(x_BTD, p, sin_BTK, cos_BTK, attend, cfg)
     new_cache = {"k": tuple(ks), "v": tuple(vs), "pos": pos_BS, "next": cache["next"] + T}
@@ -167,9 +163,8 @@ class Model(nnx.Module):
   def empty_cache(self, batch: int, length: int, dtype: Optional[str] = None) -> dict:
     """A KV cache of `length` slots for each layer (the context window when decoding)."""
     cfg = self.cfg
-    zeros = lambda *shape: jnp.zeros((batch, cfg.heads) + shape, jnp.dtype(dtype or cfg.dtype))
-    return {"k": tuple(zeros(length, cfg.head_dim) for _ in range(cfg.layers)),
-            "v": tuple(zeros(cfg.head_dim, length) for _ in range(cfg.layers)),
+    zeros = lambda: jnp.zeros((batch, cfg.heads, length, cfg.head_dim), jnp.dtype(dtype or cfg.dtype))
+    return {"k": tuple(zeros() for _ in range(cfg.layers)), "v": tuple(zeros() for _ in range(cfg.layers)),
             "pos": jnp.full((batch, length), -1, jnp.int32), "next": jnp.zeros((), jnp.int32)}
 
   def _embed(self, tokens_BL: jax.Array) -> jax.Array:
