@@ -308,7 +308,7 @@ def sampler(rows: Rows, quick: bool, tag: str = "") -> None:
               (" ([in, out] weights, unfused)",
                lambda p, dt, vector=False: {k: w if "norm" in k else w.astype(dt) for k, w in p.items()})]
   # Each decode step also reads the cache: k and v of every layer, the prompt and the tokens so far
-  # (on average half the new ones). At batch 64 that is 10x the weights' bytes.
+  # (on average half the new ones). For LVM-300M at batch 64 that is 9x the weights' bytes.
   cache_bytes = 2 * n * d * 2 * (prompt_len + new / 2)  # per sequence, bf16
   for B, (what, swap) in [(1, v) for v in variants] + [(64, variants[0])]:
     fn = _swap_sampler(swap, model, B, prompt_len, new)
