@@ -2,6 +2,8 @@
 model with banded attention, greedy decoding equals an argmax loop, the filters keep what
 they should, and generation is one compiled program."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,12 +154,34 @@ def test_bad_sampling_arguments_are_one_line():
     sample.generate(m, prompt, 2, jax.random.key(0), codes=5, top_p=0.0)
 
 
+def model_with_norm_scales(cfg: transformer.Config = CFG) -> transformer.Model:
+  """Norm scales away from their initial ones, so that folding them into weights shows."""
+  m = transformer.Model(cfg, rngs=nnx.Rngs(0))
+  for i, w in enumerate((m.layers.attn_norm, m.layers.mlp_norm, m.final_norm)):
+    w.set_value(w[...] * (1 + 0.3 * jax.random.normal(jax.random.key(i), w.shape)))
+  return m
+
+
+def vector_decode(m: transformer.Model, x_1L: jax.Array, prefill: int, dtype, vector: bool) -> jax.Array:
+  """Logits of tokens prefill.. of x, one token a step after a prefill, on decoding weights."""
+  pos = jnp.arange(x_1L.shape[1])[None]
+  layers = [transformer.fuse_for_decoding(p, jnp.dtype(dtype), vector=vector) for p in m.split_layers()]
+  head = m.lm_head[...].T.astype(dtype) if vector else None
+  _, cache = m.decode(x_1L[:, :prefill], pos[:, :prefill], m.empty_cache(1, x_1L.shape[1] + 4))
+  steps = []
+  for t in range(prefill, x_1L.shape[1]):
+    logits, cache = m.decode(x_1L[:, t:t + 1], pos[:, t:t + 1], cache, layers, head)
+    steps.append(logits)
+  return jnp.concatenate(steps, axis=1)
+
+
 def test_vector_decoding_weights_give_the_same_logits():
-  """One token on one GPU decodes on [out, in] weights (transformer._vector_layer): the same
-  logits as the plain layer, token after token; more than one token is refused."""
-  m, x = model(), tokens((1, 9))
+  """One token on one GPU decodes on [out, in] weights (transformer._vector_layer), with the
+  norms folded into the products and the residual adds inside them: the same logits as the
+  plain layer, token after token; more than one token is refused."""
+  m, x = model_with_norm_scales(), tokens((1, 9))
   vec = [transformer.fuse_for_decoding(p, jnp.float32, vector=True) for p in m.split_layers()]
-  assert "wqkv_FD" in vec[0] and not {"wq", "wo", "w_down"} & set(vec[0])
+  assert "wqkv_GD" in vec[0] and not {"wq", "wo", "w_down", "attn_norm"} & set(vec[0])
   pos = jnp.arange(9)[None]
   plain, c1 = m.decode(x[:, :6], pos[:, :6], m.empty_cache(1, 12))
   c2 = c1
@@ -169,3 +193,13 @@ def test_vector_decoding_weights_give_the_same_logits():
   assert float(jnp.max(jnp.abs(want))) > 0.1
   with pytest.raises(ValueError, match="one token of one sequence"):
     m.decode(x[:, :2], pos[:, :2], m.empty_cache(1, 12), vec)
+
+
+def test_vector_decoding_in_bf16_is_as_close_to_fp32_as_the_plain_layer():
+  """bf16 weights and activations: folding the norms into the products and summing residuals
+  inside them keeps the logits at least as close to the fp32 model's as the plain layer's."""
+  m, x = model_with_norm_scales(dataclasses.replace(CFG, dtype="bfloat16")), tokens((1, 14))
+  m32 = model_with_norm_scales()
+  want = np.asarray(vector_decode(m32, x, 8, jnp.float32, False))
+  err = {v: np.abs(np.asarray(vector_decode(m, x, 8, jnp.bfloat16, v)) - want).max() for v in (False, True)}
+  assert 0 < err[True] <= 1.25 * err[False], err

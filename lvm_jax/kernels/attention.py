@@ -83,11 +83,16 @@ def xla_attention(
   return (out_BLHK / jnp.maximum(denom_BLH1, 1e-30)).astype(q_BLHK.dtype)
 
 
-def cache_attention(q_BTHK: jax.Array, k_BHSK: jax.Array, v_BHSK: jax.Array, mask_B1TS: jax.Array) -> jax.Array:
+def cache_attention(q_BTHK: jax.Array, k_BHSK: jax.Array, v_BHSK: jax.Array, mask_B1TS: jax.Array,
+                    q_scale_BT: Optional[jax.Array] = None) -> jax.Array:
   """Attention of T new queries over a KV cache kept head-major ([B, H, S, K]): the products
-  then batch over (B, H) with S and K contiguous, so no step transposes the whole cache."""
+  then batch over (B, H) with S and K contiguous, so no step transposes the whole cache.
+  q_scale_BT: a factor per query, applied to its logits (the same as to q, but it can come from
+  a later kernel than q: see transformer._vector_layer)."""
   scale = q_BTHK.shape[-1] ** -0.5
   logits_BHTS = jnp.einsum("bthk,bhsk->bhts", q_BTHK * scale, k_BHSK, preferred_element_type=jnp.float32)
+  if q_scale_BT is not None:
+    logits_BHTS = logits_BHTS * q_scale_BT[:, None, :, None]
   logits_BHTS = jnp.where(mask_B1TS, logits_BHTS, jnp.finfo(jnp.float32).min)
   probs_BHTS = jnp.where(mask_B1TS, jax.nn.softmax(logits_BHTS, axis=-1), 0.0)
   out_BTHK = jnp.einsum("bhts,bhsk->bthk", probs_BHTS.astype(v_BHSK.dtype), v_BHSK, preferred_element_type=jnp.float32)

@@ -146,11 +146,12 @@ class Model(nnx.Module):
     x_BTD, ks, vs = self._embed(tokens_BT), list(cache["k"]), list(cache["v"])
     for n, p in enumerate(layer_params or self.split_layers()):
 
-      def attend(q, k, v, n=n):
+      def attend(q, k, v, q_scale_BT=None, n=n):
         ks[n], vs[n] = (sharding.constrain(
             jax.lax.dynamic_update_slice(c, jnp.swapaxes(x, 1, 2).astype(c.dtype), (0, 0, start, 0)),
             ("batch", "heads", None, "head_dim")) for c, x in ((ks[n], k), (vs[n], v)))
-        return attention_lib.cache_attention(q, ks[n].astype(q.dtype), vs[n].astype(q.dtype), mask_B1TS), None
+        return attention_lib.cache_attention(q, ks[n].astype(q.dtype), vs[n].astype(q.dtype), mask_B1TS,
+                                             q_scale_BT), None
 
       x_BTD, _ = decoder_layer(x_BTD, p, sin_BTK, cos_BTK, attend, cfg)
     new_cache = {"k": tuple(ks), "v": tuple(vs), "pos": pos_BS, "next": cache["next"] + T}
@@ -200,12 +201,13 @@ def decoder_layer(
   """One pre-norm block: x + attn(norm(x)), then x + swiglu(norm(x)).
 
   `attend(q, k, v)` (RoPE applied, [B, L, H, K]) returns the attention output and anything the
-  caller carries across steps (the KV cache when decoding, None in training).
+  caller carries across steps (the KV cache when decoding, None in training); the one-token
+  layer (_vector_layer) also passes a factor for each query's logits.
   Projections run on tokens flattened to T = B*L rows: plain 2D matmuls are what every backend's
   fastest path takes (XLA:CPU runs 3D einsums fused with elementwise ops ~2x slower), and the
   flattened rows keep the batch's sharding because B is the major dimension.
   """
-  if "wqkv_FD" in p:
+  if "wqkv_GD" in p:
     return _vector_layer(x_BLD, p, sin_BLK, cos_BLK, attend, cfg)
   B, L, D = x_BLD.shape
   H, K = cfg.heads, cfg.head_dim
@@ -235,24 +237,55 @@ def decoder_layer(
 
 
 def _vector_layer(x_11D, p, sin_11K, cos_11K, attend, cfg: Config) -> tuple[jax.Array, Any]:
-  """decoder_layer for one token (B = L = 1) on fuse_for_decoding(vector=True)'s [out, in] weights.
+  """decoder_layer for one token (B = L = 1) on fuse_for_decoding(vector=True)'s weights.
 
-  XLA:GPU turns a one-row product into a multiply and a reduction. Over [in, out] weights that
-  reduction runs down the columns, at about a third of the copy bandwidth on an H200; over
-  [out, in] weights it runs along contiguous rows: sampling at batch 1 was 1.5x faster.
+  XLA:GPU runs each one-row product as one reduction kernel, and at batch 1 a token pays more for
+  its kernels' fixed costs (~1-2 us each on an H200) than for its bytes, so this layer is built
+  to launch few. Products run on [out, in] weights (the reductions then run along contiguous
+  rows: 1.5x faster than down the columns of [in, out]). Each norm folds into the product after
+  it (_normed_rows), its 1/rms then scaling k and v before the cache, q's attention logits (RoPE
+  is linear) and gate/up before SwiGLU; each residual add happens inside its product
+  (_plus_rows). LVM-300M: 214 kernels a token where the plain layers took 297
+  (bench/sampler_launches.py).
   """
   if x_11D.shape[:2] != (1, 1):
     raise ValueError(f"vector decoding weights take one token of one sequence, not {x_11D.shape[:2]}")
-  D, H, K, F = x_11D.shape[-1], cfg.heads, cfg.head_dim, p["w_down_FD"].shape[1]
-  row = lambda h_1D, w_FD: jnp.einsum("td,fd->tf", h_1D, w_FD)
+  D, H, K, F = x_11D.shape[-1], cfg.heads, cfg.head_dim, p["w_down_DJ"].shape[1] - SPARE
   x_1D = x_11D.reshape(1, D)
-  qkv_1F = row(rms_norm(x_1D, p["attn_norm"], cfg.norm_eps), p["wqkv_FD"])
-  q_11HK, k_11HK, v_11HK = (qkv_1F[:, i * H * K:(i + 1) * H * K].reshape(1, 1, H, K) for i in range(3))
-  out_11HK, carry = attend(apply_rope(q_11HK, sin_11K, cos_11K), apply_rope(k_11HK, sin_11K, cos_11K), v_11HK)
-  x_1D = x_1D + row(out_11HK.reshape(1, H * K), p["wo_FD"])
-  gate_up_1F = row(rms_norm(x_1D, p["mlp_norm"], cfg.norm_eps), p["w_gate_up_FD"])
-  x_1D = x_1D + row(jax.nn.silu(gate_up_1F[:, :F]) * gate_up_1F[:, F:], p["w_down_FD"])
+  qkv_1F, inv_rms_11 = _normed_rows(x_1D, p["wqkv_GD"], cfg.norm_eps)
+  q_1F, k_1F, v_1F = (qkv_1F[:, i * H * K:(i + 1) * H * K] for i in range(3))
+  q_11HK, k_11HK, v_11HK = ((a * s).astype(x_1D.dtype).reshape(1, 1, H, K)
+                            for a, s in ((q_1F, 1.0), (k_1F, inv_rms_11), (v_1F, inv_rms_11)))
+  out_11HK, carry = attend(apply_rope(q_11HK, sin_11K, cos_11K), apply_rope(k_11HK, sin_11K, cos_11K), v_11HK,
+                           inv_rms_11)
+  x_1D = _plus_rows(x_1D, out_11HK.reshape(1, H * K), p["wo_DJ"])
+  gate_up_1F, inv_rms_11 = _normed_rows(x_1D, p["w_gate_up_GD"], cfg.norm_eps)
+  h_1F = jax.nn.silu(gate_up_1F[:, :F] * inv_rms_11) * (gate_up_1F[:, F:] * inv_rms_11)
+  x_1D = _plus_rows(x_1D, h_1F.astype(x_1D.dtype), p["w_down_DJ"])
   return x_1D.reshape(1, 1, D), carry
+
+
+SPARE = 8  # zero columns after the weights of a product that adds the residual (rows stay 16-byte aligned)
+
+
+def _plus_rows(x_1D: jax.Array, h_1I: jax.Array, w_DJ: jax.Array) -> jax.Array:
+  """x + h @ w[:, :I].T in one reduction kernel, summed in fp32: h gets a 1 in the first spare
+  column, whose weights are swapped for x inside the product."""
+  I, J = h_1I.shape[1], w_DJ.shape[1]
+  h_1J = jnp.concatenate([h_1I, jnp.ones((1, 1), h_1I.dtype), jnp.zeros((1, J - I - 1), h_1I.dtype)], axis=1)
+  w_DJ = jnp.where(jax.lax.broadcasted_iota(jnp.int32, w_DJ.shape, 1) == I, x_1D.reshape(-1, 1).astype(w_DJ.dtype),
+                   w_DJ)
+  return jnp.einsum("tj,dj->td", h_1J, w_DJ, preferred_element_type=jnp.float32).astype(x_1D.dtype)
+
+
+def _normed_rows(x_1D: jax.Array, w_GD: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+  """(x @ w[:-1].T, 1/rms(x)) in fp32, in one reduction kernel: rms_norm(x) @ W.T is
+  (x @ (W * scale).T) / rms(x), and the spare last row of w (fuse_for_decoding) is swapped for x
+  inside the product, so the norm's sum of squares comes out beside the rows."""
+  G, D = w_GD.shape
+  w_GD = jnp.where(jax.lax.broadcasted_iota(jnp.int32, w_GD.shape, 0) == G - 1, x_1D.astype(w_GD.dtype), w_GD)
+  out_1G = jnp.einsum("td,gd->tg", x_1D, w_GD, preferred_element_type=jnp.float32)
+  return out_1G[:, :-1], jax.lax.rsqrt(out_1G[:, -1:] / D + eps)
 
 
 def fuse_for_decoding(p: dict, dtype: Any, vector: bool = False) -> dict:
@@ -260,14 +293,18 @@ def fuse_for_decoding(p: dict, dtype: Any, vector: bool = False) -> dict:
   halves its bytes), with q/k/v and gate/up each one product (at batch 1 every product is a short
   kernel far below the memory bandwidth: fewer, larger ones decoded 1.2x faster on an H200).
   They stack on a new axis, not along the output one, so a tensor-sharded output axis keeps its
-  sharding. Norm scales stay as they are. vector=True: for one token on one device, each weight
-  transposed to [out, in], q/k/v and gate/up concatenated (_vector_layer)."""
+  sharding. Norm scales stay as they are. vector=True (one token on one device, _vector_layer):
+  each weight transposed to [out, in], q/k/v and gate/up concatenated, each norm's scale
+  multiplied into the product after it, which gets a spare last row (_normed_rows); wo and
+  w_down get SPARE zero columns (_plus_rows)."""
   D = p["wq"].shape[0]
   if vector:
-    t = lambda *names: jnp.concatenate([p[n].reshape(D, -1).T.astype(dtype) for n in names], axis=0)
-    return {"attn_norm": p["attn_norm"], "mlp_norm": p["mlp_norm"], "wqkv_FD": t("wq", "wk", "wv"),
-            "wo_FD": p["wo"].reshape(-1, D).T.astype(dtype), "w_gate_up_FD": t("w_gate", "w_up"),
-            "w_down_FD": p["w_down"].T.astype(dtype)}
+    def normed(norm, *names):
+      w_FD = jnp.concatenate([p[n].reshape(D, -1).T for n in names], axis=0) * p[norm].astype(jnp.float32)[None]
+      return jnp.concatenate([w_FD, jnp.zeros((1, D), w_FD.dtype)]).astype(dtype)
+    spare = lambda w_DI: jnp.concatenate([w_DI, jnp.zeros((D, SPARE), w_DI.dtype)], axis=1).astype(dtype)
+    return {"wqkv_GD": normed("attn_norm", "wq", "wk", "wv"), "wo_DJ": spare(p["wo"].reshape(-1, D).T),
+            "w_gate_up_GD": normed("mlp_norm", "w_gate", "w_up"), "w_down_DJ": spare(p["w_down"].T)}
   cast = lambda n: p[n].reshape(D, -1).astype(dtype)
   fused = {"wqkv": jnp.stack([cast(n) for n in ("wq", "wk", "wv")], axis=1),
            "w_gate_up": jnp.stack([cast("w_gate"), cast("w_up")], axis=1)}
