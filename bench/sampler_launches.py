@@ -28,6 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from accelerator_parts import SIZES  # noqa: E402
 from lvm_jax import sample  # noqa: E402
 from lvm_jax.models import transformer  # noqa: E402
 
@@ -46,7 +47,7 @@ platform_name: "CUDA"
 dnn_version_info { major: 9 minor: 10 }
 device_description_str: "NVIDIA H200 141GB HBM3e"
 """
-LVM_300M = dict(d_model=1024, ffn=2688, layers=22, heads=8)  # bench/accelerator_parts.SIZES
+LVM_300M = dict(zip(("d_model", "ffn", "layers", "heads"), SIZES["lvm_300m"]))
 
 
 def h200_device() -> jax.Device:

@@ -162,10 +162,13 @@ def model_with_norm_scales(cfg: transformer.Config = CFG) -> transformer.Model:
   return m
 
 
-def vector_decode(m: transformer.Model, x_1L: jax.Array, prefill: int, dtype, vector: bool) -> jax.Array:
-  """Logits of tokens prefill.. of x, one token a step after a prefill, on decoding weights."""
+def decode_steps(m: transformer.Model, x_1L: jax.Array, prefill: int, dtype, vector: bool) -> jax.Array:
+  """Logits of tokens prefill.. of x, one token a step after a prefill: on the plain layers, or
+  (vector) on fuse_for_decoding's one-token weights in `dtype` (transformer._vector_layer)."""
   pos = jnp.arange(x_1L.shape[1])[None]
-  layers = [transformer.fuse_for_decoding(p, jnp.dtype(dtype), vector=vector) for p in m.split_layers()]
+  layers = None
+  if vector:
+    layers = [transformer.fuse_for_decoding(p, jnp.dtype(dtype), vector=True) for p in m.split_layers()]
   head = m.lm_head[...].T.astype(dtype) if vector else None
   _, cache = m.decode(x_1L[:, :prefill], pos[:, :prefill], m.empty_cache(1, x_1L.shape[1] + 4))
   steps = []
@@ -182,17 +185,12 @@ def test_vector_decoding_weights_give_the_same_logits():
   m, x = model_with_norm_scales(), tokens((1, 9))
   vec = [transformer.fuse_for_decoding(p, jnp.float32, vector=True) for p in m.split_layers()]
   assert "wqkv_GD" in vec[0] and not {"wq", "wo", "w_down", "attn_norm"} & set(vec[0])
-  pos = jnp.arange(9)[None]
-  plain, c1 = m.decode(x[:, :6], pos[:, :6], m.empty_cache(1, 12))
-  c2 = c1
-  for t in range(6, 9):
-    want, c1 = m.decode(x[:, t:t + 1], pos[:, t:t + 1], c1)
-    got, c2 = m.decode(x[:, t:t + 1], pos[:, t:t + 1], c2, vec, m.lm_head[...].T)
-    assert got.dtype == want.dtype == jnp.float32 and got.shape == want.shape
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+  want, got = (decode_steps(m, x, 6, jnp.float32, v) for v in (False, True))
+  assert got.dtype == want.dtype == jnp.float32 and got.shape == want.shape == (1, 3, CFG.vocab_size)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
   assert float(jnp.max(jnp.abs(want))) > 0.1
   with pytest.raises(ValueError, match="one token of one sequence"):
-    m.decode(x[:, :2], pos[:, :2], m.empty_cache(1, 12), vec)
+    m.decode(x[:, :2], jnp.arange(2)[None], m.empty_cache(1, 12), vec)
 
 
 def test_vector_decoding_in_bf16_is_as_close_to_fp32_as_the_plain_layer():
@@ -200,6 +198,6 @@ def test_vector_decoding_in_bf16_is_as_close_to_fp32_as_the_plain_layer():
   inside them keeps the logits at least as close to the fp32 model's as the plain layer's."""
   m, x = model_with_norm_scales(dataclasses.replace(CFG, dtype="bfloat16")), tokens((1, 14))
   m32 = model_with_norm_scales()
-  want = np.asarray(vector_decode(m32, x, 8, jnp.float32, False))
-  err = {v: np.abs(np.asarray(vector_decode(m, x, 8, jnp.bfloat16, v)) - want).max() for v in (False, True)}
+  want = np.asarray(decode_steps(m32, x, 8, jnp.float32, False))
+  err = {v: np.abs(np.asarray(decode_steps(m, x, 8, jnp.bfloat16, v)) - want).max() for v in (False, True)}
   assert 0 < err[True] <= 1.25 * err[False], err
