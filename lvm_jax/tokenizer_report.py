@@ -45,7 +45,7 @@ from absl import flags, logging
 from flax import nnx
 
 from lvm_jax import cli, config as config_lib, metrics, pictures, progress
-from lvm_jax.models import vqgan
+from lvm_jax.models import quantizer, vqgan
 
 HELD_OUT = "held_out"  # --source default: the held-out images VQGAN training evaluates on
 SSIM_SIGMA, SSIM_RADIUS, SSIM_K1, SSIM_K2 = 1.5, 5, 0.01, 0.03  # Wang et al.'s constants: an 11x11 window
@@ -92,7 +92,7 @@ def ssim(original_NHWC: jax.Array, recon_NHWC: jax.Array) -> jax.Array:
 def summary(per_image: dict[str, np.ndarray], ids: np.ndarray, codes: int) -> dict:
   """{name: {"value", "better", ...}}: the per-image scores' means and the codebook's usage and
   perplexity over all `ids`."""
-  stats = {k: float(v) for k, v in vqgan.codebook_stats(jnp.asarray(ids), codes).items()}
+  stats = {k: float(v) for k, v in quantizer.codebook_stats(jnp.asarray(ids), codes).items()}
   out = {"psnr": {"value": float(np.mean(per_image["psnr"])), "better": "higher", "unit": "dB"},
          "ssim": {"value": float(np.mean(per_image["ssim"])), "better": "higher"}}
   if "lpips" in per_image:

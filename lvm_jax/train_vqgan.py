@@ -27,7 +27,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lvm_jax import cli, evaluate, loop, metrics, pictures
-from lvm_jax.models import discriminator, lpips, vqgan
+from lvm_jax.models import discriminator, lpips, quantizer, vqgan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,7 +84,7 @@ def train_step(state: dict, batch: dict, *, c: Any, b: Built, perceptual: Any) -
   finite = (jnp.isfinite(g_total) & jnp.isfinite(d_value) & jnp.isfinite(optax.tree.norm(g_grads))
             & jnp.isfinite(optax.tree.norm(d_grads)) & jnp.isfinite(optax.tree.norm(g)))
   new, count = loop.guard(state, new, finite)
-  stats = vqgan.codebook_stats(aux.pop("ids"), c.model.codes)
+  stats = quantizer.codebook_stats(aux.pop("ids"), c.model.codes)
   psnr = -10.0 * jnp.log10(jnp.mean(jnp.square(jnp.clip(recon, 0, 1) - images)))
   return new, {"loss": g_total, "d_loss": d_value, "train_psnr": psnr, **aux, **stats, **count}
 

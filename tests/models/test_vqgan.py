@@ -1,4 +1,4 @@
-"""VQGAN contracts: shapes and ranges, the fp32 quantizer, straight-through and VQ-loss gradients."""
+"""VQGAN contracts: shapes and ranges, the layers against their plain forms, the losses in the model."""
 
 import dataclasses
 
@@ -8,7 +8,7 @@ import numpy as np
 from flax import nnx
 
 from lvm_jax import models
-from lvm_jax.models import vqgan
+from lvm_jax.models import quantizer, vqgan
 from tests.conftest import load_config
 
 TINY = vqgan.Config(**load_config("vqgan_tiny").model)
@@ -27,49 +27,6 @@ def test_tiny_config_round_trips_shapes_and_range():
   assert recon.shape == images.shape and aux["ids"].shape == (2, 8, 8)
   # Same codes as decode(ids); z + sg(q - z) differs from q by float rounding only.
   np.testing.assert_allclose(np.clip(np.asarray(recon), 0, 1), np.asarray(model.decode(aux["ids"])), atol=1e-4)
-
-
-def test_quantizer_picks_the_nearest_code_in_fp32():
-  rng = np.random.default_rng(0)
-  codebook = rng.normal(size=(300, 8)).astype(np.float32)
-  z = rng.normal(size=(2, 3, 5, 8)).astype(np.float32)
-  expected = np.argmin(((z[..., None, :] - codebook) ** 2).sum(-1), axis=-1)
-  ids, q, _ = vqgan.quantize(jnp.asarray(z), jnp.asarray(codebook))
-  np.testing.assert_array_equal(np.asarray(ids), expected)
-  # bf16 latents (a bf16 backbone) are compared in fp32 against the fp32 codebook.
-  z_bf16 = jnp.asarray(z).astype(jnp.bfloat16)
-  z_up = np.asarray(z_bf16.astype(jnp.float32))
-  ids_bf16, _, _ = vqgan.quantize(z_bf16, jnp.asarray(codebook))
-  np.testing.assert_array_equal(np.asarray(ids_bf16),
-                                np.argmin(((z_up[..., None, :] - codebook) ** 2).sum(-1), axis=-1))
-  np.testing.assert_allclose(np.asarray(q), codebook[expected], atol=1e-6)  # forward value = the code
-
-
-def test_l2_codes_pick_the_most_cosine_similar_code():
-  rng = np.random.default_rng(1)
-  codebook = rng.normal(size=(64, 8)).astype(np.float32) * rng.random((64, 1)).astype(np.float32) * 5
-  z = rng.normal(size=(1, 4, 4, 8)).astype(np.float32)
-  cos = (z / np.linalg.norm(z, axis=-1, keepdims=True)) @ (codebook / np.linalg.norm(codebook, axis=-1, keepdims=True)).T
-  ids, _, _ = vqgan.quantize(jnp.asarray(z), jnp.asarray(codebook), l2_codes=True)
-  np.testing.assert_array_equal(np.asarray(ids), cos.argmax(-1))
-
-
-def test_straight_through_and_loss_gradients_go_where_they_should():
-  rng = np.random.default_rng(2)
-  z = jnp.asarray(rng.normal(size=(1, 2, 2, 4)), jnp.float32)
-  cb = jnp.asarray(rng.normal(size=(16, 4)), jnp.float32)
-  # Straight-through: the quantized output passes the gradient to z unchanged.
-  g = jax.grad(lambda z: jnp.sum(vqgan.quantize(z, cb)[1] * 3.0))(z)
-  np.testing.assert_allclose(np.asarray(g), 3.0)
-  # Commitment (beta) moves only the encoder output; the codebook loss moves only the codes.
-  commit = lambda z, cb: vqgan.quantize(z, cb, beta=0.25)[2]["commitment_loss"]
-  book = lambda z, cb: vqgan.quantize(z, cb, beta=0.25)[2]["codebook_loss"]
-  gz, gcb = jax.grad(commit, argnums=(0, 1))(z, cb)
-  q = cb[vqgan.quantize(z, cb)[0]]
-  np.testing.assert_allclose(np.asarray(gz), 0.25 * 2 * (z - q) / z.size, rtol=1e-5)
-  assert not np.any(np.asarray(gcb))
-  gz, gcb = jax.grad(book, argnums=(0, 1))(z, cb)
-  assert not np.any(np.asarray(gz)) and np.any(np.asarray(gcb))
 
 
 def test_shift_loss_compares_each_token_with_where_its_content_went():
@@ -91,12 +48,6 @@ def test_shift_loss_compares_each_token_with_where_its_content_went():
       given = vqgan.shift_loss(model, x, jnp.array([dy, dx]), model(x)[1]["latents"])
       np.testing.assert_allclose(given, got, rtol=1e-6)
     assert float(vqgan.shift_loss(model, x, jnp.array([0, 0]))) == 0.0
-
-
-def test_codebook_stats():
-  stats = vqgan.codebook_stats(jnp.array([0, 0, 1, 1, 2, 2, 3, 3]), codes=8)
-  np.testing.assert_allclose(float(stats["codebook_usage"]), 0.5)
-  np.testing.assert_allclose(float(stats["codebook_perplexity"]), 4.0, rtol=1e-6)
 
 
 def test_tokenizer_is_sharded_padded_and_compiled_once():
@@ -129,7 +80,7 @@ def test_entropy_loss_rewards_confident_latents_spread_over_codes():
   confident_spread = jnp.eye(8) * 50.0  # each latent sure of its own code
   confident_collapsed = jnp.zeros((8, 8)).at[:, 0].set(50.0)  # all sure of code 0
   unsure = jnp.zeros((8, 8))  # every latent spread over all codes
-  loss = lambda logits: float(vqgan.codebook_entropy_loss(logits, temperature=1.0))
+  loss = lambda logits: float(quantizer.codebook_entropy_loss(logits, temperature=1.0))
   np.testing.assert_allclose(loss(confident_spread), -np.log(8), atol=1e-4)  # the minimum
   np.testing.assert_allclose(loss(unsure), 0.0, atol=1e-6)
   np.testing.assert_allclose(loss(confident_collapsed), 0.0, atol=1e-4)
@@ -142,7 +93,7 @@ def test_entropy_loss_rewards_confident_latents_spread_over_codes():
   z = unit(np.asarray(model.latents(x), np.float64).reshape(-1, cfg.z_channels))
   cb = unit(np.asarray(model.codebook[...], np.float64))
   dist = (z**2).sum(-1, keepdims=True) + (cb**2).sum(-1)[None] - 2 * z @ cb.T
-  want = 0.1 * float(vqgan.codebook_entropy_loss(jnp.asarray(-dist, jnp.float32), 0.5))
+  want = 0.1 * float(quantizer.codebook_entropy_loss(jnp.asarray(-dist, jnp.float32), 0.5))
   np.testing.assert_allclose(float(aux["entropy_loss"]), want, rtol=1e-4, atol=1e-6)
 
 
@@ -162,6 +113,25 @@ def test_avgpool_downsampling_is_a_parameter_free_mean():
   x = jax.random.normal(jax.random.key(1), (1, 4, 6, 2))
   np.testing.assert_allclose(np.asarray(sampler(x)), np.asarray(x).reshape(1, 2, 2, 3, 2, 2).mean((2, 4)), rtol=1e-6)
   assert model.encode(jnp.zeros((1, 32, 32, 3))).shape == (1, 8, 8)
+
+
+def test_upsampling_is_the_conv_of_the_nearest_x2_image():
+  """The upsampler's one 2x2 conv over four output phases (merged kernel taps) computes the 3x3
+  conv of the repeated image: values, and gradients for the kernel, bias and input; odd sizes."""
+  sampler = vqgan.Resample(6, False, TINY, nnx.Rngs(3))
+  plain = lambda s, x: nnx.merge(*s).conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+  ours = lambda s, x: nnx.merge(*s)(x)
+  x = jax.random.normal(jax.random.key(1), (2, 5, 3, 6))
+  split = nnx.split(sampler)
+  with jax.default_matmul_precision("highest"):
+    got, want = ours(split, x), plain(split, x)
+    assert got.shape == (2, 10, 6, 6)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    weights = jax.random.normal(jax.random.key(2), want.shape)  # a loss that weighs every output differently
+    grads = [jax.grad(lambda state, x: jnp.sum(f((split[0], state), x) * weights), argnums=(0, 1))(split[1], x)
+             for f in (ours, plain)]
+  for g, h in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=1e-5, atol=1e-4)
 
 
 def test_bad_architecture_is_one_line():
