@@ -107,8 +107,8 @@ class GroupNorm(nnx.GroupNorm):
 
 
 def _image_moments(x_BHWGc: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Each image's group mean and variance [B, 1, 1, G, 1] in one read of x (a norm's pass over
-  its input fewer than mean-then-deviations; XLA:GPU reads x once for both sums).
+  """Each image's group mean and variance [B, 1, 1, G, 1] from one pass over x, where the mean
+  and then the squared deviations from it take two (on a GPU, one reduction kernel for both sums).
 
   The shift s is the group's mean over a grid of about 8x8 positions (a read too small to count),
   so |E[x] - s| is a small share of the spread and E[(x-s)^2] - E[x-s]^2 cancels nothing of note
@@ -117,7 +117,7 @@ def _image_moments(x_BHWGc: jax.Array) -> tuple[jax.Array, jax.Array]:
   H, W = x_BHWGc.shape[1:3]
   shift_B11G1 = jnp.mean(x_BHWGc[:, ::max(H // 8, 1), ::max(W // 8, 1)], axis=(1, 2, 4), keepdims=True)
   d_BHWGc = x_BHWGc - shift_B11G1
-  # A mean of row means: a sum of row sums would be merged by XLA into one long fp32 run (10x the error).
+  # A mean of row means: XLA merges a sum of row sums into one long fp32 run (10x the error).
   mean_of = lambda v: jnp.mean(jnp.mean(v, axis=(2, 4), keepdims=True), axis=1, keepdims=True)
   dmean_B11G1, dsquare_B11G1 = mean_of(d_BHWGc), mean_of(jnp.square(d_BHWGc))
   return shift_B11G1 + dmean_B11G1, jnp.maximum(dsquare_B11G1 - jnp.square(dmean_B11G1), 0.0)
@@ -322,7 +322,7 @@ class Model(nnx.Module):
     quantizer's losses, ids and input latents. Reconstruction = self.decoder.conv_out(features)."""
     z = self.latents(images_BHWC)
     ids, zq, aux = quantizer.quantize(z, self.codebook[...], self.cfg.l2_codes, self.cfg.beta,
-                            self.cfg.entropy_temperature if self.cfg.entropy_weight else 0.0)
+                                      self.cfg.entropy_temperature if self.cfg.entropy_weight else 0.0)
     if self.cfg.entropy_weight:
       aux["entropy_loss"] = self.cfg.entropy_weight * aux["entropy_loss"]
     x = self.post_quant_conv(zq.astype(jnp.dtype(self.cfg.dtype)))
