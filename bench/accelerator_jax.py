@@ -355,18 +355,36 @@ def vqgan_rate(rows: Rows, quick: bool) -> None:
     t = seconds(fn, arg, reps=5)
     rows.add("vqgan", f"amused f16-8192 {name} {size}px B{B} fp32", B / t, "img/s", key=f"vqgan:{name}")
   # What the fp32 rate depends on: convolutions at full fp32 (torch's are TF32 unless told not),
-  # and the exact two-pass GroupNorm against nnx's one-pass fast variance.
-  exact = vqgan.GroupNorm.__call__
-  for what, precision, fast in (("precision highest", "highest", False), ("fast-variance GroupNorm", None, True)):
-    if fast:
-      vqgan.GroupNorm.__call__ = one_pass_group_norm
+  # nnx's one-pass fast variance, and this project's layers as they were before 2026-11-28 (the
+  # mean-then-deviations GroupNorm, the upsamplers as a conv of the x2 image), each measured here.
+  exact, upsample = vqgan.GroupNorm.__call__, vqgan._upsample_conv
+  for what, precision, norm, up in (("precision highest", "highest", exact, upsample),
+                                    ("fast-variance GroupNorm", None, one_pass_group_norm, upsample),
+                                    ("two-pass GroupNorm, x2-image upsampler", None, two_pass_group_norm, x2_upsample)):
+    vqgan.GroupNorm.__call__, vqgan._upsample_conv = norm, up
     with jax.default_matmul_precision(precision or "default"):
       jax.clear_caches()
       t = vqgan.Tokenizer(model, size, B, mesh)
       for name, fn, arg in (("encode", t.encode, images), ("decode", t.decode, ids)):
         rows.add("vqgan", f"amused f16-8192 {name} {size}px B{B} fp32, {what}", B / seconds(fn, arg, reps=5), "img/s",
                  **({"key": f"vqgan:{name}:full_fp32"} if precision else {}))
-    vqgan.GroupNorm.__call__ = exact
+    vqgan.GroupNorm.__call__, vqgan._upsample_conv = exact, upsample
+  jax.clear_caches()
+
+
+def two_pass_group_norm(self, x_BHWC: jax.Array) -> jax.Array:
+  """The GroupNorm before 2026-11-28: the mean, then the mean squared deviation (timing only)."""
+  B, H, W, C = x_BHWC.shape
+  x_BHWGc = x_BHWC.astype(jnp.float32).reshape(B, H, W, self.num_groups, C // self.num_groups)
+  mean_of = lambda v: jnp.mean(jnp.mean(v, axis=(2, 4), keepdims=True), axis=1, keepdims=True)
+  centred_BHWGc = x_BHWGc - mean_of(x_BHWGc)
+  y_BHWC = (centred_BHWGc * jax.lax.rsqrt(mean_of(jnp.square(centred_BHWGc)) + self.epsilon)).reshape(B, H, W, C)
+  return y_BHWC * self.scale[...].reshape(1, 1, 1, C) + self.bias[...].reshape(1, 1, 1, C)
+
+
+def x2_upsample(conv, x_BhwC: jax.Array) -> jax.Array:
+  """The upsampler before 2026-11-28: the 3x3 conv of the nearest x2 image (timing only)."""
+  return conv(jnp.repeat(jnp.repeat(x_BhwC, 2, axis=1), 2, axis=2))
 
 
 def one_pass_group_norm(self, x_BHWC: jax.Array) -> jax.Array:
