@@ -117,7 +117,9 @@ def _image_moments(x_BHWGc: jax.Array) -> tuple[jax.Array, jax.Array]:
   B, H, W, G, c = x_BHWGc.shape
   # The grid is sliced from x as [B, H, W, C]: a slice of the 5-d view costs a TPU a relayout of x.
   grid_BhwC = x_BHWGc.reshape(B, H, W, G * c)[:, ::max(H // 8, 1), ::max(W // 8, 1)]
-  shift_B11G1 = jnp.mean(grid_BhwC.reshape(B, *grid_BhwC.shape[1:3], G, c), axis=(1, 2, 4), keepdims=True)
+  # The moments do not depend on s (its derivatives cancel): no gradient, so no scatter into x's.
+  shift_B11G1 = jax.lax.stop_gradient(jnp.mean(grid_BhwC.reshape(B, *grid_BhwC.shape[1:3], G, c), axis=(1, 2, 4),
+                                               keepdims=True))
   d_BHWGc = x_BHWGc - shift_B11G1
   # A mean of row means: XLA merges a sum of row sums into one long fp32 run (10x the error).
   mean_of = lambda v: jnp.mean(jnp.mean(v, axis=(2, 4), keepdims=True), axis=1, keepdims=True)

@@ -205,3 +205,19 @@ def test_group_norm_statistics_are_exact_at_batch_6():
   fast = nnx.GroupNorm(32, num_groups=8, epsilon=1e-6, use_fast_variance=True, rngs=nnx.Rngs(0))
   if jax.default_backend() == "cpu":  # where the suite runs; other backends sum in trees
     assert error(fast, shifted) > 3e-5
+
+
+def test_group_norm_gradient_matches_the_two_pass_form():
+  """The shift of the one-read statistics carries no gradient (the moments do not depend on it):
+  the input gradient is the mean-then-deviations GroupNorm's."""
+  norm = vqgan.GroupNorm(32, dataclasses.replace(TINY, groups=8), nnx.Rngs(0))
+  x = 3.0 + jax.random.normal(jax.random.key(0), (2, 16, 12, 32))
+  weights = jax.random.normal(jax.random.key(1), x.shape)
+
+  def two_pass(x_BHWC: jax.Array) -> jax.Array:
+    x_BHWGc = x_BHWC.reshape(2, 16, 12, 8, 4)
+    centred = x_BHWGc - x_BHWGc.mean(axis=(1, 2, 4), keepdims=True)
+    return (centred * jax.lax.rsqrt(jnp.square(centred).mean(axis=(1, 2, 4), keepdims=True) + 1e-6)).reshape(x.shape)
+
+  got, want = (jax.grad(lambda x: jnp.sum(f(x) * weights))(x) for f in (norm, two_pass))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
