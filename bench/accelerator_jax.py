@@ -357,41 +357,34 @@ def vqgan_rate(rows: Rows, quick: bool) -> None:
   # What the fp32 rate depends on: convolutions at full fp32 (torch's are TF32 unless told not),
   # nnx's one-pass fast variance, and this project's layers as they were before 2026-11-28 (the
   # mean-then-deviations GroupNorm, the upsamplers as a conv of the x2 image), each measured here.
-  exact, upsample = vqgan.GroupNorm.__call__, vqgan._upsample_conv
-  for what, precision, norm, up in (("precision highest", "highest", exact, upsample),
-                                    ("fast-variance GroupNorm", None, one_pass_group_norm, upsample),
-                                    ("two-pass GroupNorm, x2-image upsampler", None, two_pass_group_norm, x2_upsample)):
-    vqgan.GroupNorm.__call__, vqgan._upsample_conv = norm, up
+  ours, upsample = vqgan._image_moments, vqgan._upsample_conv
+  for what, precision, moments, up in (("precision highest", "highest", ours, upsample),
+                                       ("fast-variance GroupNorm", None, one_pass_moments, upsample),
+                                       ("two-pass GroupNorm, x2-image upsampler", None, two_pass_moments, x2_upsample)):
+    vqgan._image_moments, vqgan._upsample_conv = moments, up
     with jax.default_matmul_precision(precision or "default"):
       jax.clear_caches()
       t = vqgan.Tokenizer(model, size, B, mesh)
       for name, fn, arg in (("encode", t.encode, images), ("decode", t.decode, ids)):
         rows.add("vqgan", f"amused f16-8192 {name} {size}px B{B} fp32, {what}", B / seconds(fn, arg, reps=5), "img/s",
                  **({"key": f"vqgan:{name}:full_fp32"} if precision else {}))
-    vqgan.GroupNorm.__call__, vqgan._upsample_conv = exact, upsample
+    vqgan._image_moments, vqgan._upsample_conv = ours, upsample
   jax.clear_caches()
 
 
-def two_pass_group_norm(self, x_BHWC: jax.Array) -> jax.Array:
-  """The GroupNorm before 2026-11-28: the mean, then the mean squared deviation (timing only)."""
-  B, H, W, C = x_BHWC.shape
-  x_BHWGc = x_BHWC.astype(jnp.float32).reshape(B, H, W, self.num_groups, C // self.num_groups)
+def two_pass_moments(x_BHWGc: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """GroupNorm's statistics before 2026-11-28: the mean, then the mean squared deviation (timing only)."""
   mean_of = lambda v: jnp.mean(jnp.mean(v, axis=(2, 4), keepdims=True), axis=1, keepdims=True)
-  centred_BHWGc = x_BHWGc - mean_of(x_BHWGc)
-  y_BHWC = (centred_BHWGc * jax.lax.rsqrt(mean_of(jnp.square(centred_BHWGc)) + self.epsilon)).reshape(B, H, W, C)
-  return y_BHWC * self.scale[...].reshape(1, 1, 1, C) + self.bias[...].reshape(1, 1, 1, C)
+  mean = mean_of(x_BHWGc)
+  return mean, mean_of(jnp.square(x_BHWGc - mean))
+
+
+def one_pass_moments(x_BHWGc: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """nnx's fast variance, E[x^2] - E[x]^2 in one pass (timing only)."""
+  mean = jnp.mean(x_BHWGc, axis=(1, 2, 4), keepdims=True)
+  return mean, jnp.mean(jnp.square(x_BHWGc), axis=(1, 2, 4), keepdims=True) - jnp.square(mean)
 
 
 def x2_upsample(conv, x_BhwC: jax.Array) -> jax.Array:
   """The upsampler before 2026-11-28: the 3x3 conv of the nearest x2 image (timing only)."""
   return conv(jnp.repeat(jnp.repeat(x_BhwC, 2, axis=1), 2, axis=2))
-
-
-def one_pass_group_norm(self, x_BHWC: jax.Array) -> jax.Array:
-  """GroupNorm with nnx's fast variance, E[x^2] - E[x]^2 in one pass (timing only)."""
-  B, H, W, C = x_BHWC.shape
-  x_BHWGc = x_BHWC.astype(jnp.float32).reshape(B, H, W, self.num_groups, C // self.num_groups)
-  mean = jnp.mean(x_BHWGc, axis=(1, 2, 4), keepdims=True)
-  var = jnp.mean(jnp.square(x_BHWGc), axis=(1, 2, 4), keepdims=True) - jnp.square(mean)
-  y_BHWC = ((x_BHWGc - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(B, H, W, C)
-  return y_BHWC * self.scale[...].reshape(1, 1, 1, C) + self.bias[...].reshape(1, 1, 1, C)
