@@ -55,13 +55,14 @@ def _generate(graphdef, params, prompt_BL, key, *, new_tokens, codes, temperatur
   P, L = prompt_BL.shape
   B = P * candidates
   S = window or (L + new_tokens)
-  cache = model.empty_cache(P, S)
+  on_gpu = jax.default_backend() == "gpu"
+  cache = model.empty_cache(P, S, joint=on_gpu)
   keep = min(L, S)  # prompt tokens older than the window are never seen again
   positions_PT = jnp.broadcast_to(jnp.arange(L - keep, L), (P, keep))
   # Weights sliced, cast and fused once here, not at every token (transformer.fuse_for_decoding);
   # one token on one GPU decodes faster with them transposed (transformer._vector_layer).
   dtype = jnp.dtype(model.cfg.dtype)
-  vector = B == 1 and jax.default_backend() == "gpu" and jax.sharding.get_abstract_mesh().size <= 1
+  vector = B == 1 and on_gpu and jax.sharding.get_abstract_mesh().size <= 1
   layers = [transformer.fuse_for_decoding(p, dtype, vector=vector) for p in model.split_layers()]
   for weight in (model.embed, model.lm_head):
     weight.set_value(weight[...].astype(dtype))

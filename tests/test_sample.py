@@ -85,6 +85,43 @@ def test_sliding_window_equals_a_banded_attention_model():
   assert not np.allclose(np.asarray(got[13]), np.asarray(m(x)[0, 13]), atol=1e-3)
 
 
+def test_a_joint_cache_decodes_like_a_pair_of_arrays():
+  """A GPU's layout (each layer's k and v in one array, written once a token) and the pair of
+  arrays: the same logits and the same cache, through a prefill and a window that wraps."""
+  m, x = model(1), tokens((2, 14), seed=1)
+  pos, decode = jnp.broadcast_to(jnp.arange(14), (2, 14)), jitted_decode(m)
+  logits, caches = {}, {}
+  for joint in (False, True):
+    cache = m.empty_cache(2, 5, joint=joint)
+    steps, cache = decode(x[:, :4], pos[:, :4], cache)
+    steps = [steps]
+    for t in range(4, 14):
+      step, cache = decode(x[:, t:t + 1], pos[:, t:t + 1], cache)
+      steps.append(step)
+    logits[joint], caches[joint] = jnp.concatenate(steps, axis=1), cache
+  np.testing.assert_allclose(np.asarray(logits[True]), np.asarray(logits[False]), atol=1e-6)
+  for (k, v), kv in zip(caches[False]["kv"], caches[True]["kv"]):
+    assert kv.shape == (2, CFG.heads, 2, 5, CFG.head_dim) and k.shape == (2, CFG.heads, 5, CFG.head_dim)
+    np.testing.assert_array_equal(np.asarray(kv[:, :, 0]), np.asarray(k))
+    np.testing.assert_array_equal(np.asarray(kv[:, :, 1]), np.asarray(v))
+  assert float(jnp.abs(caches[True]["kv"][1]).min(axis=(0, 1, 2, 4)).min()) > 0  # every slot written
+
+
+def test_the_gpu_sampler_generates_what_the_cpu_sampler_does(monkeypatch):
+  """At batch 1 on a GPU, generate decodes on the one-token layers and a joint cache: forced
+  here on the CPU, the same greedy tokens as the CPU's layers and cache."""
+  m, prompt = model(6), tokens((1, 7), seed=6)
+  run = lambda: np.asarray(sample.generate(m, prompt, 9, jax.random.key(0), codes=40, temperature=0.0))
+  want = run()
+  sample._generate.clear_cache()  # the program cache does not key on the backend
+  monkeypatch.setattr(sample.jax, "default_backend", lambda: "gpu")
+  jaxpr = str(jax.make_jaxpr(lambda p: sample.generate(m, p, 9, jax.random.key(0), codes=40, temperature=0.0))(prompt))
+  assert "optimization_barrier" in jaxpr  # the joint cache's write
+  got = run()
+  sample._generate.clear_cache()
+  np.testing.assert_array_equal(got, want)
+
+
 def test_greedy_generation_equals_an_argmax_loop_over_codebook_ids():
   m, prompt = model(2), tokens((2, 6), seed=2)
   out = sample.generate(m, prompt, new_tokens=5, key=jax.random.key(0), codes=30, temperature=0.0)

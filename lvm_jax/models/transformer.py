@@ -122,7 +122,7 @@ class Model(nnx.Module):
              layer_params: Optional[list] = None, head_VD: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
     """T new tokens at absolute positions, attending to themselves and to the KV cache.
 
-    cache (see `empty_cache`): per layer k, v [B, H, S, K]; pos [B, S], the absolute position
+    cache (see `empty_cache`): per layer the keys and values (_write_cache); pos [B, S], the absolute position
     each slot holds (-1: empty); next, the slot the next token goes to. Slots are written in
     turn, wrapping after S, so a full cache slides: a query sees the last S positions up to
     itself. RoPE makes attention depend on position differences only, so positions past the
@@ -143,29 +143,28 @@ class Model(nnx.Module):
     sin_BTK, cos_BTK = rope_tables(positions_BT, cfg.head_dim, cfg.rope_theta)
     # Layers unrolled over per-layer caches: each new k/v is a dynamic_update_slice that XLA does
     # in place. A scan over a stacked cache made XLA:CPU copy the whole cache for every token.
-    x_BTD, ks, vs = self._embed(tokens_BT), list(cache["k"]), list(cache["v"])
+    x_BTD, kvs = self._embed(tokens_BT), list(cache["kv"])
     for n, p in enumerate(layer_params or self.split_layers()):
 
       def attend(q, k, v, q_scale_BT=None, n=n):
-        ks[n], vs[n] = (sharding.constrain(
-            jax.lax.dynamic_update_slice(c, jnp.swapaxes(x, 1, 2).astype(c.dtype), (0, 0, start, 0)),
-            ("batch", "heads", None, "head_dim")) for c, x in ((ks[n], k), (vs[n], v)))
-        return attention_lib.cache_attention(q, ks[n].astype(q.dtype), vs[n].astype(q.dtype), mask_B1TS,
+        kvs[n], k_BHSK, v_BHSK = _write_cache(kvs[n], k, v, start)
+        return attention_lib.cache_attention(q, k_BHSK.astype(q.dtype), v_BHSK.astype(q.dtype), mask_B1TS,
                                              q_scale_BT), None
 
       x_BTD, _ = decoder_layer(x_BTD, p, sin_BTK, cos_BTK, attend, cfg)
-    new_cache = {"k": tuple(ks), "v": tuple(vs), "pos": pos_BS, "next": cache["next"] + T}
+    new_cache = {"kv": tuple(kvs), "pos": pos_BS, "next": cache["next"] + T}
     return self._logits(x_BTD, head_VD), new_cache
 
   def split_layers(self) -> list[dict]:
     """Per-layer weight dicts, sliced from the stacked arrays."""
     return [{k: w[n] for k, w in self._stacked().items()} for n in range(self.cfg.layers)]
 
-  def empty_cache(self, batch: int, length: int, dtype: Optional[str] = None) -> dict:
-    """A KV cache of `length` slots for each layer (the context window when decoding)."""
+  def empty_cache(self, batch: int, length: int, dtype: Optional[str] = None, joint: bool = False) -> dict:
+    """A KV cache of `length` slots for each layer (the context window when decoding): per layer
+    a pair of arrays k, v [B, H, S, K], or with `joint` one array [B, H, 2, S, K] (_write_cache)."""
     cfg = self.cfg
-    zeros = lambda: jnp.zeros((batch, cfg.heads, length, cfg.head_dim), jnp.dtype(dtype or cfg.dtype))
-    return {"k": tuple(zeros() for _ in range(cfg.layers)), "v": tuple(zeros() for _ in range(cfg.layers)),
+    zeros = lambda *shape: jnp.zeros((batch, cfg.heads, *shape, length, cfg.head_dim), jnp.dtype(dtype or cfg.dtype))
+    return {"kv": tuple(zeros(2) if joint else (zeros(), zeros()) for _ in range(cfg.layers)),
             "pos": jnp.full((batch, length), -1, jnp.int32), "next": jnp.zeros((), jnp.int32)}
 
   def _embed(self, tokens_BL: jax.Array) -> jax.Array:
@@ -188,6 +187,27 @@ class Model(nnx.Module):
     else:
       logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, head_VD, preferred_element_type=jnp.float32)
     return sharding.constrain(logits_BLV, ("batch", "length", "vocab"))
+
+
+def _write_cache(kv: Any, k_BTHK: jax.Array, v_BTHK: jax.Array, start: jax.Array) -> tuple[Any, jax.Array, jax.Array]:
+  """One layer's cache with the T new keys and values written at slot `start` (in place: a
+  dynamic_update_slice), and its keys and values [B, H, S, K] to attend over.
+
+  A joint cache (one [B, H, 2, S, K] array) takes both in one write: one kernel a token where
+  XLA:GPU runs two (bench/sampler_launches.py: LVM-300M 214 -> 192 at batch 1). The barrier
+  keeps XLA from rewriting the attention's read of the slices as the old cache plus the new
+  row (three more kernels). XLA:CPU copies each slice before its product, so the CPU keeps the
+  pair of arrays (the sampler picks, sample.py)."""
+  new_BHTK = (jnp.swapaxes(x, 1, 2) for x in (k_BTHK, v_BTHK))
+  if isinstance(kv, tuple):
+    kv = tuple(sharding.constrain(jax.lax.dynamic_update_slice(c, x.astype(c.dtype), (0, 0, start, 0)),
+                                  ("batch", "heads", None, None)) for c, x in zip(kv, new_BHTK))
+    return kv, *kv
+  new_BH2TK = jnp.stack(tuple(new_BHTK), axis=2).astype(kv.dtype)
+  kv = sharding.constrain(jax.lax.dynamic_update_slice(kv, new_BH2TK, (0, 0, 0, start, 0)),
+                          ("batch", "heads", None, None, None))
+  read = jax.lax.optimization_barrier(kv)
+  return kv, read[:, :, 0], read[:, :, 1]
 
 
 def decoder_layer(
@@ -245,8 +265,8 @@ def _vector_layer(x_11D, p, sin_11K, cos_11K, attend, cfg: Config) -> tuple[jax.
   rows: 1.5x faster than down the columns of [in, out]). Each norm folds into the product after
   it (_normed_rows), its 1/rms then scaling k and v before the cache, q's attention logits (RoPE
   is linear) and gate/up before SwiGLU; each residual add happens inside its product
-  (_plus_rows). LVM-300M: 214 kernels a token where the plain layers took 297
-  (bench/sampler_launches.py).
+  (_plus_rows). LVM-300M: 214 kernels a token where the plain layers took 297, 192 with a
+  joint cache (_write_cache; bench/sampler_launches.py).
   """
   if x_11D.shape[:2] != (1, 1):
     raise ValueError(f"vector decoding weights take one token of one sequence, not {x_11D.shape[:2]}")
