@@ -15,7 +15,8 @@ JAX's, so the two never share GPU memory):
   sampler     LVM-300M, prompt 768 + 256 new tokens, B 1 and 64: tokens/s and the share of the
               bound set by reading the bf16 weights once per token (and of the one set by reading
               the weights and the cache), vs HF generate; B 1 with the weight layouts it had
-              before, and profiles of B 1 per token, now and before.
+              before and with k and v in two cache arrays, and profiles of B 1 per token, now
+              and before.
   VQGAN       amused f16-8192, 256x256, batch 8, fp32: encode and decode images/s vs diffusers,
               each at its default (TF32 convolutions) and at full fp32; ours with nnx's one-pass
               GroupNorm variance, and with the GroupNorm and upsamplers of before 2026-11-28.

@@ -304,31 +304,41 @@ def sampler(rows: Rows, quick: bool, tag: str = "") -> None:
   # token on one GPU: [out, in] weights, transformer._vector_layer), the fused [in, out] layout the
   # sampler had before, and that unfused. (A Pallas Triton vector-matrix kernel with the norms,
   # gate and residual adds fused in, commit 2cc76f5, ran 1.03x the default's speed: not kept.)
+  # Last, the default with each layer's k and v in two cache arrays (the CPU's layout; two cache
+  # writes a token instead of one, transformer._write_cache).
   variants = [("", fuse), (" ([in, out] weights, q/k/v and gate/up fused)", lambda p, dt, vector=False: fuse(p, dt)),
               (" ([in, out] weights, unfused)",
-               lambda p, dt, vector=False: {k: w if "norm" in k else w.astype(dt) for k, w in p.items()})]
+               lambda p, dt, vector=False: {k: w if "norm" in k else w.astype(dt) for k, w in p.items()}),
+              (" (k and v in two cache arrays)", fuse)]
   # Each decode step also reads the cache: k and v of every layer, the prompt and the tokens so far
   # (on average half the new ones). For LVM-300M at batch 64 that is 9x the weights' bytes.
   cache_bytes = 2 * n * d * 2 * (prompt_len + new / 2)  # per sequence, bf16
   for B, (what, swap) in [(1, v) for v in variants] + [(64, variants[0])]:
-    fn = _swap_sampler(swap, model, B, prompt_len, new)
+    fn = _swap_sampler(swap, model, B, prompt_len, new, joint=what != variants[-1][0])
     name = f"{'tiny' if quick else 'lvm_300m'} B{B} prompt {prompt_len} + {new} new{what}{tag}"
     bounds = [B * bandwidth * 1e9 / (weight_bytes + c) for c in (0, B * cache_bytes)] if bandwidth else None
     rows.guarded("sampler", name, lambda: sampler_row(rows, name, fn, B * new, bounds,
                                                       f"sampler:{B}{tag}" if not what else None))
-    if B == 1 and what != variants[-1][0] and not tag:  # per token: where the time goes, now and before
+    if B == 1 and what in (v[0] for v in variants[:2]) and not tag:  # per token: where the time goes, now and before
       rows.guarded("sampler", "profile", lambda: profile_rows(rows, "sampler" + ("_before" if what else ""), fn,
                                                                per=new, unit="ms/token"))
   transformer.fuse_for_decoding = fuse
 
 
-def _swap_sampler(fuse, model, B: int, prompt_len: int, new: int):
-  """generate() with `fuse` as transformer.fuse_for_decoding while it traces."""
+def _swap_sampler(fuse, model, B: int, prompt_len: int, new: int, joint: bool = True):
+  """generate() with `fuse` as transformer.fuse_for_decoding while it traces, and without
+  `joint` a cache of two arrays a layer whatever the backend."""
   prompt = np.random.default_rng(B).integers(0, 8192, (B, prompt_len))
+  empty_cache = transformer.Model.empty_cache
 
   def fn():
     transformer.fuse_for_decoding = fuse
-    return sample.generate(model, prompt, new, jax.random.key(0), codes=8192)
+    pair = lambda self, batch, length, dtype=None, joint=False: empty_cache(self, batch, length, dtype)
+    transformer.Model.empty_cache = empty_cache if joint else pair
+    try:
+      return sample.generate(model, prompt, new, jax.random.key(0), codes=8192)
+    finally:
+      transformer.Model.empty_cache = empty_cache
   jax.clear_caches()
   return fn
 
