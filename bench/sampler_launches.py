@@ -10,9 +10,9 @@ the figure to move. XLA compiles for a GPU it does not have when given the targe
 lvm_jax.sample's generate for LVM-300M (prompt 768 + 256 new) that way and counts the kernels in
 the token loop's body, by kind. The figures are XLA's fusion decisions, not timings; autotuning
 is off without a device, which moves GEMM configurations but not the fusions a batch-1 token
-runs. Expect, for the committed sampler: 192 kernels a token at batch 1 (297 before the norms
-and the residual adds were folded into the products, 214 before k and v shared a cache array),
-298 at batch 64 (320 with separate k and v arrays).
+runs. Expect, for the committed sampler: 190 kernels a token at batch 1 (297 before the norms
+and the residual adds were folded into the products, 214 before k and v shared a cache array,
+192 before the final norm went into the head), 298 at batch 64 (320 with separate k and v arrays).
 """
 
 import argparse

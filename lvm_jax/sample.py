@@ -64,23 +64,28 @@ def _generate(graphdef, params, prompt_BL, key, *, new_tokens, codes, temperatur
   dtype = jnp.dtype(model.cfg.dtype)
   vector = B == 1 and on_gpu and jax.sharding.get_abstract_mesh().size <= 1
   layers = [transformer.fuse_for_decoding(p, dtype, vector=vector) for p in model.split_layers()]
+  head_GD = transformer.fuse_head_for_decoding(model.lm_head[...], model.final_norm[...], dtype) if vector else None
   for weight in (model.embed, model.lm_head):
     weight.set_value(weight[...].astype(dtype))
-  head_VD = model.lm_head[...].T if vector else None
   logits_PTV, cache = model.decode(prompt_BL[:, L - keep:], positions_PT, cache, None if vector else layers)
   # The candidates of a prompt share its prefill: the cache and the last logits repeat, not the work.
   cache = jax.tree.map(lambda a: jnp.repeat(a, candidates, axis=0) if a.ndim else a, cache)
   logits_BV = jnp.repeat(logits_PTV[:, -1], candidates, axis=0)
+  key, sub = jax.random.split(key)
+  first_B = draw(sub, logits_BV, temperature, codes, top_k, top_p)
 
+  # Each step decodes the last token and draws the next from its logits, so the logits never
+  # cross the loop boundary: their last op (the final norm's 1/rms on the vector path) fuses into
+  # the draw, and no step decodes a token that nothing reads.
   def step(carry, i):
-    key, logits_BV, cache = carry
+    key, token_B, cache = carry
+    logits_B1V, cache = model.decode(token_B[:, None], jnp.full((B, 1), L + i, jnp.int32), cache, layers, head_GD)
     key, sub = jax.random.split(key)
-    token_B = draw(sub, logits_BV, temperature, codes, top_k, top_p)
-    logits_B1V, cache = model.decode(token_B[:, None], jnp.full((B, 1), L + i, jnp.int32), cache, layers, head_VD)
-    return (key, logits_B1V[:, 0], cache), token_B
+    token_B = draw(sub, logits_B1V[:, 0], temperature, codes, top_k, top_p)
+    return (key, token_B, cache), token_B
 
-  _, tokens_NB = jax.lax.scan(step, (key, logits_BV, cache), jnp.arange(new_tokens))
-  return tokens_NB.T.reshape(P, candidates, new_tokens)
+  _, rest_NB = jax.lax.scan(step, (key, first_B, cache), jnp.arange(new_tokens - 1))
+  return jnp.concatenate([first_B[None], rest_NB]).T.reshape(P, candidates, new_tokens)
 
 
 def generate(model: transformer.Model, prompt_BL: jax.Array, new_tokens: int, key: jax.Array, *, codes: int,
@@ -92,9 +97,11 @@ def generate(model: transformer.Model, prompt_BL: jax.Array, new_tokens: int, ke
   """
   if codes > model.cfg.vocab_size:
     raise ValueError(f"codes={codes} exceeds the model's vocabulary of {model.cfg.vocab_size}")
-  if top_k < 0 or not 0.0 < top_p <= 1.0 or temperature < 0 or candidates < 1 or (window is not None and window < 1):
+  if (top_k < 0 or not 0.0 < top_p <= 1.0 or temperature < 0 or candidates < 1 or (window is not None and window < 1)
+      or new_tokens < 1):
     raise ValueError(f"sampling: temperature={temperature} (>= 0), top_k={top_k} (>= 0), top_p={top_p} "
-                     f"(0 < p <= 1), candidates={candidates} (>= 1), window={window} (>= 1)")
+                     f"(0 < p <= 1), candidates={candidates} (>= 1), window={window} (>= 1), "
+                     f"new_tokens={new_tokens} (>= 1)")
   graphdef, params = nnx.split(model)
   return _generate(graphdef, params, jnp.asarray(prompt_BL, jnp.int32), key, new_tokens=new_tokens, codes=codes,
                    temperature=float(temperature), top_k=int(top_k), top_p=float(top_p), candidates=candidates,

@@ -189,6 +189,8 @@ def test_bad_sampling_arguments_are_one_line():
     sample.generate(m, prompt, 2, jax.random.key(0), codes=51)
   with pytest.raises(ValueError, match="top_p=0.0"):
     sample.generate(m, prompt, 2, jax.random.key(0), codes=5, top_p=0.0)
+  with pytest.raises(ValueError, match="new_tokens=0"):
+    sample.generate(m, prompt, 0, jax.random.key(0), codes=5)
 
 
 def model_with_norm_scales(cfg: transformer.Config = CFG) -> transformer.Model:
@@ -206,7 +208,7 @@ def decode_steps(m: transformer.Model, x_1L: jax.Array, prefill: int, dtype, vec
   layers = None
   if vector:
     layers = [transformer.fuse_for_decoding(p, jnp.dtype(dtype), vector=True) for p in m.split_layers()]
-  head = m.lm_head[...].T.astype(dtype) if vector else None
+  head = transformer.fuse_head_for_decoding(m.lm_head[...], m.final_norm[...], jnp.dtype(dtype)) if vector else None
   _, cache = m.decode(x_1L[:, :prefill], pos[:, :prefill], m.empty_cache(1, x_1L.shape[1] + 4))
   steps = []
   for t in range(prefill, x_1L.shape[1]):

@@ -119,7 +119,7 @@ class Model(nnx.Module):
     return self._logits(x_BLD)
 
   def decode(self, tokens_BT: jax.Array, positions_BT: jax.Array, cache: dict,
-             layer_params: Optional[list] = None, head_VD: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
+             layer_params: Optional[list] = None, head_GD: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
     """T new tokens at absolute positions, attending to themselves and to the KV cache.
 
     cache (see `empty_cache`): per layer the keys and values (_write_cache); pos [B, S], the absolute position
@@ -130,7 +130,7 @@ class Model(nnx.Module):
     must not run past the last slot (generation prefills an empty cache, then adds one token
     at a time). `layer_params` (from `split_layers`) lets a decoding loop slice the stacked
     weights once instead of at every token; with fuse_for_decoding(vector=True)'s layers, one
-    token also takes the output head transposed (`head_VD`, [V, D], see _vector_layer).
+    token also takes the output head as fuse_head_for_decoding makes it (`head_GD`).
     Returns logits [B, T, V] and the updated cache.
     """
     cfg = self.cfg
@@ -153,7 +153,7 @@ class Model(nnx.Module):
 
       x_BTD, _ = decoder_layer(x_BTD, p, sin_BTK, cos_BTK, attend, cfg)
     new_cache = {"kv": tuple(kvs), "pos": pos_BS, "next": cache["next"] + T}
-    return self._logits(x_BTD, head_VD), new_cache
+    return self._logits(x_BTD, head_GD), new_cache
 
   def split_layers(self) -> list[dict]:
     """Per-layer weight dicts, sliced from the stacked arrays."""
@@ -177,15 +177,16 @@ class Model(nnx.Module):
   def _stacked(self) -> dict:
     return {k: v[...] for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)}
 
-  def _logits(self, x_BLD: jax.Array, head_VD: Optional[jax.Array] = None) -> jax.Array:
-    """The output head on the final norm; head_VD: the head already transposed to [V, D] (decode)."""
-    x_BLD = rms_norm(x_BLD, self.final_norm[...], self.cfg.norm_eps)
+  def _logits(self, x_BLD: jax.Array, head_GD: Optional[jax.Array] = None) -> jax.Array:
+    """The output head on the final norm; head_GD: one token's head (fuse_head_for_decoding), the
+    norm folded into its product (_normed_rows), 1/rms applied to the logits."""
     # fp32 logits even from bf16 activations: the cross-entropy must not see rounded logits.
-    if head_VD is None:
-      logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, self.lm_head[...].astype(jnp.dtype(self.cfg.dtype)),
-                              preferred_element_type=jnp.float32)
-    else:
-      logits_BLV = jnp.einsum("bld,vd->blv", x_BLD, head_VD, preferred_element_type=jnp.float32)
+    if head_GD is not None:
+      logits_1V, inv_rms_11 = _normed_rows(x_BLD.reshape(1, -1), head_GD, self.cfg.norm_eps)
+      return (logits_1V * inv_rms_11)[None]
+    x_BLD = rms_norm(x_BLD, self.final_norm[...], self.cfg.norm_eps)
+    logits_BLV = jnp.einsum("bld,dv->blv", x_BLD, self.lm_head[...].astype(jnp.dtype(self.cfg.dtype)),
+                            preferred_element_type=jnp.float32)
     return sharding.constrain(logits_BLV, ("batch", "length", "vocab"))
 
 
@@ -265,8 +266,9 @@ def _vector_layer(x_11D, p, sin_11K, cos_11K, attend, cfg: Config) -> tuple[jax.
   rows: 1.5x faster than down the columns of [in, out]). Each norm folds into the product after
   it (_normed_rows), its 1/rms then scaling k and v before the cache, q's attention logits (RoPE
   is linear) and gate/up before SwiGLU; each residual add happens inside its product
-  (_plus_rows). LVM-300M: 214 kernels a token where the plain layers took 297, 192 with a
-  joint cache (_write_cache; bench/sampler_launches.py).
+  (_plus_rows). LVM-300M: 214 kernels a token where the plain layers took 297; 190 with a
+  joint cache (_write_cache) and the final norm inside the head (fuse_head_for_decoding)
+  (bench/sampler_launches.py).
   """
   if x_11D.shape[:2] != (1, 1):
     raise ValueError(f"vector decoding weights take one token of one sequence, not {x_11D.shape[:2]}")
@@ -330,6 +332,14 @@ def fuse_for_decoding(p: dict, dtype: Any, vector: bool = False) -> dict:
            "w_gate_up": jnp.stack([cast("w_gate"), cast("w_up")], axis=1)}
   rest = {k: w if "norm" in k else w.astype(dtype) for k, w in p.items() if k not in ("wq", "wk", "wv", "w_gate", "w_up")}
   return {**rest, **fused}
+
+
+def fuse_head_for_decoding(head_DV: jax.Array, norm_D: jax.Array, dtype: Any) -> jax.Array:
+  """The output head for one token (_vector_layer's model): [out, in], the final norm's scale
+  multiplied in (in fp32, rounded to `dtype` once) and a spare last row (_normed_rows), so the
+  final norm runs inside the head's product."""
+  w_VD = head_DV.astype(jnp.float32).T * norm_D.astype(jnp.float32)[None]
+  return jnp.concatenate([w_VD, jnp.zeros((1, w_VD.shape[1]), w_VD.dtype)]).astype(dtype)
 
 
 REMAT = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
