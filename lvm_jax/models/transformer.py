@@ -122,15 +122,15 @@ class Model(nnx.Module):
              layer_params: Optional[list] = None, head_GD: Optional[jax.Array] = None) -> tuple[jax.Array, dict]:
     """T new tokens at absolute positions, attending to themselves and to the KV cache.
 
-    cache (see `empty_cache`): per layer the keys and values (_write_cache); pos [B, S], the absolute position
-    each slot holds (-1: empty); next, the slot the next token goes to. Slots are written in
-    turn, wrapping after S, so a full cache slides: a query sees the last S positions up to
-    itself. RoPE makes attention depend on position differences only, so positions past the
-    training length are fine as long as the window is not longer than it. A call with T > 1
-    must not run past the last slot (generation prefills an empty cache, then adds one token
-    at a time). `layer_params` (from `split_layers`) lets a decoding loop slice the stacked
-    weights once instead of at every token; with fuse_for_decoding(vector=True)'s layers, one
-    token also takes the output head as fuse_head_for_decoding makes it (`head_GD`).
+    cache (see `empty_cache`): per layer the keys and values (_write_cache); pos [B, S], the
+    absolute position each slot holds (-1: empty); next, the slot the next token goes to. Slots
+    are written in turn, wrapping after S, so a full cache slides: a query sees the last S
+    positions up to itself. RoPE makes attention depend on position differences only, so
+    positions past the training length are fine as long as the window is not longer than it.
+    A call with T > 1 must not run past the last slot (generation prefills an empty cache, then
+    adds one token at a time). `layer_params` (from `split_layers`) lets a decoding loop slice
+    the stacked weights once instead of at every token; with fuse_for_decoding(vector=True)'s
+    layers, one token also takes the output head as fuse_head_for_decoding makes it (`head_GD`).
     Returns logits [B, T, V] and the updated cache.
     """
     cfg = self.cfg
