@@ -108,18 +108,26 @@ def test_a_joint_cache_decodes_like_a_pair_of_arrays():
 
 
 def test_the_gpu_sampler_generates_what_the_cpu_sampler_does(monkeypatch):
-  """At batch 1 on a GPU, generate decodes on the one-token layers and a joint cache: forced
-  here on the CPU, the same greedy tokens as the CPU's layers and cache."""
-  m, prompt = model(6), tokens((1, 7), seed=6)
-  run = lambda: np.asarray(sample.generate(m, prompt, 9, jax.random.key(0), codes=40, temperature=0.0))
-  want = run()
+  """On a GPU, generate decodes on a joint cache, and at batch 1 on one device on the one-token
+  layers: forced here on the CPU, the same greedy tokens as the CPU's layers and cache, at batch
+  1 and on a batch sharded over a mesh of 8 devices."""
+  m, mesh = model(6), sharding.make_mesh(dict(ici=dict(data=2, fsdp=2, tensor=2), dcn=dict(data=1, fsdp=1, tensor=1)))
+  run = lambda p: np.asarray(sample.generate(m, p, 9, jax.random.key(0), codes=40, temperature=0.0))
+
+  def sharded(p):
+    with jax.set_mesh(mesh), sharding.axis_rules(DEFAULT_RULES):
+      return run(p)
+  prompts = (tokens((1, 7), seed=6), tokens((4, 7), seed=7))
+  want = [run(prompts[0]), sharded(prompts[1])]
   sample._generate.clear_cache()  # the program cache does not key on the backend
   monkeypatch.setattr(sample.jax, "default_backend", lambda: "gpu")
-  jaxpr = str(jax.make_jaxpr(lambda p: sample.generate(m, p, 9, jax.random.key(0), codes=40, temperature=0.0))(prompt))
+  jaxpr = str(jax.make_jaxpr(lambda p: sample.generate(m, p, 9, jax.random.key(0), codes=40, temperature=0.0))(
+      prompts[0]))
   assert "optimization_barrier" in jaxpr  # the joint cache's write
-  got = run()
+  got = [run(prompts[0]), sharded(prompts[1])]
   sample._generate.clear_cache()
-  np.testing.assert_array_equal(got, want)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, w)
 
 
 def test_greedy_generation_equals_an_argmax_loop_over_codebook_ids():
