@@ -14,7 +14,7 @@ from profile_summary import summarize
 
 from lvm_jax import config as config_lib, models, sample, sharding, train
 from lvm_jax.kernels import attention as attn, flash_attention_gpu
-from lvm_jax.models import transformer, vqgan
+from lvm_jax.models import tokenize, transformer, vqgan
 
 MAX_SENTENCES = 8  # the GPU configs' model.max_sentences: cuDNN's run table of 9 (kernels/attention.py)
 # Triton (block_q, block_k, warps, stages) tried at L 4096, head dim 128.
@@ -358,7 +358,7 @@ def vqgan_rate(rows: Rows, quick: bool) -> None:
   size, B = (64, 2) if quick else (256, 8)
   model = vqgan.Model(cfg, rngs=nnx.Rngs(0))
   mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
-  tok = vqgan.Tokenizer(model, size, B, mesh)
+  tok = tokenize.Tokenizer(model, size, B, mesh)
   images = np.random.default_rng(0).integers(0, 256, (B, size, size, 3), dtype=np.uint8)
   ids = tok.encode(images)
   for name, fn, arg in (("encode", tok.encode, images), ("decode", tok.decode, ids)):
@@ -374,7 +374,7 @@ def vqgan_rate(rows: Rows, quick: bool) -> None:
     vqgan._image_moments, vqgan._upsample_conv = moments, up
     with jax.default_matmul_precision(precision or "default"):
       jax.clear_caches()
-      t = vqgan.Tokenizer(model, size, B, mesh)
+      t = tokenize.Tokenizer(model, size, B, mesh)
       for name, fn, arg in (("encode", t.encode, images), ("decode", t.decode, ids)):
         rows.add("vqgan", f"amused f16-8192 {name} {size}px B{B} fp32, {what}", B / seconds(fn, arg, reps=5), "img/s",
                  **({"key": f"vqgan:{name}:full_fp32"} if precision else {}))

@@ -20,7 +20,7 @@ from flax import nnx  # noqa: E402
 
 from lvm_jax import models  # noqa: E402
 from lvm_jax.convert import vqgan_torch  # noqa: E402
-from lvm_jax.models import vqgan  # noqa: E402
+from lvm_jax.models import tokenize, vqgan  # noqa: E402
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
   theirs = diffusers.VQModel(**vqgan_torch.diffusers_kwargs(cfg)).eval()
   ours = vqgan.Model(cfg, rngs=nnx.Rngs(0))
   nnx.update(ours, vqgan_torch.from_diffusers({k: v.numpy() for k, v in theirs.state_dict().items()}, cfg))
-  tok = vqgan.Tokenizer(ours, args.size, args.batch, jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",)))
+  tok = tokenize.Tokenizer(ours, args.size, args.batch, jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",)))
 
   images = np.random.default_rng(0).integers(0, 256, (args.batch, args.size, args.size, 3), dtype=np.uint8)
   grid = args.size // cfg.factor

@@ -32,7 +32,7 @@ from absl import logging
 from lvm_jax import cli, progress
 from lvm_jax.config import ConfigError, plain
 from lvm_jax.data import demo, sentences, sources, store
-from lvm_jax.models import vqgan
+from lvm_jax.models import tokenize, vqgan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +137,7 @@ def unit_sentences(c: Any, unit: Unit, source: Any) -> tuple[list[np.ndarray], s
   return built, spec.get("task", spec["sentence"]["kind"]), skipped + list(reasons)
 
 
-def tokenize_unit(c: Any, unit: Unit, source: Any, tok: vqgan.Tokenizer, manifest: store.Manifest) -> dict:
+def tokenize_unit(c: Any, unit: Unit, source: Any, tok: tokenize.Tokenizer, manifest: store.Manifest) -> dict:
   built, task, skipped = unit_sentences(c, unit, source)
   counts = [len(s) for s in built]
   ids = tok.encode(np.concatenate(built)) if built else np.zeros((0, manifest.tokens_per_image), np.int32)
@@ -161,14 +161,14 @@ def tokenizer_id(cfg: vqgan.Config, model: vqgan.Model) -> str:
   return h.hexdigest()[:16]
 
 
-def load_tokenizer(c: Any) -> tuple[vqgan.Tokenizer, store.Manifest]:
+def load_tokenizer(c: Any) -> tuple[tokenize.Tokenizer, store.Manifest]:
   from lvm_jax import load  # pylint: disable=g-import-not-at-top
   # The job's vqgan spec is the user's own config: its config file may run (vqgan_record).
   model, image_size = load.load_vqgan(load.vqgan_record(c.vqgan))
   if image_size != c.image_size:
     named = c.vqgan.get("config") or c.vqgan.get("workdir") or c.vqgan.get("weights")
     raise ConfigError(f"image_size={c.image_size} but the VQGAN of {named} takes {image_size}")
-  tok = vqgan.Tokenizer(model, c.image_size, c.batch_size)  # this process's devices
+  tok = tokenize.Tokenizer(model, c.image_size, c.batch_size)  # this process's devices
   manifest = store.Manifest(tokens_per_image=tok.grid ** 2, vocab=model.cfg.codes,
                             tokenizer=tokenizer_id(model.cfg, model))
   return tok, manifest

@@ -75,9 +75,9 @@ def _held_out_prompts(c: Any, count: int) -> list[tuple[str, np.ndarray]]:
 
 def _lvm_samples(c: Any, graphdef: Any) -> Samples:
   from lvm_jax import load, prompt  # pylint: disable=g-import-not-at-top
-  from lvm_jax.models import vqgan  # pylint: disable=g-import-not-at-top
+  from lvm_jax.models import tokenize  # pylint: disable=g-import-not-at-top
   model, image_size = load.load_vqgan(c.vqgan)
-  tokenizer = vqgan.Tokenizer(model, image_size, batch_size=len(jax.local_devices()))
+  tokenizer = tokenize.Tokenizer(model, image_size, batch_size=len(jax.local_devices()))
   tpi = c.tokens_per_image
   prompts = _held_out_prompts(c, c.eval_data.get("samples", 4))
 

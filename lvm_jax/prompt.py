@@ -21,14 +21,14 @@ from absl import flags
 from flax import nnx
 
 from lvm_jax import cli, config as config_lib, pictures, sample
-from lvm_jax.models import transformer, vqgan
+from lvm_jax.models import tokenize, transformer, vqgan
 
 
 @dataclasses.dataclass
 class Prompter:
   """An LVM and its VQGAN, ready to continue visual sentences."""
   lvm: transformer.Model
-  tokenizer: vqgan.Tokenizer
+  tokenizer: tokenize.Tokenizer
   step: Optional[int] = None  # the checkpoint's training step (a workdir's), for reports to name
 
   def encode(self, images_BNHW3: np.ndarray) -> np.ndarray:
@@ -98,7 +98,7 @@ def _prompter(cfg: transformer.Config, params: Any, vq: vqgan.Model, image_size:
   lvm = nnx.eval_shape(lambda: transformer.Model(cfg, rngs=nnx.Rngs(0)))
   nnx.update(lvm, jax.tree.map(jax.numpy.asarray, params))
   batch = batch_size * len(jax.local_devices())
-  return Prompter(lvm, vqgan.Tokenizer(vq, image_size, batch))
+  return Prompter(lvm, tokenize.Tokenizer(vq, image_size, batch))
 
 
 def grid(prompt_NHW3: np.ndarray, generated_CMHW3: np.ndarray, answer_HW3: Optional[np.ndarray] = None,

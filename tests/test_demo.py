@@ -29,14 +29,14 @@ def test_the_shipped_tokenizer_is_the_demo_config_trained():
   untrained VQGAN, and better than the 8x8 box filter of its token grid: a trained tokenizer."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from lvm_jax import config as config_lib, evaluate, load  # pylint: disable=g-import-not-at-top
-  from lvm_jax.models import vqgan  # pylint: disable=g-import-not-at-top
+  from lvm_jax.models import tokenize, vqgan  # pylint: disable=g-import-not-at-top
   c = config_lib.load_file("dataset_demo")
   assert c.vqgan.weights == demo_data.TOKENIZER and os.path.exists(demo_data.TOKENIZER)
   model, size = load.load_vqgan(c.vqgan)
   vq = config_lib.load_file("vqgan_demo")
   assert size == vq.image_size and model.cfg == vqgan.Config(**vq.model)
   x = demo_data.evaluation_images(vq, per_task=2)
-  tok = vqgan.Tokenizer(model, size, 16)
+  tok = tokenize.Tokenizer(model, size, 16)
   recon = tok.decode(tok.encode(x))
   psnr = np.mean([evaluate.psnr(a, b) for a, b in zip(recon, x)])
   box = x.reshape(len(x), 8, 4, 8, 4, 3).mean((2, 4)).repeat(4, 1).repeat(4, 2)

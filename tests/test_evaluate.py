@@ -12,7 +12,7 @@ from flax import nnx
 
 from lvm_jax import config as config_lib, evaluate, prompt
 from lvm_jax.data import demo as demo_data, store
-from lvm_jax.models import transformer, vqgan
+from lvm_jax.models import tokenize, transformer, vqgan
 from tests.conftest import load_config
 
 CFG = transformer.Config(d_model=32, ffn=64, layers=1, heads=2, vocab_size=20, remat="none")
@@ -99,7 +99,7 @@ def test_lvm_report_names_its_sources_settings_and_directions(tmp_path, monkeypa
   vq = vqgan.Model(vqgan.Config(**load_config("vqgan_tiny").model), rngs=nnx.Rngs(0))
   lvm = transformer.Model(transformer.Config(d_model=32, ffn=64, layers=1, heads=2, vocab_size=256, remat="none"),
                           rngs=nnx.Rngs(1))
-  p = prompt.Prompter(lvm, vqgan.Tokenizer(vq, 32, 8), step=7)
+  p = prompt.Prompter(lvm, tokenize.Tokenizer(vq, 32, 8), step=7)
   rng = np.random.default_rng(0)
   _write_store(str(tmp_path / "store"), [[(rng.integers(0, 20, 6), "d", t) for t in "xxxy"]])
   monkeypatch.setattr(demo_data, "TASKS", ("moving_digit", "counting", "colorization", "inpainting"))

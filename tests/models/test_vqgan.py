@@ -52,32 +52,6 @@ def test_shift_loss_compares_each_token_with_where_its_content_went():
     assert float(vqgan.shift_loss(model, x, jnp.array([0, 0]))) == 0.0
 
 
-def test_tokenizer_is_sharded_padded_and_compiled_once():
-  import pytest  # pylint: disable=g-import-not-at-top
-  model = vqgan.Model(TINY, rngs=nnx.Rngs(0))
-  tok = vqgan.Tokenizer(model, image_size=32, batch_size=8)  # 8 fake devices, one image each
-  images = np.random.default_rng(0).integers(0, 256, (11, 32, 32, 3), dtype=np.uint8)
-  ids = tok.encode(images)  # 11 = a full batch and a padded one
-  assert ids.shape == (11, 64) and ids.dtype == np.int32
-  expected = model.encode(jnp.asarray(images, jnp.float32) / 255.0).reshape(11, 64)
-  np.testing.assert_array_equal(ids, np.asarray(expected))
-  np.testing.assert_array_equal(tok.encode(images[:3]), ids[:3])
-  out = tok.decode(ids)
-  assert out.shape == (11, 32, 32, 3) and out.dtype == np.uint8
-  ref = np.round(np.asarray(model.decode(jnp.asarray(ids.reshape(11, 8, 8)))) * 255)
-  assert np.abs(out.astype(int) - ref).max() <= 1
-  assert tok.encode(images[:0]).shape == (0, 64) and tok.decode(ids[:0]).shape == (0, 32, 32, 3)
-  assert tok._encode._cache_size() == 1 and tok._decode._cache_size() == 1  # no recompiles
-  with pytest.raises(vqgan.TokenizerError, match=r"shape \(2, 16, 16, 3\), expected \[N, 32, 32, 3\]"):
-    tok.encode(images[:2, :16, :16])
-  with pytest.raises(vqgan.TokenizerError, match="dtype float32, expected uint8"):
-    tok.encode(images.astype(np.float32))
-  with pytest.raises(vqgan.TokenizerError, match=r"outside the codebook \[0, 256\)"):
-    tok.decode(np.full((1, 64), 256))
-  with pytest.raises(vqgan.TokenizerError, match="not divisible by the mesh's 8 devices"):
-    vqgan.Tokenizer(model, image_size=32, batch_size=6)
-
-
 def test_entropy_loss_rewards_confident_latents_spread_over_codes():
   confident_spread = jnp.eye(8) * 50.0  # each latent sure of its own code
   confident_collapsed = jnp.zeros((8, 8)).at[:, 0].set(50.0)  # all sure of code 0
@@ -152,6 +126,28 @@ def test_upsampling_compiles_for_a_tpu_without_the_x2_image():
     costs[name] = compiled.cost_analysis()
   assert costs["ours"]["flops"] < 0.5 * costs["plain"]["flops"], costs
   assert costs["ours"]["bytes accessed"] < 0.8 * costs["plain"]["bytes accessed"], costs
+
+
+def test_an_upsamplers_bias_left_to_the_next_block_changes_nothing():
+  """Level leaves its upsampler's bias to the next level's first block, which adds it inside its
+  norm and folds it into the bias of the conv that carries the residual: the values and the
+  gradients (parameters, input, bias) of the block of x + bias, with either shortcut."""
+  rng = np.random.default_rng(0)
+  for cin, cout in ((16, 16), (16, 32)):
+    graphdef, state = nnx.split(vqgan.ResnetBlock(cin, cout, TINY, nnx.Rngs(cin + cout)))
+    state = jax.tree.map(lambda a: a + 0.1 * jnp.asarray(rng.normal(size=a.shape), a.dtype), state)
+    x, bias = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((2, 8, 8, cin), (cin,)))
+
+    def run(state, x, bias, deferred):
+      block = nnx.merge(graphdef, state)
+      return block(x, bias) if deferred else block(x + bias.reshape(1, 1, 1, -1))
+    want, got = run(state, x, bias, False), run(state, x, bias, True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+    assert float(jnp.abs(want - run(state, x, bias * 0, False)).max()) > 0.1  # the bias matters
+    loss = lambda *a: jnp.sum(jnp.sin(run(*a)))
+    grads = [jax.grad(loss, argnums=(0, 1, 2))(state, x, bias, deferred) for deferred in (False, True)]
+    for g_want, g_got in zip(*(jax.tree.leaves(g) for g in grads)):
+      np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), rtol=1e-4, atol=1e-4)
 
 
 def test_bad_architecture_is_one_line():
