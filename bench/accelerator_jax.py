@@ -366,20 +366,34 @@ def vqgan_rate(rows: Rows, quick: bool) -> None:
     rows.add("vqgan", f"amused f16-8192 {name} {size}px B{B} fp32", B / t, "img/s", key=f"vqgan:{name}")
   # What the fp32 rate depends on: convolutions at full fp32 (torch's are TF32 unless told not),
   # nnx's one-pass fast variance, and this project's layers as they were before 2026-11-28 (the
-  # mean-then-deviations GroupNorm, the upsamplers as a conv of the x2 image), each measured here.
-  ours, upsample = vqgan._image_moments, vqgan._upsample_conv
-  for what, precision, moments, up in (("precision highest", "highest", ours, upsample),
-                                       ("fast-variance GroupNorm", None, one_pass_moments, upsample),
-                                       ("two-pass GroupNorm, x2-image upsampler", None, two_pass_moments, x2_upsample)):
-    vqgan._image_moments, vqgan._upsample_conv = moments, up
+  # mean-then-deviations GroupNorm, the upsamplers as a conv of the x2 image, each adding its own
+  # bias), each measured here.
+  ours, upsample, level = vqgan._image_moments, vqgan._upsample_conv, vqgan.Level.__call__
+  for what, precision, moments, up, lv in (
+      ("precision highest", "highest", ours, upsample, level),
+      ("fast-variance GroupNorm", None, one_pass_moments, upsample, level),
+      ("upsamplers adding their own bias", None, ours, upsample, level_with_own_bias),
+      ("two-pass GroupNorm, x2-image upsampler", None, two_pass_moments, x2_upsample, level_with_own_bias)):
+    vqgan._image_moments, vqgan._upsample_conv, vqgan.Level.__call__ = moments, up, lv
     with jax.default_matmul_precision(precision or "default"):
       jax.clear_caches()
       t = tokenize.Tokenizer(model, size, B, mesh)
       for name, fn, arg in (("encode", t.encode, images), ("decode", t.decode, ids)):
         rows.add("vqgan", f"amused f16-8192 {name} {size}px B{B} fp32, {what}", B / seconds(fn, arg, reps=5), "img/s",
                  **({"key": f"vqgan:{name}:full_fp32"} if precision else {}))
-    vqgan._image_moments, vqgan._upsample_conv = ours, upsample
+    vqgan._image_moments, vqgan._upsample_conv, vqgan.Level.__call__ = ours, upsample, level
   jax.clear_caches()
+
+
+def level_with_own_bias(self, x: jax.Array, x_bias_C=None) -> tuple:
+  """vqgan.Level before 2026-11-28: each upsampler adds its bias itself (timing only)."""
+  for i, block in enumerate(self.resnets):
+    x = block(x)
+    if hasattr(self, "attentions"):
+      x = self.attentions[i](x)
+  for sampler in getattr(self, "downsamplers", getattr(self, "upsamplers", [])):
+    x = sampler(x)
+  return x, None
 
 
 def two_pass_moments(x_BHWGc: jax.Array) -> tuple[jax.Array, jax.Array]:
