@@ -20,7 +20,8 @@ JAX's, so the two never share GPU memory):
   VQGAN       amused f16-8192, 256x256, batch 8, fp32: encode and decode images/s vs diffusers,
               each at its default (TF32 convolutions) and at full fp32; ours with nnx's one-pass
               GroupNorm variance, with upsamplers that add their own bias, and with the
-              GroupNorm and upsamplers of before 2026-11-28.
+              GroupNorm and upsamplers of before 2026-11-28; a profile of encode and of
+              decode by kernel kind (convolution, fusions, copies).
 Writes $OUT (or ./bench_out)/accelerator.json, logs and the profile; prints the table last.
 """
 

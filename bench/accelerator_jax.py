@@ -364,6 +364,9 @@ def vqgan_rate(rows: Rows, quick: bool) -> None:
   for name, fn, arg in (("encode", tok.encode, images), ("decode", tok.decode, ids)):
     t = seconds(fn, arg, reps=5)
     rows.add("vqgan", f"amused f16-8192 {name} {size}px B{B} fp32", B / t, "img/s", key=f"vqgan:{name}")
+    # Where the time goes (convolutions against norms and elementwise passes), per batch of B.
+    rows.guarded("vqgan", f"profile {name}", lambda fn=fn, arg=arg, name=name: profile_rows(
+        rows, f"vqgan_{name}", lambda: fn(arg), per=1, unit="ms/batch"))
   # What the fp32 rate depends on: convolutions at full fp32 (torch's are TF32 unless told not),
   # nnx's one-pass fast variance, and this project's layers as they were before 2026-11-28 (the
   # mean-then-deviations GroupNorm, the upsamplers as a conv of the x2 image, each adding its own

@@ -13,7 +13,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-KINDS = (("attention", r"cudnn|fmha|flash|attention|sdpa"),
+# First match wins: cuDNN's attention kernels carry sdpa/flash/fmha in their names, its
+# convolutions fprop/dgrad/implicit_gemm (the VQGAN's profile), both before the GEMM patterns.
+KINDS = (("attention", r"fmha|flash|attention|sdpa"),
+         ("convolution", r"cudnn|fprop|dgrad|wgrad|implicit|convolve|conv2d|winograd"),
          ("matmul", r"gemm|cublas|nvjet|xmma|cutlass|matmul|dot"),
          ("copy/transpose", r"copy|transpose|memcpy|memset"),
          ("fusion (elementwise, norms, loss)", r"fusion|loop_|input_|reduce|scatter|gather"))
