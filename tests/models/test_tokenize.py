@@ -1,5 +1,6 @@
 """The tokenizer (models/tokenize.py): sharded fixed batches, padding, one compile, one-line errors."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -25,7 +26,13 @@ def test_tokenizer_is_sharded_padded_and_compiled_once():
   ref = np.round(np.asarray(model.decode(jnp.asarray(ids.reshape(11, 8, 8)))) * 255)
   assert np.abs(out.astype(int) - ref).max() <= 1
   assert tok.encode(images[:0]).shape == (0, 64) and tok.decode(ids[:0]).shape == (0, 32, 32, 3)
-  assert tok._encode._cache_size() == 1 and tok._decode._cache_size() == 1  # no recompiles
+  programs = dict(tok._compiled)
+  tok.encode(images[:5]), tok.decode(ids[:2])
+  assert set(programs) == {"encode", "decode"} and tok._compiled == programs  # each compiled once
+  for name, program in programs.items():  # the weights sit in the layouts the programs were compiled for
+    wants = jax.tree.leaves(program.input_formats[0][0])
+    chosen = [(leaf, want) for leaf, want in zip(jax.tree.leaves(tok.state), wants) if want.layout is not None]
+    assert chosen and all(leaf.format.layout == want.layout for leaf, want in chosen), name
   with pytest.raises(tokenize.TokenizerError, match=r"shape \(2, 16, 16, 3\), expected \[N, 32, 32, 3\]"):
     tok.encode(images[:2, :16, :16])
   with pytest.raises(tokenize.TokenizerError, match="dtype float32, expected uint8"):
