@@ -224,10 +224,11 @@ class Level(nnx.Module):
       x = block(x, x_bias_C if i == 0 else None)
       if hasattr(self, "attentions"):
         x = self.attentions[i](x)
+    if hasattr(self, "upsamplers"):
+      conv = self.upsamplers[0].conv
+      return _upsample_conv(conv, x, with_bias=False), conv.bias[...]
     for sampler in getattr(self, "downsamplers", []):
       x = sampler(x)
-    for sampler in getattr(self, "upsamplers", []):
-      return _upsample_conv(sampler.conv, x, with_bias=False), sampler.conv.bias[...]
     return x, None
 
 
